@@ -1,0 +1,123 @@
+//! The embedded demo worker: the seed's HTTP/1.1 server answering `hola, mundo\n` with an
+//! `x-worker-pid` header, keep-alive aware, written against the public API with hyper 1.x as
+//! a user would. Its per-request CPU cost makes it a benchmark workload.
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use crate::{BoxError, Connection, Drain, Incoming};
+
+/// The response body.
+pub const BODY: &[u8] = b"hola, mundo\n";
+
+/// CPU a request burns.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Cost {
+    /// Every request burns this much.
+    pub work: Duration,
+    /// `(percent, work)`: this percentage of requests burns `work` instead.
+    pub heavy: Option<(f64, Duration)>,
+}
+
+impl Cost {
+    fn pick(&self, rng: &mut fastrand::Rng) -> Duration {
+        match self.heavy {
+            Some((percent, heavy)) if rng.f64() * 100.0 < percent => heavy,
+            _ => self.work,
+        }
+    }
+}
+
+/// Parses `PCT:US` (e.g. `2:2500`: 2% of requests burn 2.5 ms).
+pub fn parse_heavy(text: &str) -> Result<(f64, Duration), String> {
+    let (pct, us) = text
+        .split_once(':')
+        .ok_or_else(|| format!("expected PCT:US, got {text:?}"))?;
+    let pct: f64 = pct
+        .parse()
+        .map_err(|_| format!("bad percentage {pct:?} in {text:?}"))?;
+    if !(0.0..=100.0).contains(&pct) {
+        return Err(format!("percentage {pct} is not within 0..=100"));
+    }
+    let us: u64 = us
+        .parse()
+        .map_err(|_| format!("bad microseconds {us:?} in {text:?}"))?;
+    Ok((pct, Duration::from_micros(us)))
+}
+
+/// Burns CPU on this thread for `duration` (a stand-in for real request work).
+pub fn burn(duration: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        std::hint::spin_loop();
+    }
+}
+
+/// Serves every connection the master hands over until the worker drains.
+pub async fn serve(mut incoming: Incoming, cost: Cost) -> Result<(), BoxError> {
+    let pid = Bytes::from(std::process::id().to_string());
+    while let Some(conn) = incoming.accept().await {
+        tokio::spawn(connection(conn, cost, pid.clone(), incoming.drain_signal()));
+    }
+    Ok(())
+}
+
+async fn connection(conn: Connection, cost: Cost, pid: Bytes, mut drain: Drain) {
+    let service = service_fn(move |_request: Request<hyper::body::Incoming>| {
+        burn(cost.pick(&mut fastrand::Rng::new()));
+        let response = Response::builder()
+            .header("content-type", "text/plain")
+            .header("x-worker-pid", pid.as_ref())
+            .body(Full::new(Bytes::from_static(BODY)))
+            .expect("static response parts are valid");
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    let http = http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(conn), service);
+    tokio::pin!(http);
+    tokio::select! {
+        _ = http.as_mut() => {}
+        _ = drain.wait() => {
+            http.as_mut().graceful_shutdown();
+            let _ = http.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_heavy_specs_and_refuses_bad_ones() {
+        assert_eq!(
+            parse_heavy("2:2500"),
+            Ok((2.0, Duration::from_micros(2500)))
+        );
+        assert_eq!(parse_heavy("0.5:10"), Ok((0.5, Duration::from_micros(10))));
+        for bad in ["2", "x:1", "2:y", "101:5", "-1:5"] {
+            assert!(parse_heavy(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn heavy_requests_come_at_the_requested_rate() {
+        let cost = Cost {
+            work: Duration::ZERO,
+            heavy: Some((10.0, Duration::from_micros(7))),
+        };
+        let mut rng = fastrand::Rng::with_seed(3);
+        let heavy = (0..10_000)
+            .filter(|_| cost.pick(&mut rng) > Duration::ZERO)
+            .count();
+        assert!((800..1200).contains(&heavy), "{heavy}");
+    }
+}

@@ -1,0 +1,238 @@
+//! One end of a master–worker channel, registered with tokio. Receiving checks what the
+//! peer controls: truncation, the frame itself, and that the fds which arrived are exactly
+//! the fds the frame declares.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use tokio::io::unix::AsyncFd;
+
+use super::frame::{self, Frame, FrameError, MAX_FRAME_LEN};
+use crate::sys::scm;
+
+/// Why a frame could not be received.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChannelError {
+    /// The peer closed its end (or died).
+    #[error("the peer closed the channel")]
+    Closed,
+    /// `recvmsg` or `sendmsg` failed.
+    #[error("channel I/O failed")]
+    Io(#[from] io::Error),
+    /// The datagram was not a valid frame.
+    #[error("malformed frame")]
+    Frame(#[from] FrameError),
+    /// The kernel dropped fds for lack of control-message room (`MSG_CTRUNC`).
+    #[error("fds were truncated in transit (MSG_CTRUNC)")]
+    FdsTruncated,
+    /// A valid frame that never travels in this direction (e.g. `ready` sent to a worker).
+    #[error("unexpected {0} frame in this direction")]
+    Unexpected(&'static str),
+    /// The frame declares a different number of fds than arrived.
+    #[error("frame declares {declared} fds, {arrived} arrived")]
+    FdCount {
+        /// What the frame says.
+        declared: usize,
+        /// What `recvmsg` delivered.
+        arrived: usize,
+    },
+}
+
+impl ChannelError {
+    /// Whether this is the ordinary end of the channel rather than a fault.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            ChannelError::Closed => true,
+            ChannelError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// One end of the channel.
+#[derive(Debug)]
+pub struct Channel {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Channel {
+    /// Registers a non-blocking `SOCK_SEQPACKET` socket with the current tokio runtime.
+    pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        Ok(Channel {
+            fd: crate::sys::async_fd(fd)?,
+        })
+    }
+
+    /// Sends one frame and its fds now, or fails with `WouldBlock`.
+    pub fn try_send(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        scm::send_with_fds(self.fd.get_ref(), bytes, fds).map(drop)
+    }
+
+    /// Sends one frame and its fds, waiting while the peer's queue is full.
+    pub async fn send(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| scm::send_with_fds(fd.get_ref(), bytes, fds)) {
+                Ok(result) => return result.map(drop),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Waits until the channel can take another frame.
+    pub async fn writable(&self) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>> {
+        self.fd.writable().await
+    }
+
+    /// Receives one frame with its fds, waiting for it.
+    pub async fn recv_frame(&self, buf: &mut [u8]) -> Result<(Frame, Vec<OwnedFd>), ChannelError> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| scm::recv_with_fds(fd.get_ref(), buf)) {
+                Ok(received) => return check(received?, buf),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Receives one frame with its fds if one is queued; `Ok(None)` if none is.
+    pub fn try_recv_frame(
+        &self,
+        buf: &mut [u8],
+    ) -> Result<Option<(Frame, Vec<OwnedFd>)>, ChannelError> {
+        match scm::recv_with_fds(self.fd.get_ref(), buf) {
+            Ok(received) => check(received, buf).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until a frame (or the end of the channel) can be read.
+    pub async fn readable(&self) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>> {
+        self.fd.readable().await
+    }
+
+    /// Shuts down this end's sending side: the peer reads the end of the channel after the
+    /// frames already queued.
+    pub fn close_sending(&self) -> io::Result<()> {
+        crate::sys::socket::shutdown_write(self.fd.get_ref())
+    }
+}
+
+impl AsRawFd for Channel {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.get_ref().as_raw_fd()
+    }
+}
+
+/// A buffer big enough for any frame plus one byte, so an oversized one shows as truncated.
+pub fn frame_buffer() -> Vec<u8> {
+    vec![0u8; MAX_FRAME_LEN + 1]
+}
+
+fn check(received: scm::Received, buf: &[u8]) -> Result<(Frame, Vec<OwnedFd>), ChannelError> {
+    if received.len == 0 && received.fds.is_empty() {
+        return Err(ChannelError::Closed);
+    }
+    if received.fds_truncated {
+        return Err(ChannelError::FdsTruncated);
+    }
+    if received.truncated || received.len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLong.into());
+    }
+    let frame = frame::decode(&buf[..received.len])?;
+    let declared = match &frame {
+        Frame::Connections(entries) => entries.len(),
+        _ => 0,
+    };
+    if declared != received.fds.len() {
+        return Err(ChannelError::FdCount {
+            declared,
+            arrived: received.fds.len(),
+        });
+    }
+    Ok((frame, received.fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::frame::{encode_connections, encode_status, ConnectionHeader, Status};
+    use crate::sys::socket::{seqpacket_pair, Peer};
+
+    fn pair() -> (Channel, Channel) {
+        let (a, b) = seqpacket_pair().unwrap();
+        (Channel::new(a).unwrap(), Channel::new(b).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_frame_with_fewer_fds_than_declared_is_refused() {
+        let (a, b) = pair();
+        let mut bytes = Vec::new();
+        let header = ConnectionHeader {
+            id: 1,
+            listener: 0,
+            peer: Peer::Unix,
+        };
+        encode_connections(&mut bytes, [header, header].into_iter());
+        a.send(&bytes, &[a.as_raw_fd()]).await.unwrap();
+        let mut buf = frame_buffer();
+        let err = b.recv_frame(&mut buf).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ChannelError::FdCount {
+                    declared: 2,
+                    arrived: 1
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn fds_on_a_status_frame_are_refused_and_closed() {
+        let (a, b) = pair();
+        let mut bytes = Vec::new();
+        encode_status(&mut bytes, Status::default());
+        a.send(&bytes, &[a.as_raw_fd()]).await.unwrap();
+        let mut buf = frame_buffer();
+        let err = b.recv_frame(&mut buf).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ChannelError::FdCount {
+                    declared: 0,
+                    arrived: 1
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_datagram_is_refused() {
+        let (a, b) = pair();
+        a.send(&vec![1u8; MAX_FRAME_LEN + 100], &[]).await.unwrap();
+        let mut buf = frame_buffer();
+        let err = b.recv_frame(&mut buf).await.unwrap_err();
+        assert!(
+            matches!(err, ChannelError::Frame(FrameError::TooLong)),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_channel_reads_as_closed() {
+        let (a, b) = pair();
+        a.close_sending().unwrap();
+        let mut buf = frame_buffer();
+        assert!(b.recv_frame(&mut buf).await.unwrap_err().is_closed());
+        drop(a);
+        assert!(b.try_recv_frame(&mut buf).unwrap_err().is_closed());
+    }
+}

@@ -1,0 +1,344 @@
+//! The wire format of the master–worker channel (see `docs/protocol.md`). Each frame is one
+//! `SOCK_SEQPACKET` datagram: an 8-byte header, then a body whose length the header states.
+//! Decoding checks everything a peer controls and never panics.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::sys::scm::MAX_FDS;
+use crate::sys::socket::Peer;
+
+/// The protocol version in every header.
+pub const VERSION: u8 = 1;
+/// Bytes of the header: version u8, kind u8, count u16, body length u32 (little-endian).
+pub const HEADER_LEN: usize = 8;
+/// Bytes of one connection entry in a [`Frame::Connections`] body.
+pub const CONNECTION_ENTRY_LEN: usize = 32;
+/// The largest frame either side sends: a full batch of connections.
+pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_FDS * CONNECTION_ENTRY_LEN;
+/// Bytes of a [`Frame::Status`] body.
+pub const STATUS_BODY_LEN: usize = 16;
+
+const KIND_CONNECTIONS: u8 = 1;
+const KIND_READY: u8 = 2;
+const KIND_STATUS: u8 = 3;
+
+/// One handed-off connection, as described next to its fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionHeader {
+    /// The master's id for the connection, increasing; acknowledged back by the worker.
+    pub id: u64,
+    /// Index of the listener (in `--listen` order) that accepted it.
+    pub listener: u16,
+    /// The client's address.
+    pub peer: Peer,
+}
+
+/// A worker's report: what it has received and how many connections it has finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Status {
+    /// Connections received on this channel since the worker started (cumulative); the
+    /// master releases its copies of that many, oldest first.
+    pub received_total: u64,
+    /// Connections the worker has finished since it started (cumulative).
+    pub closed_total: u64,
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Frame {
+    /// master → worker: connections, one fd each, in the same order as the entries.
+    Connections(Vec<ConnectionHeader>),
+    /// worker → master: initialised, send connections.
+    Ready,
+    /// worker → master: acknowledgement and load report; also the heartbeat.
+    Status(Status),
+}
+
+impl Frame {
+    /// The frame's kind, by name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Connections(_) => "connections",
+            Frame::Ready => "ready",
+            Frame::Status(_) => "status",
+        }
+    }
+}
+
+/// Why a datagram is not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// Fewer bytes than a header.
+    #[error("frame of {0} bytes is shorter than the 8-byte header")]
+    TooShort(usize),
+    /// The datagram did not fit the receive buffer.
+    #[error("frame longer than the {MAX_FRAME_LEN}-byte limit")]
+    TooLong,
+    /// A version this build does not speak.
+    #[error("unsupported protocol version {0}")]
+    Version(u8),
+    /// A kind this build does not know.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// The header's body length is not the body that arrived.
+    #[error("header declares a {declared}-byte body, {actual} bytes arrived")]
+    BodyLength {
+        /// From the header.
+        declared: usize,
+        /// In the datagram.
+        actual: usize,
+    },
+    /// The body does not have the size its kind and count require.
+    #[error("{kind} frame with count {count} cannot have a {len}-byte body")]
+    Shape {
+        /// The frame's kind, by name.
+        kind: &'static str,
+        /// The header's count.
+        count: usize,
+        /// The body's length.
+        len: usize,
+    },
+    /// A connection entry with an unknown address family.
+    #[error("connection entry with unknown address family {0}")]
+    Family(u8),
+}
+
+fn header(out: &mut Vec<u8>, kind: u8, count: u16, body_len: usize) {
+    out.clear();
+    out.push(VERSION);
+    out.push(kind);
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+}
+
+/// Writes a [`Frame::Connections`] frame for `entries` into `out` (cleared first).
+pub fn encode_connections(
+    out: &mut Vec<u8>,
+    entries: impl ExactSizeIterator<Item = ConnectionHeader>,
+) {
+    let count = entries.len();
+    debug_assert!(count <= MAX_FDS);
+    header(
+        out,
+        KIND_CONNECTIONS,
+        count as u16,
+        count * CONNECTION_ENTRY_LEN,
+    );
+    for entry in entries {
+        let mut slot = [0u8; CONNECTION_ENTRY_LEN];
+        slot[0..8].copy_from_slice(&entry.id.to_le_bytes());
+        slot[8..10].copy_from_slice(&entry.listener.to_le_bytes());
+        match entry.peer {
+            Peer::Unix => slot[10] = 0,
+            Peer::Ip(addr) => {
+                slot[12..14].copy_from_slice(&addr.port().to_le_bytes());
+                match addr.ip() {
+                    IpAddr::V4(ip) => {
+                        slot[10] = 4;
+                        slot[16..20].copy_from_slice(&ip.octets());
+                    }
+                    IpAddr::V6(ip) => {
+                        slot[10] = 6;
+                        slot[16..32].copy_from_slice(&ip.octets());
+                    }
+                }
+            }
+        }
+        out.extend_from_slice(&slot);
+    }
+}
+
+/// Writes a [`Frame::Ready`] frame into `out` (cleared first).
+pub fn encode_ready(out: &mut Vec<u8>) {
+    header(out, KIND_READY, 0, 0);
+}
+
+/// Writes a [`Frame::Status`] frame into `out` (cleared first).
+pub fn encode_status(out: &mut Vec<u8>, status: Status) {
+    header(out, KIND_STATUS, 0, STATUS_BODY_LEN);
+    out.extend_from_slice(&status.received_total.to_le_bytes());
+    out.extend_from_slice(&status.closed_total.to_le_bytes());
+}
+
+/// Decodes one datagram, checking version, kind, body length and shape. The fd count a
+/// [`Frame::Connections`] declares is checked against the fds that arrived by the caller
+/// ([`crate::ipc::Channel::recv_frame`]), which holds them.
+pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
+    if datagram.len() < HEADER_LEN {
+        return Err(FrameError::TooShort(datagram.len()));
+    }
+    if datagram[0] != VERSION {
+        return Err(FrameError::Version(datagram[0]));
+    }
+    let kind = datagram[1];
+    let count = u16::from_le_bytes([datagram[2], datagram[3]]) as usize;
+    let declared =
+        u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]) as usize;
+    let body = &datagram[HEADER_LEN..];
+    if declared != body.len() {
+        return Err(FrameError::BodyLength {
+            declared,
+            actual: body.len(),
+        });
+    }
+    let shape = |kind: &'static str| FrameError::Shape {
+        kind,
+        count,
+        len: body.len(),
+    };
+    match kind {
+        KIND_CONNECTIONS => {
+            if count == 0 || count > MAX_FDS || body.len() != count * CONNECTION_ENTRY_LEN {
+                return Err(shape("connections"));
+            }
+            body.chunks_exact(CONNECTION_ENTRY_LEN)
+                .map(decode_entry)
+                .collect::<Result<Vec<_>, _>>()
+                .map(Frame::Connections)
+        }
+        KIND_READY if count == 0 && body.is_empty() => Ok(Frame::Ready),
+        KIND_READY => Err(shape("ready")),
+        KIND_STATUS if count == 0 && body.len() == STATUS_BODY_LEN => Ok(Frame::Status(Status {
+            received_total: u64::from_le_bytes(body[0..8].try_into().expect("8 bytes")),
+            closed_total: u64::from_le_bytes(body[8..16].try_into().expect("8 bytes")),
+        })),
+        KIND_STATUS => Err(shape("status")),
+        other => Err(FrameError::UnknownKind(other)),
+    }
+}
+
+fn decode_entry(slot: &[u8]) -> Result<ConnectionHeader, FrameError> {
+    let id = u64::from_le_bytes(slot[0..8].try_into().expect("8 bytes"));
+    let listener = u16::from_le_bytes([slot[8], slot[9]]);
+    let port = u16::from_le_bytes([slot[12], slot[13]]);
+    let peer = match slot[10] {
+        0 => Peer::Unix,
+        4 => {
+            let ip = Ipv4Addr::new(slot[16], slot[17], slot[18], slot[19]);
+            Peer::Ip(SocketAddr::new(ip.into(), port))
+        }
+        6 => {
+            let octets: [u8; 16] = slot[16..32].try_into().expect("16 bytes");
+            Peer::Ip(SocketAddr::new(Ipv6Addr::from(octets).into(), port))
+        }
+        family => return Err(FrameError::Family(family)),
+    };
+    Ok(ConnectionHeader { id, listener, peer })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(id: u64, peer: &str) -> ConnectionHeader {
+        ConnectionHeader {
+            id,
+            listener: 1,
+            peer: Peer::Ip(peer.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn connections_round_trip_for_every_family() {
+        let entries = vec![
+            entry(1, "127.0.0.1:4000"),
+            entry(2, "[::1]:5000"),
+            ConnectionHeader {
+                id: 3,
+                listener: 0,
+                peer: Peer::Unix,
+            },
+        ];
+        let mut buf = Vec::new();
+        encode_connections(&mut buf, entries.clone().into_iter());
+        assert_eq!(buf.len(), HEADER_LEN + 3 * CONNECTION_ENTRY_LEN);
+        assert_eq!(decode(&buf), Ok(Frame::Connections(entries)));
+    }
+
+    #[test]
+    fn ready_and_status_round_trip() {
+        let mut buf = Vec::new();
+        encode_ready(&mut buf);
+        assert_eq!(decode(&buf), Ok(Frame::Ready));
+        let status = Status {
+            received_total: 77,
+            closed_total: 12,
+        };
+        encode_status(&mut buf, status);
+        assert_eq!(decode(&buf), Ok(Frame::Status(status)));
+    }
+
+    #[test]
+    fn garbage_is_refused_with_the_step_that_failed() {
+        assert_eq!(decode(b"abc"), Err(FrameError::TooShort(3)));
+        assert_eq!(
+            decode(b"GET / HTTP/1.1\r\n"),
+            Err(FrameError::Version(b'G'))
+        );
+        assert_eq!(
+            decode(&[1, 99, 0, 0, 0, 0, 0, 0]),
+            Err(FrameError::UnknownKind(99))
+        );
+        assert_eq!(
+            decode(&[1, 3, 0, 0, 16, 0, 0, 0]),
+            Err(FrameError::BodyLength {
+                declared: 16,
+                actual: 0
+            })
+        );
+        assert!(matches!(
+            decode(&[1, 2, 1, 0, 0, 0, 0, 0]),
+            Err(FrameError::Shape { .. })
+        ));
+    }
+
+    #[test]
+    fn a_connections_frame_whose_count_disagrees_with_its_body_is_refused() {
+        let mut buf = Vec::new();
+        encode_connections(
+            &mut buf,
+            vec![entry(1, "127.0.0.1:1"), entry(2, "127.0.0.1:2")].into_iter(),
+        );
+        buf[2] = 3; // claim three entries, carry two
+        assert!(matches!(
+            decode(&buf),
+            Err(FrameError::Shape { count: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn an_unknown_address_family_is_refused() {
+        let mut buf = Vec::new();
+        encode_connections(&mut buf, vec![entry(1, "127.0.0.1:1")].into_iter());
+        buf[HEADER_LEN + 10] = 9;
+        assert_eq!(decode(&buf), Err(FrameError::Family(9)));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn status_round_trips(acked in any::<u64>(), closed in any::<u64>()) {
+            let mut buf = Vec::new();
+            let status = Status { received_total: acked, closed_total: closed };
+            encode_status(&mut buf, status);
+            prop_assert_eq!(decode(&buf), Ok(Frame::Status(status)));
+        }
+
+        #[test]
+        fn connection_batches_round_trip(ids in proptest::collection::vec((any::<u64>(), any::<u16>(), any::<[u8; 4]>(), any::<u16>()), 1..MAX_FDS)) {
+            let entries: Vec<_> = ids.iter().map(|&(id, listener, ip, port)| ConnectionHeader {
+                id, listener, peer: Peer::Ip(SocketAddr::new(Ipv4Addr::from(ip).into(), port)),
+            }).collect();
+            let mut buf = Vec::new();
+            encode_connections(&mut buf, entries.clone().into_iter());
+            prop_assert_eq!(decode(&buf), Ok(Frame::Connections(entries)));
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! The master process: owns every listening socket, is the only process that accepts, and
+//! hands each connection to a worker over its channel. It starts and restarts the workers,
+//! reads their acknowledgements and load reports, and on SIGTERM/SIGINT stops accepting,
+//! lets workers finish and exits with none left behind.
+
+mod accept;
+mod control;
+mod table;
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::{spawn_local, JoinHandle};
+
+use crate::config::{Config, ListenAddr};
+use crate::ipc::channel::frame_buffer;
+use crate::ipc::Channel;
+use crate::supervise::{self, Program};
+use crate::sys;
+use table::{Flush, Lost, Process, Table};
+
+/// Why the master could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MasterError {
+    /// The configuration cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The tokio runtime could not be built.
+    #[error("building the tokio runtime failed")]
+    Runtime(#[source] io::Error),
+    /// A listener could not be bound.
+    #[error("binding {addr} failed")]
+    Bind {
+        /// The address.
+        addr: ListenAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The control socket could not be bound.
+    #[error("binding the control socket {path:?} failed")]
+    Control {
+        /// Its path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers failed")]
+    Signals(#[source] io::Error),
+}
+
+/// What every master task shares.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub table: RefCell<Table>,
+    pub program: Program,
+    pub listening: Vec<String>,
+}
+
+/// Runs a master until SIGTERM or SIGINT; returns once every worker has exited.
+pub fn run(config: Config, program: Program) -> Result<(), MasterError> {
+    if config.workers == 0 {
+        return Err(MasterError::Config("--workers must be at least 1".into()));
+    }
+    if config.max_pending == 0 {
+        return Err(MasterError::Config(
+            "--max-pending must be at least 1".into(),
+        ));
+    }
+    if config.listen.is_empty() {
+        return Err(MasterError::Config("no listen address".into()));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(MasterError::Runtime)?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, master(config, program))
+}
+
+fn bind(config: &Config) -> Result<Vec<(String, OwnedFd)>, MasterError> {
+    config
+        .listen
+        .iter()
+        .map(|addr| {
+            let bound = match addr {
+                ListenAddr::Tcp(socket) => {
+                    sys::socket::tcp_listener(*socket, config.backlog, false).and_then(|fd| {
+                        let local = sys::socket::local_addr(&fd)?
+                            .map_or(addr.to_string(), |a| a.to_string());
+                        Ok((local, fd))
+                    })
+                }
+                ListenAddr::Unix(path) => sys::socket::unix_listener(path, config.backlog)
+                    .map(|fd| (addr.to_string(), fd)),
+            };
+            bound.map_err(|source| MasterError::Bind {
+                addr: addr.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+async fn master(config: Config, program: Program) -> Result<(), MasterError> {
+    let mut sigterm = signal(SignalKind::terminate()).map_err(MasterError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(MasterError::Signals)?;
+    let bound = bind(&config)?;
+    let control = match &config.control {
+        Some(path) => Some(control::bind(path).map_err(|source| MasterError::Control {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let listening: Vec<String> = bound.iter().map(|(name, _)| name.clone()).collect();
+    let config = Rc::new(config);
+    let ctx = Rc::new(Ctx {
+        table: RefCell::new(Table::new(config.clone())),
+        program,
+        listening,
+    });
+    tracing::info!(
+        pid = std::process::id(),
+        workers = config.workers,
+        strategy = ?config.strategy,
+        max_pending = config.max_pending,
+        "master starting"
+    );
+    let mut listeners = Vec::new();
+    for (name, fd) in bound {
+        tracing::info!(address = %name, "listening");
+        listeners.push(Rc::new(sys::async_fd(fd).map_err(MasterError::Runtime)?));
+    }
+    for index in 0..config.workers {
+        start_worker(&ctx, index);
+    }
+    let accepting: Vec<JoinHandle<()>> = listeners
+        .iter()
+        .enumerate()
+        .map(|(index, listener)| {
+            spawn_local(accept::run(ctx.clone(), listener.clone(), index as u16))
+        })
+        .collect();
+    let control_task = control.map(|listener| spawn_local(control::serve(ctx.clone(), listener)));
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = sigint.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    let stop = stop(&ctx, listeners, accepting);
+    tokio::select! {
+        _ = stop => {}
+        _ = sigterm.recv() => kill_all(&ctx, "second SIGTERM"),
+        _ = sigint.recv() => kill_all(&ctx, "second SIGINT"),
+    }
+    wait_all_exited(&ctx, Duration::from_secs(5)).await;
+    if let Some(task) = control_task {
+        task.abort();
+    }
+    let socket_files = config.listen.iter().filter_map(|addr| match addr {
+        ListenAddr::Unix(path) => Some(path),
+        ListenAddr::Tcp(_) => None,
+    });
+    for path in socket_files.chain(&config.control) {
+        let _ = std::fs::remove_file(path);
+    }
+    let counters = ctx.table.borrow().counters;
+    tracing::info!(
+        accepted = counters.accepted,
+        redispatched = counters.redispatched,
+        dropped = counters.dropped,
+        "master stopped"
+    );
+    Ok(())
+}
+
+/// Graceful stop: serve what the kernel already queued, close the listeners, let workers
+/// finish in-flight connections up to the shutdown timeout, then kill what is left.
+async fn stop(ctx: &Rc<Ctx>, listeners: Vec<Rc<AsyncFd<OwnedFd>>>, accepting: Vec<JoinHandle<()>>) {
+    let timeout = ctx.table.borrow().config.shutdown_timeout;
+    let deadline = Instant::now() + timeout;
+    for task in accepting {
+        task.abort();
+        let _ = task.await;
+    }
+    for (index, listener) in listeners.iter().enumerate() {
+        let queued = accept::drain_queue(ctx, listener, index as u16);
+        if queued > 0 {
+            tracing::info!(
+                connections = queued,
+                "serving connections queued before the stop"
+            );
+        }
+    }
+    flush(ctx);
+    // Close the listeners now: new clients are refused instead of waiting in a dead queue.
+    // (The accept tasks have ended, so these are the last references.)
+    drop(listeners);
+    // Hand out what lost workers left behind before the survivors stop taking connections.
+    let capacity = ctx.table.borrow().capacity.clone();
+    while ctx.table.borrow().retry_len() > 0 && Instant::now() < deadline {
+        let notified = capacity.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if ctx.table.borrow().retry_len() == 0 {
+            break;
+        }
+        let _ = tokio::time::timeout_at(deadline.into(), notified).await;
+        flush(ctx);
+    }
+    {
+        let mut table = ctx.table.borrow_mut();
+        table.stopping = true;
+        table.drop_undeliverable();
+        table.drain_all();
+    }
+    flush(ctx);
+    if !wait_all_exited(ctx, deadline.saturating_duration_since(Instant::now())).await {
+        kill_all(ctx, "shutdown timeout");
+    }
+}
+
+/// Waits until every worker process has been reaped; false on timeout.
+async fn wait_all_exited(ctx: &Rc<Ctx>, timeout: Duration) -> bool {
+    let all_exited = ctx.table.borrow().all_exited.clone();
+    let wait = async {
+        loop {
+            let notified = all_exited.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if ctx.table.borrow().live.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.is_ok()
+}
+
+fn kill_all(ctx: &Ctx, why: &str) {
+    let mut table = ctx.table.borrow_mut();
+    table.stopping = true;
+    tracing::warn!(
+        workers = table.live.len(),
+        reason = why,
+        "killing remaining workers"
+    );
+    for &pid in &table.live {
+        let _ = sys::process::signal(pid, libc::SIGKILL);
+    }
+}
+
+/// Sends every outbox that can go now; a worker whose channel broke is given up on.
+pub(crate) fn flush(ctx: &Ctx) {
+    loop {
+        let broken = ctx.table.borrow_mut().flush_all();
+        if broken.is_empty() {
+            return;
+        }
+        for (index, pid, error) in broken {
+            give_up(ctx, index, pid, Lost::Channel(error.into()));
+        }
+    }
+}
+
+/// Removes a worker whose channel is unusable (killing it) and re-dispatches its
+/// unacknowledged connections.
+fn give_up(ctx: &Ctx, index: usize, pid: u32, why: Lost) {
+    let lost = ctx.table.borrow_mut().lose(index, pid, &why);
+    if lost && !matches!(why, Lost::Exited) {
+        let _ = sys::process::signal(pid, libc::SIGKILL);
+    }
+}
+
+fn start_worker(ctx: &Rc<Ctx>, index: usize) {
+    let mut table = ctx.table.borrow_mut();
+    if table.stopping {
+        return;
+    }
+    let spawn_count = table.slots[index].spawns;
+    table.slots[index].spawns += 1;
+    let (heartbeat, drain) = (table.config.heartbeat, table.config.shutdown_timeout);
+    match supervise::spawn(&ctx.program, index, spawn_count, heartbeat, drain) {
+        Ok(spawned) => {
+            let pid = spawned.pid;
+            tracing::info!(worker = index, pid, "worker spawned");
+            table.counters.spawned += 1;
+            table.live.insert(pid);
+            let mut process = Process::new(pid, spawned.channel);
+            let reader = spawn_local(read_channel(
+                ctx.clone(),
+                index,
+                pid,
+                process.channel.clone(),
+            ));
+            let writer = spawn_local(write_channel(
+                ctx.clone(),
+                index,
+                pid,
+                process.channel.clone(),
+                process.writer.clone(),
+            ));
+            process.tasks = vec![reader.abort_handle(), writer.abort_handle()];
+            table.slots[index].process = Some(process);
+            let started = Instant::now();
+            spawn_local(watch_exit(ctx.clone(), index, pid, started, spawned.child));
+        }
+        Err(e) => {
+            tracing::error!(worker = index, error = %e, source = ?std::error::Error::source(&e), "spawning worker failed");
+            drop(table);
+            schedule_respawn(ctx, index, Duration::ZERO);
+        }
+    }
+}
+
+fn schedule_respawn(ctx: &Rc<Ctx>, index: usize, uptime: Duration) {
+    let (delay, failures) = {
+        let mut table = ctx.table.borrow_mut();
+        if table.stopping {
+            return;
+        }
+        let backoff = &mut table.slots[index].backoff;
+        (backoff.on_exit(uptime), backoff.failures())
+    };
+    if failures >= 5 {
+        tracing::error!(
+            worker = index,
+            failures,
+            next_start_ms = delay.as_millis() as u64,
+            "worker keeps failing soon after start"
+        );
+    } else if !delay.is_zero() {
+        tracing::info!(
+            worker = index,
+            failures,
+            next_start_ms = delay.as_millis() as u64,
+            "restarting worker after backoff"
+        );
+    }
+    let ctx = ctx.clone();
+    spawn_local(async move {
+        tokio::time::sleep(delay).await;
+        start_worker(&ctx, index);
+    });
+}
+
+async fn watch_exit(
+    ctx: Rc<Ctx>,
+    index: usize,
+    pid: u32,
+    started: Instant,
+    mut child: tokio::process::Child,
+) {
+    let status = child.wait().await;
+    let uptime = started.elapsed();
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => tracing::info!(worker = index, pid, code, "worker exited"),
+            (None, Some(signal)) => {
+                tracing::warn!(worker = index, pid, signal, "worker killed by signal")
+            }
+            _ => tracing::warn!(worker = index, pid, "worker ended"),
+        },
+        Err(e) => tracing::error!(worker = index, pid, error = %e, "waiting for worker failed"),
+    }
+    give_up(&ctx, index, pid, Lost::Exited);
+    flush(&ctx);
+    let (stopping, none_left) = {
+        let mut table = ctx.table.borrow_mut();
+        table.live.remove(&pid);
+        (table.stopping, table.live.is_empty())
+    };
+    if stopping {
+        if none_left {
+            ctx.table.borrow().all_exited.notify_waiters();
+        }
+    } else {
+        schedule_respawn(&ctx, index, uptime);
+    }
+}
+
+async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>) {
+    let mut buf = frame_buffer();
+    loop {
+        let first = channel.recv_frame(&mut buf).await;
+        let mut outcome = first.map(Some);
+        let verdict = loop {
+            match outcome {
+                Ok(Some((frame, _no_fds))) => {
+                    if let Err(lost) = ctx.table.borrow_mut().on_frame(index, frame) {
+                        break Err(lost);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) if e.is_closed() => break Err(Lost::ChannelClosed),
+                Err(e) => break Err(Lost::Channel(e)),
+            }
+            outcome = channel.try_recv_frame(&mut buf);
+        };
+        if let Err(lost) = verdict {
+            give_up(&ctx, index, pid, lost);
+            flush(&ctx);
+            return;
+        }
+        flush(&ctx);
+    }
+}
+
+async fn write_channel(
+    ctx: Rc<Ctx>,
+    index: usize,
+    pid: u32,
+    channel: Rc<Channel>,
+    wake: Rc<tokio::sync::Notify>,
+) {
+    loop {
+        wake.notified().await;
+        loop {
+            let mut guard = match channel.writable().await {
+                Ok(guard) => guard,
+                Err(e) => return give_up(&ctx, index, pid, Lost::Channel(e.into())),
+            };
+            let result = ctx.table.borrow_mut().flush(index);
+            match result {
+                Flush::Done => break,
+                Flush::Blocked => guard.clear_ready(),
+                Flush::Broken(e) => {
+                    give_up(&ctx, index, pid, Lost::Channel(e.into()));
+                    return flush(&ctx);
+                }
+            }
+        }
+    }
+}

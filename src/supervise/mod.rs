@@ -1,0 +1,19 @@
+//! Supervision: how a worker process is started (the current binary re-executed, or a
+//! user's command) and when a dead one is started again ([`Backoff`]). Runs in the master.
+
+mod backoff;
+mod spawn;
+
+pub use backoff::Backoff;
+pub use spawn::{spawn, Program, SpawnError, Spawned};
+
+/// Environment variable naming the worker's channel fd (always 3).
+pub const ENV_FD: &str = "HANDOFF_FD";
+/// Environment variable with the worker's slot index (0-based).
+pub const ENV_WORKER: &str = "HANDOFF_WORKER";
+/// Environment variable counting how many processes this slot has started (0-based).
+pub const ENV_SPAWN: &str = "HANDOFF_SPAWN";
+/// Environment variable: milliseconds between a worker's status heartbeats.
+pub const ENV_HEARTBEAT_MS: &str = "HANDOFF_HEARTBEAT_MS";
+/// Environment variable: how long a draining worker waits for its connections, in ms.
+pub const ENV_DRAIN_MS: &str = "HANDOFF_DRAIN_TIMEOUT_MS";

@@ -1,0 +1,104 @@
+//! Process control: how a worker is exec'd (its channel at a fixed fd, death tied to the
+//! master's), signals, and the resource usage the master reads about itself.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use super::syscall;
+
+/// The fd number at which every worker finds its channel to the master.
+pub const CHANNEL_FD: RawFd = 3;
+
+/// Arranges for the spawned child to find `channel` at fd [`CHANNEL_FD`] (not close-on-exec)
+/// and to receive `death_signal` when the master dies (`prctl(PR_SET_PDEATHSIG)`). If the
+/// master died before the child could ask, the child exits at once.
+pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, death_signal: i32) {
+    let channel = channel.as_raw_fd();
+    let master = std::process::id() as libc::pid_t;
+    let hook = move || -> io::Result<()> {
+        if channel == CHANNEL_FD {
+            let flags = syscall!(fcntl(CHANNEL_FD, libc::F_GETFD))?;
+            syscall!(fcntl(CHANNEL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
+        } else {
+            // dup2 clears FD_CLOEXEC on the new fd; the original stays close-on-exec.
+            syscall!(dup2(channel, CHANNEL_FD))?;
+        }
+        syscall!(prctl(
+            libc::PR_SET_PDEATHSIG,
+            death_signal as libc::c_ulong,
+            0,
+            0,
+            0
+        ))?;
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != master {
+            // SAFETY: _exit is async-signal-safe and ends the child before exec.
+            unsafe { libc::_exit(1) };
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec and calls only async-signal-safe functions
+    // (fcntl, dup2, prctl, getppid, _exit); it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// `kill(2)`. `ESRCH` (already gone) is reported as `Ok(false)`.
+pub fn signal(pid: u32, signal: i32) -> io::Result<bool> {
+    match syscall!(kill(pid as libc::pid_t, signal)) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// CPU time (user + system) this process has used so far, from `getrusage(RUSAGE_SELF)`.
+pub fn self_cpu_time() -> std::time::Duration {
+    // SAFETY: an all-zero rusage is valid and getrusage fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a live, writable rusage.
+    let _ = syscall!(getrusage(libc::RUSAGE_SELF, &mut usage));
+    let micros = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000 + tv.tv_usec as u64;
+    std::time::Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+}
+
+/// Ticks of `/proc/PID/stat` per second (`sysconf(_SC_CLK_TCK)`).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as u64
+    } else {
+        100
+    }
+}
+
+/// Takes ownership of the channel fd a worker inherited at `fd`, after checking that it is
+/// an open `SOCK_SEQPACKET` socket; makes it close-on-exec (the worker's own children must
+/// not hold it) and non-blocking.
+pub fn inherited_channel(fd: RawFd) -> io::Result<OwnedFd> {
+    syscall!(fcntl(fd, libc::F_GETFD))?;
+    let mut kind: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: `kind` is a live c_int and `len` says so.
+    syscall!(getsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_TYPE,
+        &mut kind as *mut i32 as *mut libc::c_void,
+        &mut len
+    ))?;
+    if kind != libc::SOCK_SEQPACKET {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {fd} is not a SOCK_SEQPACKET socket"),
+        ));
+    }
+    // SAFETY: the fd is open (F_GETFD succeeded), it was passed to this process for its sole
+    // use by the master, and this function is called once per process (see worker::run).
+    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    super::socket::set_cloexec(&owned, true)?;
+    super::socket::set_nonblocking(&owned, true)?;
+    Ok(owned)
+}

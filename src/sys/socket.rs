@@ -1,0 +1,286 @@
+//! Sockets: listeners with a chosen backlog and `SO_REUSEPORT`, `accept4(2)` with the peer
+//! address, `socketpair(2)` for the master–worker channel, `shutdown(2)` and fd flags.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use super::syscall;
+
+/// A peer's address as `accept4(2)` reports it: an IP socket address, or a Unix peer (whose
+/// address is nearly always unnamed, so only the fact is kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// An IPv4 or IPv6 peer.
+    Ip(SocketAddr),
+    /// A peer on a Unix stream socket.
+    Unix,
+}
+
+/// `socket(2)` + `setsockopt(SO_REUSEADDR[, SO_REUSEPORT])` + `bind(2)` + `listen(2)`: a
+/// non-blocking, close-on-exec TCP listener.
+pub fn tcp_listener(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Result<OwnedFd> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let raw = syscall!(socket(
+        domain,
+        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        0
+    ))?;
+    // SAFETY: `socket` just returned this fd and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    if reuseport {
+        set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    }
+    if addr.is_ipv6() {
+        set_int_opt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    let (storage, len) = sockaddr_from(addr);
+    // SAFETY: `storage` is a valid sockaddr of `len` bytes for the socket's family.
+    syscall!(bind(
+        fd.as_raw_fd(),
+        &storage as *const libc::sockaddr_storage as *const libc::sockaddr,
+        len
+    ))?;
+    syscall!(listen(fd.as_raw_fd(), backlog))?;
+    Ok(fd)
+}
+
+/// Binds a Unix stream listener at `path` (removing a stale socket file first) and sets its
+/// backlog with `listen(2)`. Non-blocking and close-on-exec.
+pub fn unix_listener(path: &Path, backlog: i32) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    let fd = OwnedFd::from(listener);
+    syscall!(listen(fd.as_raw_fd(), backlog))?;
+    Ok(fd)
+}
+
+/// The local address of a bound IP socket (`getsockname(2)`), e.g. to learn the port that
+/// binding port 0 chose.
+pub fn local_addr(fd: &impl AsRawFd) -> io::Result<Option<SocketAddr>> {
+    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` has room for any address and `len` says so.
+    syscall!(getsockname(
+        fd.as_raw_fd(),
+        storage.as_mut_ptr() as *mut libc::sockaddr,
+        &mut len
+    ))?;
+    // SAFETY: zeroed storage is a valid sockaddr_storage; the kernel filled `len` bytes.
+    Ok(match sockaddr_to(unsafe { &storage.assume_init() }) {
+        Peer::Ip(addr) => Some(addr),
+        Peer::Unix => None,
+    })
+}
+
+/// `accept4(2)` with `SOCK_NONBLOCK | SOCK_CLOEXEC`: the connection and its peer.
+pub fn accept(listener: &impl AsRawFd) -> io::Result<(OwnedFd, Peer)> {
+    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` has room for any address and `len` says so.
+    let raw = syscall!(accept4(
+        listener.as_raw_fd(),
+        storage.as_mut_ptr() as *mut libc::sockaddr,
+        &mut len,
+        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC
+    ))?;
+    // SAFETY: `accept4` returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: zeroed storage is a valid sockaddr_storage; the kernel filled `len` bytes.
+    let peer = sockaddr_to(unsafe { &storage.assume_init() });
+    Ok((fd, peer))
+}
+
+/// `socketpair(AF_UNIX, SOCK_SEQPACKET)`, both ends non-blocking and close-on-exec: the
+/// master–worker channel. Message boundaries are kept, so each `sendmsg` is one frame and
+/// carries its own fds.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two fds socketpair writes.
+    syscall!(socketpair(
+        libc::AF_UNIX,
+        libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        0,
+        fds.as_mut_ptr()
+    ))?;
+    // SAFETY: socketpair returned two new fds that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sets `SO_SNDBUF` (the kernel doubles the value for bookkeeping).
+pub fn set_send_buffer(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)
+}
+
+/// `shutdown(fd, SHUT_WR)`: sends FIN now, even while another process still holds a copy of
+/// the socket. `ENOTCONN` (the peer is already gone) is not an error.
+pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
+    match syscall!(shutdown(fd.as_raw_fd(), libc::SHUT_WR)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// `fcntl(F_SETFD)`: turns `FD_CLOEXEC` on or off.
+pub fn set_cloexec(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFD))?;
+    let flags = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFD, flags))?;
+    Ok(())
+}
+
+/// `fcntl(F_SETFL)`: turns `O_NONBLOCK` on or off.
+pub fn set_nonblocking(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
+    let flags = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFL, flags))?;
+    Ok(())
+}
+
+/// `getsockopt(SO_TYPE)` and `getsockopt(SO_DOMAIN)`: tells a TCP socket from a Unix one.
+pub fn socket_domain(fd: &impl AsRawFd) -> io::Result<i32> {
+    get_int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
+}
+
+fn set_int_opt(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and the length says so.
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        &value as *const i32 as *const libc::c_void,
+        size_of::<i32>() as libc::socklen_t
+    ))?;
+    Ok(())
+}
+
+fn get_int_opt(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<i32> {
+    let mut value: i32 = 0;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: `value` is a live c_int and `len` says so.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        &mut value as *mut i32 as *mut libc::c_void,
+        &mut len
+    ))?;
+    Ok(value)
+}
+
+fn sockaddr_from(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn sockaddr_to(storage: &libc::sockaddr_storage) -> Peer {
+    match storage.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Peer::Ip(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Peer::Ip(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => Peer::Unix,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_listener_reports_the_port_it_bound() {
+        let fd = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        let addr = local_addr(&fd).unwrap().unwrap();
+        assert_ne!(addr.port(), 0);
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (conn, peer) = accept(&fd).unwrap();
+        assert_eq!(peer, Peer::Ip(client.local_addr().unwrap()));
+        assert_eq!(socket_domain(&conn).unwrap(), libc::AF_INET);
+    }
+
+    #[test]
+    fn accept_on_an_empty_queue_would_block() {
+        let fd = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        let err = accept(&fd).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn ipv6_listener_round_trips_the_peer() {
+        let Ok(fd) = tcp_listener("[::1]:0".parse().unwrap(), 16, false) else {
+            return; // no IPv6 loopback on this machine
+        };
+        let addr = local_addr(&fd).unwrap().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (_conn, peer) = accept(&fd).unwrap();
+        assert_eq!(peer, Peer::Ip(client.local_addr().unwrap()));
+    }
+}

@@ -1,0 +1,225 @@
+//! A connection handed to this worker: a tokio stream plus what the master said about it.
+//! Dropping it shuts down the write side (so the client sees FIN even while the master still
+//! holds its copy of the fd) and reports the connection finished.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::Shared;
+use crate::ipc::ConnectionHeader;
+use crate::sys;
+use crate::sys::socket::Peer;
+
+/// The stream of an accepted connection.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Stream {
+    /// From a TCP listener.
+    Tcp(TcpStream),
+    /// From a Unix listener.
+    Unix(UnixStream),
+}
+
+/// Counts a connection as active while it lives and as finished when dropped; the worker
+/// runtime reports finished connections to the master, which balances on them.
+#[derive(Debug)]
+pub struct ActiveGuard {
+    shared: Arc<Shared>,
+}
+
+impl ActiveGuard {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard { shared }
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.shared.connection_finished();
+    }
+}
+
+/// A connection from the master: `AsyncRead + AsyncWrite`, so it plugs into hyper
+/// (`hyper_util::rt::TokioIo::new(conn)`) or any tokio code.
+#[derive(Debug)]
+pub struct Connection {
+    stream: Option<Stream>,
+    header: ConnectionHeader,
+    guard: Option<ActiveGuard>,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        header: ConnectionHeader,
+        fd: OwnedFd,
+        shared: &Arc<Shared>,
+    ) -> io::Result<Self> {
+        // The master accepted it non-blocking; a worker in another language may have changed
+        // the shared file status before a re-dispatch, so make sure.
+        sys::socket::set_nonblocking(&fd, true)?;
+        let stream = match header.peer {
+            Peer::Ip(_) => Stream::Tcp(TcpStream::from_std(std::net::TcpStream::from(fd))?),
+            Peer::Unix => Stream::Unix(UnixStream::from_std(
+                std::os::unix::net::UnixStream::from(fd),
+            )?),
+        };
+        Ok(Connection {
+            stream: Some(stream),
+            header,
+            guard: Some(ActiveGuard::new(shared.clone())),
+        })
+    }
+
+    /// The client's address (`Peer::Unix` on a Unix listener).
+    pub fn peer(&self) -> Peer {
+        self.header.peer
+    }
+
+    /// Index of the listener that accepted it, in `--listen` order.
+    pub fn listener(&self) -> usize {
+        self.header.listener as usize
+    }
+
+    /// The master's id for this connection.
+    pub fn id(&self) -> u64 {
+        self.header.id
+    }
+
+    /// The stream, for code that needs the concrete tokio type.
+    pub fn stream(&self) -> &Stream {
+        self.stream.as_ref().expect("stream present until drop")
+    }
+
+    /// Splits off the stream and the guard that counts the connection as active. Drop the
+    /// guard when the connection is finished, and shut the stream's write side down then:
+    /// the runtime no longer does either for you.
+    pub fn into_parts(mut self) -> (Stream, ActiveGuard) {
+        let stream = self.stream.take().expect("stream present until drop");
+        let guard = self.guard.take().expect("guard present until drop");
+        (stream, guard)
+    }
+
+    fn pinned(&mut self) -> Pin<&mut Stream> {
+        Pin::new(self.stream.as_mut().expect("stream present until drop"))
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some(stream) = &self.stream {
+            let fd = match stream {
+                Stream::Tcp(s) => s.as_raw_fd(),
+                Stream::Unix(s) => s.as_raw_fd(),
+            };
+            // The fd is still open here (the stream drops after this body), and the peer
+            // must see FIN now, not when the master closes its copy.
+            let _ = sys::socket::shutdown_write(&fd);
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.get_mut().pinned().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().pinned().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().pinned().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream().is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().pinned().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().pinned().poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,292 @@
+//! The worker runtime: runs in each worker process. It takes the channel the master left at
+//! fd 3, tells the master when the user's code is ready, turns each received fd into a
+//! [`Connection`], acknowledges receipt, reports finished connections (the load the master
+//! balances on) and a heartbeat, and drains on the master's word or on SIGTERM.
+
+mod connection;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+pub use connection::{ActiveGuard, Connection, Stream};
+
+use crate::ipc::channel::frame_buffer;
+use crate::ipc::frame::{self, Frame, Status};
+use crate::ipc::{Channel, ChannelError};
+use crate::supervise::{ENV_DRAIN_MS, ENV_FD, ENV_HEARTBEAT_MS};
+use crate::sys;
+
+/// An error a worker's own code may return.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// `HANDOFF_FD` is missing or not a number.
+    #[error("{ENV_FD} is not set to a file descriptor number: this process was not started by a handoff master")]
+    NoChannel,
+    /// The inherited fd is not a usable channel.
+    #[error("taking the channel fd failed")]
+    TakeChannel(#[source] std::io::Error),
+    /// The tokio runtime could not be built.
+    #[error("building the tokio runtime failed")]
+    Runtime(#[source] std::io::Error),
+    /// Talking to the master failed or the master broke the protocol.
+    #[error("the channel to the master failed")]
+    Channel(#[source] ChannelError),
+    /// The user's service returned an error.
+    #[error("the worker's service failed")]
+    Service(#[source] BoxError),
+}
+
+/// Whether this process was started by a handoff master as a worker.
+pub fn is_worker() -> bool {
+    std::env::var_os(ENV_FD).is_some()
+}
+
+/// State shared by the accept side, the connections and the reporter task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    channel: Channel,
+    received: AtomicU64,
+    closed: AtomicU64,
+    active: AtomicU64,
+    report: Notify,
+    idle: Notify,
+    drain: watch::Sender<bool>,
+    failure: Mutex<Option<ChannelError>>,
+}
+
+impl Shared {
+    fn status(&self) -> Status {
+        // Load closed before received: a report must never show more finished than received.
+        let closed_total = self.closed.load(Ordering::Acquire);
+        Status {
+            received_total: self.received.load(Ordering::Acquire),
+            closed_total,
+        }
+    }
+
+    pub(crate) fn connection_finished(&self) {
+        self.closed.fetch_add(1, Ordering::AcqRel);
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+        self.report.notify_one();
+    }
+
+    fn fail(&self, error: ChannelError) {
+        if !error.is_closed() {
+            tracing::error!(error = %error, source = ?std::error::Error::source(&error), "worker channel failed");
+            self.failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(error);
+        }
+        self.drain.send_replace(true);
+    }
+}
+
+/// A signal that the worker should stop taking work: the master closed the channel, SIGTERM
+/// arrived, or the channel failed. Clone it into connection tasks to shut down keep-alive
+/// connections gracefully.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    rx: watch::Receiver<bool>,
+}
+
+impl Drain {
+    /// Completes once draining has begun.
+    pub async fn wait(&mut self) {
+        let _ = self.rx.wait_for(|draining| *draining).await;
+    }
+
+    /// Whether draining has begun.
+    pub fn is_draining(&self) -> bool {
+        *self.rx.borrow()
+    }
+}
+
+/// The connections the master hands to this worker.
+#[derive(Debug)]
+pub struct Incoming {
+    shared: Arc<Shared>,
+    queue: VecDeque<Connection>,
+    buf: Vec<u8>,
+    ready_sent: bool,
+    drain: Drain,
+}
+
+impl Incoming {
+    /// The next connection, or `None` once the worker is draining. The first call tells the
+    /// master this worker is ready, so do initialisation before it.
+    pub async fn accept(&mut self) -> Option<Connection> {
+        if !self.ready_sent {
+            self.ready_sent = true;
+            let mut bytes = Vec::with_capacity(frame::HEADER_LEN);
+            frame::encode_ready(&mut bytes);
+            if let Err(e) = self.shared.channel.send(&bytes, &[]).await {
+                self.shared.fail(e.into());
+            }
+        }
+        loop {
+            if let Some(conn) = self.queue.pop_front() {
+                return Some(conn);
+            }
+            if self.drain.is_draining() {
+                return None;
+            }
+            let received = tokio::select! {
+                biased;
+                _ = self.drain.wait() => return None,
+                received = self.shared.channel.recv_frame(&mut self.buf) => received,
+            };
+            match received {
+                Ok((Frame::Connections(headers), fds)) => self.take(headers, fds),
+                Ok((other, _)) => self.shared.fail(ChannelError::Unexpected(other.name())),
+                Err(e) => self.shared.fail(e),
+            }
+        }
+    }
+
+    /// A handle that completes when this worker starts draining.
+    pub fn drain_signal(&self) -> Drain {
+        self.drain.clone()
+    }
+
+    fn take(&mut self, headers: Vec<crate::ipc::ConnectionHeader>, fds: Vec<std::os::fd::OwnedFd>) {
+        let count = headers.len() as u64;
+        for (header, fd) in headers.into_iter().zip(fds) {
+            match Connection::new(header, fd, &self.shared) {
+                Ok(conn) => self.queue.push_back(conn),
+                Err(e) => {
+                    tracing::warn!(id = header.id, error = %e, "dropping a connection that cannot be registered");
+                    // Count it as received and finished so the master's load stays right.
+                    self.shared.active.fetch_add(1, Ordering::AcqRel);
+                    self.shared.connection_finished();
+                }
+            }
+        }
+        self.shared.received.fetch_add(count, Ordering::AcqRel);
+        self.shared.report.notify_one();
+    }
+}
+
+fn env_duration(name: &str, default: Duration) -> Duration {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(default)
+}
+
+/// Runs this process as a worker: `serve` gets the [`Incoming`] connections. When `serve`
+/// returns, or the worker drains, the runtime waits for live connections to finish (up to
+/// the master's drain timeout), sends a last report and returns.
+pub fn run<F, Fut>(serve: F) -> Result<(), WorkerError>
+where
+    F: FnOnce(Incoming) -> Fut,
+    Fut: Future<Output = Result<(), BoxError>>,
+{
+    let fd = std::env::var(ENV_FD)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or(WorkerError::NoChannel)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(WorkerError::Runtime)?;
+    runtime.block_on(async move {
+        let channel = sys::process::inherited_channel(fd).map_err(WorkerError::TakeChannel)?;
+        let channel = Channel::new(channel).map_err(WorkerError::TakeChannel)?;
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            channel,
+            received: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            report: Notify::new(),
+            idle: Notify::new(),
+            drain: drain_tx,
+            failure: Mutex::new(None),
+        });
+        let heartbeat = env_duration(ENV_HEARTBEAT_MS, Duration::from_secs(1));
+        let reporter = tokio::spawn(report(shared.clone(), heartbeat));
+        tokio::spawn(drain_on_sigterm(shared.clone()));
+
+        let incoming = Incoming {
+            shared: shared.clone(),
+            queue: VecDeque::new(),
+            buf: frame_buffer(),
+            ready_sent: false,
+            drain: Drain { rx: drain_rx },
+        };
+        let served = serve(incoming).await;
+        shared.drain.send_replace(true);
+
+        let drain_timeout = env_duration(ENV_DRAIN_MS, Duration::from_secs(30));
+        let idle = async {
+            loop {
+                let notified = shared.idle.notified();
+                if shared.active.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(drain_timeout, idle).await.is_err() {
+            tracing::warn!(
+                active = shared.active.load(Ordering::Acquire),
+                "drain timed out"
+            );
+        }
+        reporter.abort();
+        let mut bytes = Vec::with_capacity(frame::HEADER_LEN + frame::STATUS_BODY_LEN);
+        frame::encode_status(&mut bytes, shared.status());
+        let _ = shared.channel.try_send(&bytes, &[]);
+
+        served.map_err(WorkerError::Service)?;
+        let failure = shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        failure.map_or(Ok(()), |error| Err(WorkerError::Channel(error)))
+    })
+}
+
+/// Sends a status report whenever something changed, and at least every `heartbeat`.
+async fn report(shared: Arc<Shared>, heartbeat: Duration) {
+    let mut bytes = Vec::with_capacity(frame::HEADER_LEN + frame::STATUS_BODY_LEN);
+    let mut last = None;
+    loop {
+        let changed = tokio::time::timeout(heartbeat, shared.report.notified())
+            .await
+            .is_ok();
+        let status = shared.status();
+        if changed && last == Some(status) {
+            continue;
+        }
+        frame::encode_status(&mut bytes, status);
+        if let Err(e) = shared.channel.send(&bytes, &[]).await {
+            shared.fail(e.into());
+            return;
+        }
+        last = Some(status);
+    }
+}
+
+async fn drain_on_sigterm(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    if let Ok(mut sigterm) = signal(SignalKind::terminate()) {
+        sigterm.recv().await;
+        tracing::info!(pid = std::process::id(), "SIGTERM: draining");
+        shared.drain.send_replace(true);
+    }
+}
