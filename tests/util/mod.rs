@@ -1,0 +1,259 @@
+//! Shared helpers for the integration tests: start the real `handoff` binary on port 0 with
+//! a control socket, wait (bounded) for its workers, talk HTTP to it, signal it, read /proc.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+/// The longest any test waits for something that should happen in milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Polls `condition` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A running `handoff run` master, killed with its workers when dropped.
+pub struct Master {
+    child: Child,
+    pub control: PathBuf,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Master {
+    /// `handoff run --listen 127.0.0.1:0 --control TMP ARGS...`, waiting until every worker
+    /// is ready. `args` must include `--workers N`.
+    pub fn start(args: &[&str]) -> Master {
+        Self::start_with(args, |_| {})
+    }
+
+    /// Like [`Master::start`], with a hook to adjust the command (environment, rlimits).
+    pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Master {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = dir.path().join("control.sock");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").arg("--listen").arg("127.0.0.1:0").arg("--control").arg(&control);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.env("HANDOFF_LOG", "info");
+        adjust(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn handoff");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr piped");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut master = Master { child, control, addr: "127.0.0.1:1".parse().unwrap(), log, _dir: dir };
+        let workers = args
+            .windows(2)
+            .find(|w| w[0] == "--workers")
+            .map(|w| w[1].parse::<usize>().unwrap())
+            .expect("tests pass --workers");
+        let mut status = None;
+        let ready = wait_until(PATIENCE, || {
+            status = master.try_status();
+            status.as_ref().is_some_and(|s| ready_workers(s) == workers)
+        });
+        assert!(ready, "workers not ready in time; status {status:?}\nlog:\n{}", master.log());
+        let status = status.unwrap();
+        master.addr = status["listening"][0].as_str().unwrap().parse().unwrap();
+        master
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let mut stream = UnixStream::connect(&self.control).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        stream.write_all(b"status\n").ok()?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).ok()?;
+        serde_json::from_str(&reply).ok()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.try_status().unwrap_or_else(|| panic!("no status from the master; log:\n{}", self.log()))
+    }
+
+    /// Pids of the workers the master currently runs, by slot.
+    pub fn worker_pids(&self) -> Vec<Option<u32>> {
+        worker_pids(&self.status())
+    }
+
+    /// Waits until every slot has a ready worker; returns their pids.
+    pub fn wait_all_ready(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        let ok = wait_until(PATIENCE, || {
+            let status = self.status();
+            let n = status["workers"].as_array().unwrap().len();
+            pids = worker_pids(&status).into_iter().flatten().collect();
+            ready_workers(&status) == n
+        });
+        assert!(ok, "workers not ready; log:\n{}", self.log());
+        pids
+    }
+
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// Waits for the master to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
+    }
+
+    pub fn get(&self) -> Response {
+        http_get(self.addr).unwrap_or_else(|e| panic!("GET failed: {e}; log:\n{}", self.log()))
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Some(status) = self.try_status() {
+                for pid in worker_pids(&status).into_iter().flatten() {
+                    send_signal(pid, "KILL");
+                }
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn ready_workers(status: &serde_json::Value) -> usize {
+    status["workers"].as_array().map_or(0, |w| w.iter().filter(|w| w["phase"] == "ready").count())
+}
+
+pub fn worker_pids(status: &serde_json::Value) -> Vec<Option<u32>> {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().map(|p| p as u32))
+        .collect()
+}
+
+pub fn send_signal(pid: u32, signal: &str) {
+    let ok = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(ok.success(), "kill -{signal} {pid}");
+}
+
+pub fn process_exists(pid: u32) -> bool {
+    // A zombie has exited; only a process that can still run counts.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Open fds of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Resident set size of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// User + system CPU ticks a process has used.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub pid: u32,
+    pub body: String,
+}
+
+/// Parses one HTTP/1.1 response with a content-length body from `reader`.
+pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<Response> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed before a response"));
+    }
+    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("status line"))?;
+    let (mut pid, mut length) = (0, 0);
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let (name, value) = header.split_once(':').ok_or_else(|| bad("header"))?;
+        match name.to_ascii_lowercase().as_str() {
+            "x-worker-pid" => pid = value.trim().parse().map_err(|_| bad("pid"))?,
+            "content-length" => length = value.trim().parse().map_err(|_| bad("length"))?,
+            _ => {}
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok(Response { status, pid, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+/// One `GET /` on a new connection with `Connection: close`.
+pub fn http_get(addr: SocketAddr) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")?;
+    read_response(&mut BufReader::new(stream))
+}
+
+/// A keep-alive connection that has had one request answered: still open on its worker.
+pub struct Held {
+    pub stream: BufReader<TcpStream>,
+    pub pid: u32,
+}
+
+impl Held {
+    pub fn open(addr: SocketAddr) -> std::io::Result<Held> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut stream = BufReader::new(stream);
+        stream.get_mut().write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")?;
+        let response = read_response(&mut stream)?;
+        Ok(Held { stream, pid: response.pid })
+    }
+}
