@@ -22,16 +22,28 @@ pub enum Strategy {
     LeastLoaded,
     /// Two workers at random; the less loaded of the two.
     TwoChoices,
+    /// Baseline, not balancing: every worker accepts on one shared listening socket (node's
+    /// SCHED_NONE, gunicorn, puma); the kernel picks whoever it wakes.
+    KernelShared,
+    /// Baseline, not balancing: every worker accepts on its own `SO_REUSEPORT` socket; the
+    /// kernel hashes each connection's 4-tuple to one of them.
+    KernelReuseport,
 }
 
 impl Strategy {
-    /// A balancer for this strategy.
-    pub fn balancer(self) -> Box<dyn Balance> {
+    /// A balancer for this strategy; `None` for the kernel modes, where workers accept.
+    pub fn balancer(self) -> Option<Box<dyn Balance>> {
         match self {
-            Strategy::RoundRobin => Box::new(RoundRobin::default()),
-            Strategy::LeastLoaded => Box::new(LeastLoaded::default()),
-            Strategy::TwoChoices => Box::new(TwoChoices::default()),
+            Strategy::RoundRobin => Some(Box::new(RoundRobin::default())),
+            Strategy::LeastLoaded => Some(Box::new(LeastLoaded::default())),
+            Strategy::TwoChoices => Some(Box::new(TwoChoices::default())),
+            Strategy::KernelShared | Strategy::KernelReuseport => None,
         }
+    }
+
+    /// Whether workers accept for themselves (a kernel baseline) instead of the master.
+    pub fn is_kernel(self) -> bool {
+        matches!(self, Strategy::KernelShared | Strategy::KernelReuseport)
     }
 }
 

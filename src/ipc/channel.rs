@@ -146,7 +146,7 @@ fn check(received: scm::Received, buf: &[u8]) -> Result<(Frame, Vec<OwnedFd>), C
     }
     let frame = frame::decode(&buf[..received.len])?;
     let declared = match &frame {
-        Frame::Connections(entries) => entries.len(),
+        Frame::Connections(entries) | Frame::Listeners(entries) => entries.len(),
         _ => 0,
     };
     if declared != received.fds.len() {

@@ -21,6 +21,7 @@ pub const STATUS_BODY_LEN: usize = 16;
 const KIND_CONNECTIONS: u8 = 1;
 const KIND_READY: u8 = 2;
 const KIND_STATUS: u8 = 3;
+const KIND_LISTENERS: u8 = 4;
 
 /// One handed-off connection, as described next to its fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +54,9 @@ pub enum Frame {
     Ready,
     /// worker → master: acknowledgement and load report; also the heartbeat.
     Status(Status),
+    /// master → worker, only in the kernel baseline modes: listening sockets (one fd each,
+    /// `id` 0, `peer` the local address) the worker accepts on itself.
+    Listeners(Vec<ConnectionHeader>),
 }
 
 impl Frame {
@@ -62,6 +66,7 @@ impl Frame {
             Frame::Connections(_) => "connections",
             Frame::Ready => "ready",
             Frame::Status(_) => "status",
+            Frame::Listeners(_) => "listeners",
         }
     }
 }
@@ -114,18 +119,19 @@ fn header(out: &mut Vec<u8>, kind: u8, count: u16, body_len: usize) {
 }
 
 /// Writes a [`Frame::Connections`] frame for `entries` into `out` (cleared first).
-pub fn encode_connections(
-    out: &mut Vec<u8>,
-    entries: impl ExactSizeIterator<Item = ConnectionHeader>,
-) {
+pub fn encode_connections(out: &mut Vec<u8>, entries: impl ExactSizeIterator<Item = ConnectionHeader>) {
+    encode_entries(out, KIND_CONNECTIONS, entries);
+}
+
+/// Writes a [`Frame::Listeners`] frame for `entries` into `out` (cleared first).
+pub fn encode_listeners(out: &mut Vec<u8>, entries: impl ExactSizeIterator<Item = ConnectionHeader>) {
+    encode_entries(out, KIND_LISTENERS, entries);
+}
+
+fn encode_entries(out: &mut Vec<u8>, kind: u8, entries: impl ExactSizeIterator<Item = ConnectionHeader>) {
     let count = entries.len();
     debug_assert!(count <= MAX_FDS);
-    header(
-        out,
-        KIND_CONNECTIONS,
-        count as u16,
-        count * CONNECTION_ENTRY_LEN,
-    );
+    header(out, kind, count as u16, count * CONNECTION_ENTRY_LEN);
     for entry in entries {
         let mut slot = [0u8; CONNECTION_ENTRY_LEN];
         slot[0..8].copy_from_slice(&entry.id.to_le_bytes());
@@ -189,14 +195,13 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
         len: body.len(),
     };
     match kind {
-        KIND_CONNECTIONS => {
+        KIND_CONNECTIONS | KIND_LISTENERS => {
+            let name = if kind == KIND_CONNECTIONS { "connections" } else { "listeners" };
             if count == 0 || count > MAX_FDS || body.len() != count * CONNECTION_ENTRY_LEN {
-                return Err(shape("connections"));
+                return Err(shape(name));
             }
-            body.chunks_exact(CONNECTION_ENTRY_LEN)
-                .map(decode_entry)
-                .collect::<Result<Vec<_>, _>>()
-                .map(Frame::Connections)
+            let entries = body.chunks_exact(CONNECTION_ENTRY_LEN).map(decode_entry).collect::<Result<Vec<_>, _>>()?;
+            Ok(if kind == KIND_CONNECTIONS { Frame::Connections(entries) } else { Frame::Listeners(entries) })
         }
         KIND_READY if count == 0 && body.is_empty() => Ok(Frame::Ready),
         KIND_READY => Err(shape("ready")),
@@ -256,6 +261,14 @@ mod tests {
         encode_connections(&mut buf, entries.clone().into_iter());
         assert_eq!(buf.len(), HEADER_LEN + 3 * CONNECTION_ENTRY_LEN);
         assert_eq!(decode(&buf), Ok(Frame::Connections(entries)));
+    }
+
+    #[test]
+    fn listeners_round_trip() {
+        let entries = vec![entry(0, "127.0.0.1:8000")];
+        let mut buf = Vec::new();
+        encode_listeners(&mut buf, entries.clone().into_iter());
+        assert_eq!(decode(&buf), Ok(Frame::Listeners(entries)));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod accept;
 mod control;
+mod kernel;
 mod table;
 
 use std::cell::RefCell;
@@ -24,6 +25,9 @@ use crate::ipc::channel::frame_buffer;
 use crate::ipc::Channel;
 use crate::supervise::{self, Program};
 use crate::sys;
+use crate::balance::Strategy;
+use crate::sys::socket::Peer;
+use kernel::Handout;
 use table::{Flush, Lost, Process, Table};
 
 /// Why the master could not run.
@@ -65,6 +69,7 @@ pub(crate) struct Ctx {
     pub table: RefCell<Table>,
     pub program: Program,
     pub listening: Vec<String>,
+    pub handout: Handout,
 }
 
 /// Runs a master until SIGTERM or SIGINT; returns once every worker has exited.
@@ -88,26 +93,30 @@ pub fn run(config: Config, program: Program) -> Result<(), MasterError> {
     local.block_on(&runtime, master(config, program))
 }
 
-fn bind(config: &Config) -> Result<Vec<(String, OwnedFd)>, MasterError> {
+/// Binds every listen address: listening sockets, or, for `kernel-reuseport`, bound
+/// `SO_REUSEPORT` sockets that only reserve the port. Returns each one's printable address
+/// and local address.
+fn bind(config: &Config) -> Result<Vec<(String, Peer, OwnedFd)>, MasterError> {
+    let reuseport = config.strategy == Strategy::KernelReuseport;
     config
         .listen
         .iter()
         .map(|addr| {
             let bound = match addr {
-                ListenAddr::Tcp(socket) => {
-                    sys::socket::tcp_listener(*socket, config.backlog, false).and_then(|fd| {
-                        let local = sys::socket::local_addr(&fd)?
-                            .map_or(addr.to_string(), |a| a.to_string());
-                        Ok((local, fd))
-                    })
+                ListenAddr::Tcp(socket) if reuseport => sys::socket::tcp_bound(*socket, true),
+                ListenAddr::Tcp(socket) => sys::socket::tcp_listener(*socket, config.backlog, false),
+                ListenAddr::Unix(_) if reuseport => {
+                    return Err(MasterError::Config("kernel-reuseport needs TCP listen addresses".into()))
                 }
-                ListenAddr::Unix(path) => sys::socket::unix_listener(path, config.backlog)
-                    .map(|fd| (addr.to_string(), fd)),
+                ListenAddr::Unix(path) => sys::socket::unix_listener(path, config.backlog),
             };
-            bound.map_err(|source| MasterError::Bind {
-                addr: addr.clone(),
-                source,
-            })
+            let named = bound.and_then(|fd| {
+                Ok(match sys::socket::local_addr(&fd)? {
+                    Some(local) => (local.to_string(), Peer::Ip(local), fd),
+                    None => (addr.to_string(), Peer::Unix, fd),
+                })
+            });
+            named.map_err(|source| MasterError::Bind { addr: addr.clone(), source })
         })
         .collect()
 }
@@ -123,12 +132,21 @@ async fn master(config: Config, program: Program) -> Result<(), MasterError> {
         })?),
         None => None,
     };
-    let listening: Vec<String> = bound.iter().map(|(name, _)| name.clone()).collect();
+    let listening: Vec<String> = bound.iter().map(|(name, _, _)| name.clone()).collect();
+    for name in &listening {
+        tracing::info!(address = %name, "listening");
+    }
+    let (handout, accept_fds) = Handout::new(
+        config.strategy,
+        bound.into_iter().map(|(_, peer, fd)| (peer, fd)).collect(),
+        config.backlog,
+    );
     let config = Rc::new(config);
     let ctx = Rc::new(Ctx {
         table: RefCell::new(Table::new(config.clone())),
         program,
         listening,
+        handout,
     });
     tracing::info!(
         pid = std::process::id(),
@@ -137,11 +155,11 @@ async fn master(config: Config, program: Program) -> Result<(), MasterError> {
         max_pending = config.max_pending,
         "master starting"
     );
-    let mut listeners = Vec::new();
-    for (name, fd) in bound {
-        tracing::info!(address = %name, "listening");
-        listeners.push(Rc::new(sys::async_fd(fd).map_err(MasterError::Runtime)?));
-    }
+    let listeners = accept_fds
+        .into_iter()
+        .map(|fd| sys::async_fd(fd).map(Rc::new))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(MasterError::Runtime)?;
     for index in 0..config.workers {
         start_worker(&ctx, index);
     }
@@ -298,6 +316,10 @@ fn start_worker(ctx: &Rc<Ctx>, index: usize) {
             table.counters.spawned += 1;
             table.live.insert(pid);
             let mut process = Process::new(pid, spawned.channel);
+            if let Err(e) = ctx.handout.send_to(&process.channel) {
+                tracing::error!(worker = index, pid, error = %e, "sending listeners to the worker failed");
+                let _ = sys::process::signal(pid, libc::SIGKILL);
+            }
             let reader = spawn_local(read_channel(
                 ctx.clone(),
                 index,

@@ -165,7 +165,8 @@ pub(crate) struct Table {
     pub capacity: Rc<Notify>,
     /// Notified when the last live process has been reaped.
     pub all_exited: Rc<Notify>,
-    balancer: Box<dyn Balance>,
+    /// `None` in the kernel modes, where workers accept for themselves.
+    balancer: Option<Box<dyn Balance>>,
     candidates: Vec<Candidate>,
     /// Connections of lost workers, handed out again before anything new is accepted.
     retry: VecDeque<Pending>,
@@ -220,6 +221,7 @@ impl Table {
     /// re-dispatch, and some worker below its pending limit.
     pub fn can_accept(&self) -> bool {
         !self.stopping
+            && self.balancer.is_some()
             && self.retry.is_empty()
             && self
                 .slots
@@ -246,7 +248,7 @@ impl Table {
 
     fn assign(&mut self, conn: Pending) -> Result<(), Pending> {
         self.refresh_candidates();
-        let Some(index) = self.balancer.pick(&self.candidates) else {
+        let Some(index) = self.balancer.as_mut().and_then(|b| b.pick(&self.candidates)) else {
             return Err(conn);
         };
         let process = self.slots[index]
@@ -352,7 +354,7 @@ impl Table {
                 Ok(())
             }
             Frame::Status(status) => {
-                apply_status(process, status)?;
+                apply_status(process, status, self.balancer.is_none())?;
                 if was_full && process.pending() < max_pending || !self.retry.is_empty() {
                     self.redispatch();
                     self.capacity.notify_waiters();
@@ -436,8 +438,14 @@ impl Table {
     }
 }
 
-/// Checks a worker's report against what it was sent and releases acknowledged copies.
-fn apply_status(process: &mut Process, status: Status) -> Result<(), Lost> {
+/// Checks a worker's report against what it was sent and releases acknowledged copies. In
+/// the kernel modes the worker accepts itself, so its count of received connections is what
+/// it was "sent".
+fn apply_status(process: &mut Process, status: Status, worker_accepts: bool) -> Result<(), Lost> {
+    if worker_accepts && status.received_total >= process.sent {
+        process.sent = status.received_total;
+        process.assigned = status.received_total;
+    }
     if status.received_total > process.sent || status.received_total < process.received {
         return Err(Lost::Protocol(format!(
             "status says {} received; {} were sent and {} acknowledged before",
@@ -450,9 +458,10 @@ fn apply_status(process: &mut Process, status: Status) -> Result<(), Lost> {
             status.closed_total, status.received_total, process.closed
         )));
     }
+    // received <= sent, so these are exactly the oldest unacknowledged copies (none in the
+    // kernel modes). Dropping them closes the master's fds.
     let newly = (status.received_total - process.received) as usize;
-    // Dropping the copies closes the master's fds for them.
-    process.unacked.drain(..newly);
+    process.unacked.drain(..newly.min(process.unacked.len()));
     process.received = status.received_total;
     process.closed = status.closed_total;
     Ok(())

@@ -22,6 +22,19 @@ pub enum Peer {
 /// `socket(2)` + `setsockopt(SO_REUSEADDR[, SO_REUSEPORT])` + `bind(2)` + `listen(2)`: a
 /// non-blocking, close-on-exec TCP listener.
 pub fn tcp_listener(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Result<OwnedFd> {
+    let fd = tcp_bound(addr, reuseport)?;
+    listen(&fd, backlog)?;
+    Ok(fd)
+}
+
+/// `listen(2)`.
+pub fn listen(fd: &impl AsRawFd, backlog: i32) -> io::Result<()> {
+    syscall!(listen(fd.as_raw_fd(), backlog)).map(drop)
+}
+
+/// A TCP socket bound to `addr` but not listening: with `reuseport`, it reserves the port
+/// (resolving port 0) for a group of `SO_REUSEPORT` listeners without taking connections.
+pub fn tcp_bound(addr: SocketAddr, reuseport: bool) -> io::Result<OwnedFd> {
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -48,7 +61,6 @@ pub fn tcp_listener(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Resu
         &storage as *const libc::sockaddr_storage as *const libc::sockaddr,
         len
     ))?;
-    syscall!(listen(fd.as_raw_fd(), backlog))?;
     Ok(fd)
 }
 

@@ -71,11 +71,12 @@ impl Connection {
                 std::os::unix::net::UnixStream::from(fd),
             )?),
         };
-        Ok(Connection {
-            stream: Some(stream),
-            header,
-            guard: Some(ActiveGuard::new(shared.clone())),
-        })
+        Ok(Connection::accepted(header, stream, shared))
+    }
+
+    /// A connection this worker accepted itself (kernel baseline modes).
+    pub(crate) fn accepted(header: ConnectionHeader, stream: Stream, shared: &Arc<Shared>) -> Self {
+        Connection { stream: Some(stream), header, guard: Some(ActiveGuard::new(shared.clone())) }
     }
 
     /// The client's address (`Peer::Unix` on a Unix listener).

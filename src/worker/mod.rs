@@ -4,6 +4,7 @@
 //! balances on) and a heartbeat, and drains on the master's word or on SIGTERM.
 
 mod connection;
+mod own;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 pub use connection::{ActiveGuard, Connection, Stream};
+use own::OwnListeners;
 
 use crate::ipc::channel::frame_buffer;
 use crate::ipc::frame::{self, Frame, Status};
@@ -120,6 +122,7 @@ pub struct Incoming {
     queue: VecDeque<Connection>,
     buf: Vec<u8>,
     ready_sent: bool,
+    own: OwnListeners,
     drain: Drain,
 }
 
@@ -142,13 +145,25 @@ impl Incoming {
             if self.drain.is_draining() {
                 return None;
             }
+            let Incoming { shared, buf, own, drain, .. } = self;
             let received = tokio::select! {
                 biased;
-                _ = self.drain.wait() => return None,
-                received = self.shared.channel.recv_frame(&mut self.buf) => received,
+                _ = drain.wait() => return None,
+                received = shared.channel.recv_frame(buf) => received,
+                accepted = own.accept(), if !own.is_empty() => {
+                    if let Some(conn) = own.connection(accepted, shared).await {
+                        return Some(conn);
+                    }
+                    continue;
+                }
             };
             match received {
                 Ok((Frame::Connections(headers), fds)) => self.take(headers, fds),
+                Ok((Frame::Listeners(headers), fds)) => {
+                    if let Err(e) = self.own.install(headers, fds) {
+                        self.shared.fail(ChannelError::Io(e));
+                    }
+                }
                 Ok((other, _)) => self.shared.fail(ChannelError::Unexpected(other.name())),
                 Err(e) => self.shared.fail(e),
             }
@@ -225,6 +240,7 @@ where
             queue: VecDeque::new(),
             buf: frame_buffer(),
             ready_sent: false,
+            own: OwnListeners::default(),
             drain: Drain { rx: drain_rx },
         };
         let served = serve(incoming).await;
