@@ -9,9 +9,11 @@ use super::syscall;
 /// The fd number at which every worker finds its channel to the master.
 pub const CHANNEL_FD: RawFd = 3;
 
-/// Arranges for the spawned child to find `channel` at fd [`CHANNEL_FD`] (not close-on-exec)
-/// and to receive `death_signal` when the master dies (`prctl(PR_SET_PDEATHSIG)`). If the
-/// master died before the child could ask, the child exits at once.
+/// Arranges for the spawned child to find `channel` at fd [`CHANNEL_FD`] (not close-on-exec),
+/// to inherit no other fd above it (`close_range(2)`: whatever the master's own parent
+/// leaked stays out of the workers), and to receive `death_signal` when the master dies
+/// (`prctl(PR_SET_PDEATHSIG)`). If the master died before the child could ask, the child
+/// exits at once.
 pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, death_signal: i32) {
     let channel = channel.as_raw_fd();
     let master = std::process::id() as libc::pid_t;
@@ -23,6 +25,13 @@ pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, deat
             // dup2 clears FD_CLOEXEC on the new fd; the original stays close-on-exec.
             syscall!(dup2(channel, CHANNEL_FD))?;
         }
+        // ENOSYS on kernels before 5.9: the stray fds stay, nothing else changes.
+        let _ = syscall!(syscall(
+            libc::SYS_close_range,
+            CHANNEL_FD as libc::c_uint + 1,
+            libc::c_uint::MAX,
+            0
+        ));
         syscall!(prctl(
             libc::PR_SET_PDEATHSIG,
             death_signal as libc::c_ulong,
@@ -38,7 +47,8 @@ pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, deat
         Ok(())
     };
     // SAFETY: the hook runs between fork and exec and calls only async-signal-safe functions
-    // (fcntl, dup2, prctl, getppid, _exit); it allocates nothing and takes no locks.
+    // (fcntl, dup2, close_range, prctl, getppid, _exit); it allocates nothing and takes no
+    // locks. Closing fds above 3 in the child cannot affect the master's own fds.
     unsafe {
         cmd.pre_exec(hook);
     }

@@ -287,9 +287,7 @@ mod tests {
 
     #[test]
     fn ipv6_listener_round_trips_the_peer() {
-        let Ok(fd) = tcp_listener("[::1]:0".parse().unwrap(), 16, false) else {
-            return; // no IPv6 loopback on this machine
-        };
+        let fd = tcp_listener("[::1]:0".parse().unwrap(), 16, false).unwrap();
         let addr = local_addr(&fd).unwrap().unwrap();
         let client = std::net::TcpStream::connect(addr).unwrap();
         let (_conn, peer) = accept(&fd).unwrap();

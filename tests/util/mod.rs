@@ -46,11 +46,39 @@ impl Master {
 
     /// Like [`Master::start`], with a hook to adjust the command (environment, rlimits).
     pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Master {
+        let master = Self::launch(args, adjust);
+        let workers = args
+            .windows(2)
+            .find(|w| w[0] == "--workers")
+            .map(|w| w[1].parse::<usize>().unwrap())
+            .expect("tests pass --workers");
+        let mut status = None;
+        let ready = wait_until(PATIENCE, || {
+            status = master.try_status();
+            status.as_ref().is_some_and(|s| ready_workers(s) == workers)
+        });
+        assert!(
+            ready,
+            "workers not ready in time; status {status:?}\nlog:\n{}",
+            master.log()
+        );
+        master
+    }
+
+    /// Starts the master and waits only for its control socket, not for workers.
+    pub fn launch(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Master {
         let dir = tempfile::tempdir().expect("tempdir");
         let control = dir.path().join("control.sock");
         let mut cmd = Command::new(BIN);
-        cmd.arg("run").arg("--listen").arg("127.0.0.1:0").arg("--control").arg(&control);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.arg("run")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--control")
+            .arg(&control);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         cmd.env("HANDOFF_LOG", "info");
         adjust(&mut cmd);
         let mut child = cmd.spawn().expect("spawn handoff");
@@ -64,20 +92,24 @@ impl Master {
                 log.push('\n');
             }
         });
-        let mut master = Master { child, control, addr: "127.0.0.1:1".parse().unwrap(), log, _dir: dir };
-        let workers = args
-            .windows(2)
-            .find(|w| w[0] == "--workers")
-            .map(|w| w[1].parse::<usize>().unwrap())
-            .expect("tests pass --workers");
+        let mut master = Master {
+            child,
+            control,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            log,
+            _dir: dir,
+        };
         let mut status = None;
-        let ready = wait_until(PATIENCE, || {
+        let up = wait_until(PATIENCE, || {
             status = master.try_status();
-            status.as_ref().is_some_and(|s| ready_workers(s) == workers)
+            status.is_some()
         });
-        assert!(ready, "workers not ready in time; status {status:?}\nlog:\n{}", master.log());
-        let status = status.unwrap();
-        master.addr = status["listening"][0].as_str().unwrap().parse().unwrap();
+        assert!(up, "no control socket in time; log:\n{}", master.log());
+        master.addr = status.unwrap()["listening"][0]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         master
     }
 
@@ -99,7 +131,8 @@ impl Master {
     }
 
     pub fn status(&self) -> serde_json::Value {
-        self.try_status().unwrap_or_else(|| panic!("no status from the master; log:\n{}", self.log()))
+        self.try_status()
+            .unwrap_or_else(|| panic!("no status from the master; log:\n{}", self.log()))
     }
 
     /// Pids of the workers the master currently runs, by slot.
@@ -154,7 +187,9 @@ impl Drop for Master {
 }
 
 pub fn ready_workers(status: &serde_json::Value) -> usize {
-    status["workers"].as_array().map_or(0, |w| w.iter().filter(|w| w["phase"] == "ready").count())
+    status["workers"]
+        .as_array()
+        .map_or(0, |w| w.iter().filter(|w| w["phase"] == "ready").count())
 }
 
 pub fn worker_pids(status: &serde_json::Value) -> Vec<Option<u32>> {
@@ -167,21 +202,32 @@ pub fn worker_pids(status: &serde_json::Value) -> Vec<Option<u32>> {
 }
 
 pub fn send_signal(pid: u32, signal: &str) {
-    let ok = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(ok.success(), "kill -{signal} {pid}");
 }
 
 pub fn process_exists(pid: u32) -> bool {
     // A zombie has exited; only a process that can still run counts.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
 
 /// Open fds of a process.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Resident set size of a process in KiB.
@@ -194,7 +240,12 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// User + system CPU ticks a process has used.
 pub fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
@@ -210,9 +261,16 @@ pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<Response> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed before a response"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed before a response",
+        ));
     }
-    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("status line"))?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("status line"))?;
     let (mut pid, mut length) = (0, 0);
     loop {
         line.clear();
@@ -230,7 +288,11 @@ pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<Response> {
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;
-    Ok(Response { status, pid, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(Response {
+        status,
+        pid,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// One `GET /` on a new connection with `Connection: close`.
@@ -252,8 +314,13 @@ impl Held {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut stream = BufReader::new(stream);
-        stream.get_mut().write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")?;
+        stream
+            .get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")?;
         let response = read_response(&mut stream)?;
-        Ok(Held { stream, pid: response.pid })
+        Ok(Held {
+            stream,
+            pid: response.pid,
+        })
     }
 }
