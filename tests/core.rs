@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use util::{
-    cpu_ticks, fd_count, http_get, process_exists, read_response, rss_kib, send_signal, wait_until, Held, Master,
-    PATIENCE,
+    cpu_ticks, fd_count, http_get, process_exists, read_response, rss_kib, send_signal, wait_until,
+    Held, Master, PATIENCE,
 };
 
 fn shares(pids: impl IntoIterator<Item = u32>) -> HashMap<u32, usize> {
@@ -28,11 +28,13 @@ fn shares(pids: impl IntoIterator<Item = u32>) -> HashMap<u32, usize> {
 fn send_request(master: &Master) -> BufReader<TcpStream> {
     let mut stream = TcpStream::connect_timeout(&master.addr, Duration::from_secs(10)).unwrap();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        .unwrap();
     BufReader::new(stream)
 }
 
-fn slot<'a>(status: &'a serde_json::Value, index: usize) -> &'a serde_json::Value {
+fn slot(status: &serde_json::Value, index: usize) -> &serde_json::Value {
     &status["workers"][index]
 }
 
@@ -52,20 +54,32 @@ fn least_loaded_steers_new_connections_away_from_a_worker_holding_many() {
     let master = Master::start(&["--workers", "2", "--strategy", "least-loaded"]);
     let held: Vec<Held> = (0..10).map(|_| Held::open(master.addr).unwrap()).collect();
     let counts = shares(held.iter().map(|h| h.pid));
-    assert_eq!(counts.values().copied().collect::<Vec<_>>(), [5, 5], "ties rotate: {counts:?}");
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [5, 5],
+        "ties rotate: {counts:?}"
+    );
 
     // Close everything on one worker: it is now idle while the other still holds 5.
     let idle = held[0].pid;
     let (closed, busy): (Vec<Held>, Vec<Held>) = held.into_iter().partition(|h| h.pid == idle);
     drop(closed);
-    let idle_slot = master.worker_pids().iter().position(|p| *p == Some(idle)).unwrap();
+    let idle_slot = master
+        .worker_pids()
+        .iter()
+        .position(|p| *p == Some(idle))
+        .unwrap();
     assert!(
-        wait_until(PATIENCE, || slot(&master.status(), idle_slot)["active"] == 0),
+        wait_until(PATIENCE, || slot(&master.status(), idle_slot)["active"]
+            == 0),
         "the idle worker's closes never reached the master: {}",
         master.status()
     );
     let new: Vec<Held> = (0..5).map(|_| Held::open(master.addr).unwrap()).collect();
-    assert!(new.iter().all(|h| h.pid == idle), "all 5 new connections go to the idle worker");
+    assert!(
+        new.iter().all(|h| h.pid == idle),
+        "all 5 new connections go to the idle worker"
+    );
     drop(busy);
 }
 
@@ -74,10 +88,19 @@ fn two_choices_spreads_1000_connections_within_max_over_min_1_5() {
     let master = Master::start(&["--workers", "4", "--strategy", "two-choices"]);
     let addr = master.addr;
     let clients: Vec<_> = (0..4)
-        .map(|_| std::thread::spawn(move || (0..250).map(|_| http_get(addr).unwrap().pid).collect::<Vec<_>>()))
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..250)
+                    .map(|_| http_get(addr).unwrap().pid)
+                    .collect::<Vec<_>>()
+            })
+        })
         .collect();
     let counts = shares(clients.into_iter().flat_map(|c| c.join().unwrap()));
-    let (min, max) = (*counts.values().min().unwrap(), *counts.values().max().unwrap());
+    let (min, max) = (
+        *counts.values().min().unwrap(),
+        *counts.values().max().unwrap(),
+    );
     assert_eq!(counts.len(), 4, "{counts:?}");
     assert!(max as f64 / min as f64 <= 1.5, "{counts:?}");
 }
@@ -108,8 +131,14 @@ fn a_killed_worker_s_pending_connections_are_served_by_others_and_it_is_respawne
         master.status()
     );
     let status = master.status();
-    assert!(status["counters"]["redispatched"].as_u64().unwrap() >= 3, "{status}");
-    assert!(master.log().contains("worker killed by signal"), "the exit is logged");
+    assert!(
+        status["counters"]["redispatched"].as_u64().unwrap() >= 3,
+        "{status}"
+    );
+    assert!(
+        master.log().contains("worker killed by signal"),
+        "the exit is logged"
+    );
 }
 
 fn fd_flags(pid: u32, fd: &str) -> Option<u32> {
@@ -129,7 +158,11 @@ fn received_fds_are_close_on_exec_and_the_master_s_fd_count_returns_to_baseline(
             continue;
         }
         if let Some(flags) = fd_flags(held.pid, &name) {
-            assert_ne!(flags & libc::O_CLOEXEC as u32, 0, "worker fd {name} is not close-on-exec");
+            assert_ne!(
+                flags & libc::O_CLOEXEC as u32,
+                0,
+                "worker fd {name} is not close-on-exec"
+            );
             checked += 1;
         }
     }
@@ -152,7 +185,14 @@ fn received_fds_are_close_on_exec_and_the_master_s_fd_count_returns_to_baseline(
 
 #[test]
 fn with_every_worker_stalled_the_master_stops_at_the_pending_cap_and_resumes() {
-    let master = Master::start(&["--workers", "2", "--strategy", "round-robin", "--max-pending", "8"]);
+    let master = Master::start(&[
+        "--workers",
+        "2",
+        "--strategy",
+        "round-robin",
+        "--max-pending",
+        "8",
+    ]);
     let pids: Vec<u32> = master.worker_pids().into_iter().flatten().collect();
     pids.iter().for_each(|&pid| send_signal(pid, "STOP"));
     let rss_before = rss_kib(master.pid());
@@ -163,11 +203,22 @@ fn with_every_worker_stalled_the_master_stops_at_the_pending_cap_and_resumes() {
         master.status()
     );
     let status = master.status();
-    assert_eq!(status["counters"]["accepted"], 16, "2 workers x 8 pending, the rest stays in the backlog: {status}");
-    assert!(rss_kib(master.pid()) < rss_before + 16 * 1024, "master memory grew");
+    assert_eq!(
+        status["counters"]["accepted"], 16,
+        "2 workers x 8 pending, the rest stays in the backlog: {status}"
+    );
+    assert!(
+        rss_kib(master.pid()) < rss_before + 16 * 1024,
+        "master memory grew"
+    );
     pids.iter().for_each(|&pid| send_signal(pid, "CONT"));
     for mut stream in waiting {
-        assert_eq!(read_response(&mut stream).expect("served after recovery").status, 200);
+        assert_eq!(
+            read_response(&mut stream)
+                .expect("served after recovery")
+                .status,
+            200
+        );
     }
     assert_eq!(master.status()["counters"]["accepted"], 200);
 }
@@ -186,21 +237,39 @@ fn fd_exhaustion_in_the_master_pauses_accepting_without_spinning_and_recovers() 
     assert!(prlimit.success());
     let waiting: Vec<_> = (0..40).map(|_| send_request(&master)).collect();
     assert!(
-        wait_until(PATIENCE, || master.log().matches("out of resources").count() >= 5),
+        wait_until(PATIENCE, || master
+            .log()
+            .matches("out of resources")
+            .count()
+            >= 5),
         "EMFILE should be hit and logged: {}",
         master.log()
     );
     // Five pauses (5+10+20+40+80 ms at least) later, a spinning loop would have burnt them all.
     let ticks = cpu_ticks(master.pid());
     let seen = master.log().matches("out of resources").count();
-    assert!(wait_until(PATIENCE, || master.log().matches("out of resources").count() >= seen + 3));
+    assert!(wait_until(PATIENCE, || master
+        .log()
+        .matches("out of resources")
+        .count()
+        >= seen + 3));
     let burnt = cpu_ticks(master.pid()) - ticks;
     assert!(burnt <= 10, "master burnt {burnt} ticks while out of fds");
     send_signal(worker, "CONT");
     for mut stream in waiting {
-        assert_eq!(read_response(&mut stream).expect("served once fds free up").status, 200);
+        assert_eq!(
+            read_response(&mut stream)
+                .expect("served once fds free up")
+                .status,
+            200
+        );
     }
-    assert!(master.status()["counters"]["accept_errors"].as_u64().unwrap() >= 5);
+    assert!(
+        master.status()["counters"]["accept_errors"]
+            .as_u64()
+            .unwrap()
+            >= 5
+    );
 }
 
 #[test]
@@ -226,12 +295,21 @@ fn sigterm_under_load_finishes_in_flight_requests_and_exits_cleanly_with_no_orph
         })
         .collect();
     let mut in_flight = send_request(&master);
-    assert!(wait_until(PATIENCE, || master.status()["counters"]["accepted"].as_u64().unwrap() >= 4));
+    assert!(wait_until(PATIENCE, || master.status()["counters"]
+        ["accepted"]
+        .as_u64()
+        .unwrap()
+        >= 4));
     master.signal("TERM");
-    let response = read_response(&mut in_flight).expect("an in-flight request is finished, not cut");
+    let response =
+        read_response(&mut in_flight).expect("an in-flight request is finished, not cut");
     assert_eq!(response.status, 200);
     let status = master.wait_exit(PATIENCE).expect("master exits");
-    assert!(status.success(), "exit status {status:?}; log:\n{}", master.log());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        master.log()
+    );
     let answered: usize = load.into_iter().map(|t| t.join().unwrap()).sum();
     assert!(answered > 0);
     for pid in workers {
@@ -248,10 +326,19 @@ fn a_unix_listener_and_an_ipv6_listener_serve_beside_tcp() {
     let master = Master::start(&["--workers", "2", "--listen", &unix, "--listen", "[::1]:0"]);
     let mut stream = UnixStream::connect(&path).unwrap();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        .unwrap();
     let response = read_response(&mut BufReader::new(stream)).unwrap();
-    assert_eq!((response.status, response.body.as_str()), (200, "hola, mundo\n"));
-    let v6 = master.status()["listening"][2].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "hola, mundo\n")
+    );
+    let v6 = master.status()["listening"][2]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(http_get(v6).unwrap().status, 200);
 }
 
@@ -259,12 +346,20 @@ fn a_unix_listener_and_an_ipv6_listener_serve_beside_tcp() {
 fn a_worker_command_that_exits_at_once_backs_off_and_the_master_stays_up() {
     let master = Master::launch(&["--workers", "1", "--", "sh", "-c", "exit 3"], |_| {});
     assert!(
-        wait_until(PATIENCE, || master.status()["workers"][0]["failures"].as_u64().unwrap() >= 4),
+        wait_until(PATIENCE, || master.status()["workers"][0]["failures"]
+            .as_u64()
+            .unwrap()
+            >= 4),
         "{}",
         master.log()
     );
     let log = master.log();
-    for delay in ["next_start_ms=100", "next_start_ms=200", "next_start_ms=400", "next_start_ms=800"] {
+    for delay in [
+        "next_start_ms=100",
+        "next_start_ms=200",
+        "next_start_ms=400",
+        "next_start_ms=800",
+    ] {
         assert!(log.contains(delay), "backoff {delay} missing:\n{log}");
     }
     assert!(log.contains("code=3"), "exit codes are logged");
@@ -273,7 +368,13 @@ fn a_worker_command_that_exits_at_once_backs_off_and_the_master_stays_up() {
 
 #[test]
 fn wrong_flags_and_unbindable_addresses_get_clear_errors() {
-    let run = |args: &[&str]| Command::new(util::BIN).arg("run").args(args).output().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(util::BIN)
+            .arg("run")
+            .args(args)
+            .output()
+            .unwrap()
+    };
     let out = run(&["--listen", "localhost"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid listen address \"localhost\""));
@@ -287,7 +388,10 @@ fn wrong_flags_and_unbindable_addresses_get_clear_errors() {
     let out = run(&["--workers", "1", "--listen", &addr]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains(&format!("binding {addr} failed")) && stderr.contains("in use"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("binding {addr} failed")) && stderr.contains("in use"),
+        "{stderr}"
+    );
 
     let out = run(&["--heavy", "150:10"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not within 0..=100"));

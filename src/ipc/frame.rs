@@ -119,16 +119,26 @@ fn header(out: &mut Vec<u8>, kind: u8, count: u16, body_len: usize) {
 }
 
 /// Writes a [`Frame::Connections`] frame for `entries` into `out` (cleared first).
-pub fn encode_connections(out: &mut Vec<u8>, entries: impl ExactSizeIterator<Item = ConnectionHeader>) {
+pub fn encode_connections(
+    out: &mut Vec<u8>,
+    entries: impl ExactSizeIterator<Item = ConnectionHeader>,
+) {
     encode_entries(out, KIND_CONNECTIONS, entries);
 }
 
 /// Writes a [`Frame::Listeners`] frame for `entries` into `out` (cleared first).
-pub fn encode_listeners(out: &mut Vec<u8>, entries: impl ExactSizeIterator<Item = ConnectionHeader>) {
+pub fn encode_listeners(
+    out: &mut Vec<u8>,
+    entries: impl ExactSizeIterator<Item = ConnectionHeader>,
+) {
     encode_entries(out, KIND_LISTENERS, entries);
 }
 
-fn encode_entries(out: &mut Vec<u8>, kind: u8, entries: impl ExactSizeIterator<Item = ConnectionHeader>) {
+fn encode_entries(
+    out: &mut Vec<u8>,
+    kind: u8,
+    entries: impl ExactSizeIterator<Item = ConnectionHeader>,
+) {
     let count = entries.len();
     debug_assert!(count <= MAX_FDS);
     header(out, kind, count as u16, count * CONNECTION_ENTRY_LEN);
@@ -196,12 +206,23 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
     };
     match kind {
         KIND_CONNECTIONS | KIND_LISTENERS => {
-            let name = if kind == KIND_CONNECTIONS { "connections" } else { "listeners" };
+            let name = if kind == KIND_CONNECTIONS {
+                "connections"
+            } else {
+                "listeners"
+            };
             if count == 0 || count > MAX_FDS || body.len() != count * CONNECTION_ENTRY_LEN {
                 return Err(shape(name));
             }
-            let entries = body.chunks_exact(CONNECTION_ENTRY_LEN).map(decode_entry).collect::<Result<Vec<_>, _>>()?;
-            Ok(if kind == KIND_CONNECTIONS { Frame::Connections(entries) } else { Frame::Listeners(entries) })
+            let entries = body
+                .chunks_exact(CONNECTION_ENTRY_LEN)
+                .map(decode_entry)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(if kind == KIND_CONNECTIONS {
+                Frame::Connections(entries)
+            } else {
+                Frame::Listeners(entries)
+            })
         }
         KIND_READY if count == 0 && body.is_empty() => Ok(Frame::Ready),
         KIND_READY => Err(shape("ready")),

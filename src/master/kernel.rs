@@ -25,18 +25,34 @@ pub(crate) enum Handout {
     Shared(Vec<(ConnectionHeader, OwnedFd)>),
     /// Every worker gets its own `SO_REUSEPORT` listener on each address; the master's
     /// bound, non-listening sockets keep the ports reserved.
-    Reuseport { addrs: Vec<(ConnectionHeader, SocketAddr)>, backlog: i32, _reserved: Vec<OwnedFd> },
+    Reuseport {
+        addrs: Vec<(ConnectionHeader, SocketAddr)>,
+        backlog: i32,
+        _reserved: Vec<OwnedFd>,
+    },
 }
 
 impl Handout {
     /// Splits bound sockets by strategy; returns the listeners the master accepts on itself.
     /// In `kernel-reuseport` mode the sockets must be bound with `SO_REUSEPORT` and not
     /// listening (see `master::bind`).
-    pub fn new(strategy: Strategy, bound: Vec<(Peer, OwnedFd)>, backlog: i32) -> (Self, Vec<OwnedFd>) {
-        let entry = |index: usize, peer: Peer| ConnectionHeader { id: 0, listener: index as u16, peer };
+    pub fn new(
+        strategy: Strategy,
+        bound: Vec<(Peer, OwnedFd)>,
+        backlog: i32,
+    ) -> (Self, Vec<OwnedFd>) {
+        let entry = |index: usize, peer: Peer| ConnectionHeader {
+            id: 0,
+            listener: index as u16,
+            peer,
+        };
         match strategy {
             Strategy::KernelShared => {
-                let shared = bound.into_iter().enumerate().map(|(i, (peer, fd))| (entry(i, peer), fd)).collect();
+                let shared = bound
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (peer, fd))| (entry(i, peer), fd))
+                    .collect();
                 (Handout::Shared(shared), Vec::new())
             }
             Strategy::KernelReuseport => {
@@ -49,9 +65,19 @@ impl Handout {
                     })
                     .collect();
                 let reserved = bound.into_iter().map(|(_, fd)| fd).collect();
-                (Handout::Reuseport { addrs, backlog, _reserved: reserved }, Vec::new())
+                (
+                    Handout::Reuseport {
+                        addrs,
+                        backlog,
+                        _reserved: reserved,
+                    },
+                    Vec::new(),
+                )
             }
-            _ => (Handout::Master, bound.into_iter().map(|(_, fd)| fd).collect()),
+            _ => (
+                Handout::Master,
+                bound.into_iter().map(|(_, fd)| fd).collect(),
+            ),
         }
     }
 

@@ -20,12 +20,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::{spawn_local, JoinHandle};
 
+use crate::balance::Strategy;
 use crate::config::{Config, ListenAddr};
 use crate::ipc::channel::frame_buffer;
 use crate::ipc::Channel;
 use crate::supervise::{self, Program};
 use crate::sys;
-use crate::balance::Strategy;
 use crate::sys::socket::Peer;
 use kernel::Handout;
 use table::{Flush, Lost, Process, Table};
@@ -104,9 +104,13 @@ fn bind(config: &Config) -> Result<Vec<(String, Peer, OwnedFd)>, MasterError> {
         .map(|addr| {
             let bound = match addr {
                 ListenAddr::Tcp(socket) if reuseport => sys::socket::tcp_bound(*socket, true),
-                ListenAddr::Tcp(socket) => sys::socket::tcp_listener(*socket, config.backlog, false),
+                ListenAddr::Tcp(socket) => {
+                    sys::socket::tcp_listener(*socket, config.backlog, false)
+                }
                 ListenAddr::Unix(_) if reuseport => {
-                    return Err(MasterError::Config("kernel-reuseport needs TCP listen addresses".into()))
+                    return Err(MasterError::Config(
+                        "kernel-reuseport needs TCP listen addresses".into(),
+                    ))
                 }
                 ListenAddr::Unix(path) => sys::socket::unix_listener(path, config.backlog),
             };
@@ -116,7 +120,10 @@ fn bind(config: &Config) -> Result<Vec<(String, Peer, OwnedFd)>, MasterError> {
                     None => (addr.to_string(), Peer::Unix, fd),
                 })
             });
-            named.map_err(|source| MasterError::Bind { addr: addr.clone(), source })
+            named.map_err(|source| MasterError::Bind {
+                addr: addr.clone(),
+                source,
+            })
         })
         .collect()
 }

@@ -248,7 +248,11 @@ impl Table {
 
     fn assign(&mut self, conn: Pending) -> Result<(), Pending> {
         self.refresh_candidates();
-        let Some(index) = self.balancer.as_mut().and_then(|b| b.pick(&self.candidates)) else {
+        let Some(index) = self
+            .balancer
+            .as_mut()
+            .and_then(|b| b.pick(&self.candidates))
+        else {
             return Err(conn);
         };
         let process = self.slots[index]

@@ -112,3 +112,13 @@ pub fn inherited_channel(fd: RawFd) -> io::Result<OwnedFd> {
     super::socket::set_nonblocking(&owned, true)?;
     Ok(owned)
 }
+
+/// CPU time the calling thread has used (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`): what a
+/// benchmark charges to the master's one thread, excluding time spent blocked.
+pub fn thread_cpu_time() -> std::time::Duration {
+    // SAFETY: an all-zero timespec is valid and clock_gettime fills it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a live, writable timespec.
+    let _ = syscall!(clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts));
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}

@@ -76,7 +76,11 @@ impl Connection {
 
     /// A connection this worker accepted itself (kernel baseline modes).
     pub(crate) fn accepted(header: ConnectionHeader, stream: Stream, shared: &Arc<Shared>) -> Self {
-        Connection { stream: Some(stream), header, guard: Some(ActiveGuard::new(shared.clone())) }
+        Connection {
+            stream: Some(stream),
+            header,
+            guard: Some(ActiveGuard::new(shared.clone())),
+        }
     }
 
     /// The client's address (`Peer::Unix` on a Unix listener).

@@ -145,7 +145,13 @@ impl Incoming {
             if self.drain.is_draining() {
                 return None;
             }
-            let Incoming { shared, buf, own, drain, .. } = self;
+            let Incoming {
+                shared,
+                buf,
+                own,
+                drain,
+                ..
+            } = self;
             let received = tokio::select! {
                 biased;
                 _ = drain.wait() => return None,

@@ -40,8 +40,12 @@ impl OwnListeners {
         for (header, fd) in headers.into_iter().zip(fds) {
             sys::socket::set_nonblocking(&fd, true)?;
             let listener = match header.peer {
-                Peer::Ip(_) => Listener::Tcp(TcpListener::from_std(std::net::TcpListener::from(fd))?),
-                Peer::Unix => Listener::Unix(UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))?),
+                Peer::Ip(_) => {
+                    Listener::Tcp(TcpListener::from_std(std::net::TcpListener::from(fd))?)
+                }
+                Peer::Unix => Listener::Unix(UnixListener::from_std(
+                    std::os::unix::net::UnixListener::from(fd),
+                )?),
             };
             self.listeners.push((header.listener, listener));
         }
@@ -53,8 +57,12 @@ impl OwnListeners {
         poll_fn(|cx| {
             for (index, listener) in &self.listeners {
                 let polled = match listener {
-                    Listener::Tcp(l) => l.poll_accept(cx).map_ok(|(s, a)| (Stream::Tcp(s), Peer::Ip(a))),
-                    Listener::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| (Stream::Unix(s), Peer::Unix)),
+                    Listener::Tcp(l) => l
+                        .poll_accept(cx)
+                        .map_ok(|(s, a)| (Stream::Tcp(s), Peer::Ip(a))),
+                    Listener::Unix(l) => l
+                        .poll_accept(cx)
+                        .map_ok(|(s, _)| (Stream::Unix(s), Peer::Unix)),
                 };
                 if let Poll::Ready(result) = polled {
                     return Poll::Ready((*index, result));
@@ -75,7 +83,11 @@ impl OwnListeners {
         match accepted {
             Ok((stream, peer)) => {
                 self.accepted += 1;
-                let header = ConnectionHeader { id: self.accepted, listener, peer };
+                let header = ConnectionHeader {
+                    id: self.accepted,
+                    listener,
+                    peer,
+                };
                 let conn = Connection::accepted(header, stream, shared);
                 shared.received.fetch_add(1, Ordering::AcqRel);
                 shared.report.notify_one();
@@ -83,7 +95,10 @@ impl OwnListeners {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
-                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 None
