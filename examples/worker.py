@@ -1,0 +1,528 @@
+#!/usr/bin/env python3
+"""A handoff worker in plain Python 3.11 (standard library only).
+
+Run with:
+
+    cargo run -- run --workers 2 -- python3 examples/worker.py
+    curl -i http://127.0.0.1:8000/
+
+The master accepts every TCP connection and hands its file descriptor to one worker over a
+Unix SOCK_SEQPACKET socket (SCM_RIGHTS). This file is a reference for writing workers in
+other languages: it speaks the whole protocol of docs/protocol.md and checks everything the
+master sends. Read it top to bottom:
+
+  1. find the channel (fd 3) and the settings in the environment;
+  2. send READY once initialised;
+  3. receive CONNECTIONS frames, take ownership of their fds, acknowledge each batch with a
+     STATUS frame (in the kernel baseline modes a LISTENERS frame comes instead, once, and
+     the worker accepts on those sockets itself);
+  4. serve each connection on its own thread (HTTP/1.1 "hola, mundo", like the embedded
+     demo) and send STATUS when one finishes;
+  5. send STATUS at least every HANDOFF_HEARTBEAT_MS;
+  6. on EOF on the channel or SIGTERM: take no more, let the connections finish (at most
+     HANDOFF_DRAIN_TIMEOUT_MS), send a last STATUS and exit 0.
+
+If the master breaks the protocol the worker says so on stderr and exits with status 2.
+"""
+
+import array
+import errno
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+# --- The wire format (docs/protocol.md) -----------------------------------------------------
+
+VERSION = 1
+KIND_CONNECTIONS = 1  # master -> worker: n connections, n fds attached
+KIND_READY = 2  # worker -> master: initialised, send connections
+KIND_STATUS = 3  # worker -> master: acknowledgement, load report, heartbeat
+KIND_LISTENERS = 4  # master -> worker, kernel baseline modes only: n listening sockets
+
+# version u8, kind u8, count u16, body_len u32; all little-endian.
+HEADER = struct.Struct("<BBHI")
+# id u64, listener u16, family u8, reserved u8, port u16, reserved u16, address 16 bytes.
+ENTRY = struct.Struct("<QHBBHH16s")
+# received_total u64, closed_total u64.
+STATUS = struct.Struct("<QQ")
+
+MAX_FDS = 253  # SCM_MAX_FD: the most fds one message can carry
+MAX_FRAME_LEN = HEADER.size + MAX_FDS * ENTRY.size
+FD_SIZE = array.array("i").itemsize  # a C int
+
+FAMILY_UNIX, FAMILY_IPV4, FAMILY_IPV6 = 0, 4, 6
+
+# --- The demo service -----------------------------------------------------------------------
+
+BODY = b"hola, mundo\n"
+MAX_HEAD = 64 * 1024  # request line + headers
+IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may wait for its next request
+IO_TIMEOUT = 30.0  # seconds a read or write may stall in the middle of a request
+
+PID = os.getpid()
+
+
+class ProtocolError(Exception):
+    """The master sent something the protocol does not allow."""
+
+
+def log(message):
+    slot = os.environ.get("HANDOFF_WORKER", "?")
+    print(f"worker.py[{PID}] slot {slot}: {message}", file=sys.stderr, flush=True)
+
+
+def env_ms(name, default_ms):
+    """A millisecond setting from the environment, in seconds."""
+    try:
+        return int(os.environ[name]) / 1000
+    except (KeyError, ValueError):
+        return default_ms / 1000
+
+
+# --- Drain: one pipe that becomes readable forever ------------------------------------------
+
+
+class Drain:
+    """The worker's "stop taking work" signal, usable from a signal handler.
+
+    Draining starts when the master closes the channel, on SIGTERM, or when the master is
+    gone. It is a pipe with one byte written into it and never read: every thread can poll()
+    it next to its own socket, and writing it takes no lock (so a signal handler may do it).
+    """
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.started = False
+        self.reason = None
+
+    def start(self, reason):
+        if self.reason is None:
+            self.reason = reason
+        self.started = True  # plain assignments: safe in a signal handler
+        try:
+            os.write(self.write_fd, b"!")
+        except BlockingIOError:
+            pass  # already full of "!": already draining
+
+
+# --- The channel: frames, acknowledgements and load reports ---------------------------------
+
+
+class Channel:
+    """The worker's end of the channel, and the two counters it reports.
+
+    One lock covers the counters and every send, so reports leave in the order they were
+    taken and neither total ever goes down (the master kills a worker whose totals shrink).
+    """
+
+    def __init__(self, sock, drain):
+        self.sock = sock
+        self.drain = drain
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)  # notified when `active` drops to 0
+        self.received_total = 0  # connections taken from the channel
+        self.closed_total = 0  # connections finished
+        self.active = 0  # received_total - closed_total
+
+    def _send(self, frame):
+        """Sends one frame (one datagram) with no fds. Call with the lock held."""
+        try:
+            sent = self.sock.send(frame)
+        except OSError as e:  # EPIPE, ECONNRESET: the master is gone
+            self.drain.start(f"sending to the master failed ({e})")
+            return
+        if sent != len(frame):  # SOCK_SEQPACKET sends a datagram whole or not at all
+            raise RuntimeError(f"short send on the channel: {sent} of {len(frame)} bytes")
+
+    def send_ready(self):
+        with self.lock:
+            self._send(HEADER.pack(VERSION, KIND_READY, 0, 0))
+
+    def send_status(self):
+        """The acknowledgement, the load report and the heartbeat are all this frame."""
+        with self.lock:
+            self._send(self._status_frame())
+
+    def _status_frame(self):
+        body = STATUS.pack(self.received_total, self.closed_total)
+        return HEADER.pack(VERSION, KIND_STATUS, 0, len(body)) + body
+
+    def received(self, count):
+        """Counts a batch as ours and acknowledges it: the master then closes its copies."""
+        with self.lock:
+            self.received_total += count
+            self.active += count
+            self._send(self._status_frame())
+
+    def finished(self):
+        """Counts one connection finished and reports it (the master balances on this)."""
+        with self.lock:
+            self.closed_total += 1
+            self.active -= 1
+            if self.active == 0:
+                self.idle.notify_all()
+            self._send(self._status_frame())
+
+    def wait_idle(self, timeout):
+        """Waits until no connection is active; False if `timeout` seconds passed first."""
+        with self.lock:
+            return self.idle.wait_for(lambda: self.active == 0, timeout)
+
+    def recv_frame(self):
+        """Receives one frame from the master and checks it.
+
+        Returns None at the end of the channel (the master's word to drain), otherwise
+        (kind, body, fds) of a CONNECTIONS or LISTENERS frame. Every fd that arrived is
+        closed before a ProtocolError leaves, so none leaks.
+        """
+        ancillary_room = socket.CMSG_SPACE(MAX_FDS * FD_SIZE)
+        # One byte more than the largest frame, so an oversized one shows as MSG_TRUNC.
+        # MSG_CMSG_CLOEXEC: the fds must not leak into programs this worker might start.
+        data, ancillary, flags, _ = self.sock.recvmsg(
+            MAX_FRAME_LEN + 1, ancillary_room, socket.MSG_CMSG_CLOEXEC
+        )
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % FD_SIZE])
+        fds = list(fds)
+        try:
+            if not data and not fds:
+                return None  # EOF: the master closed its sending side
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("fds were truncated in transit (MSG_CTRUNC)")
+            if flags & socket.MSG_TRUNC or len(data) > MAX_FRAME_LEN:
+                raise ProtocolError(f"frame longer than the {MAX_FRAME_LEN}-byte limit")
+            kind, count, body = decode(data)
+            if kind not in (KIND_CONNECTIONS, KIND_LISTENERS):
+                raise ProtocolError(f"unexpected frame kind {kind} from the master")
+            if count != len(fds):
+                raise ProtocolError(f"frame declares {count} fds, {len(fds)} arrived")
+            return kind, body, fds
+        except ProtocolError:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+
+def decode(data):
+    """Checks a datagram's header and shape; returns (kind, count, body)."""
+    if len(data) < HEADER.size:
+        raise ProtocolError(f"frame of {len(data)} bytes is shorter than the 8-byte header")
+    version, kind, count, body_len = HEADER.unpack_from(data)
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    body = data[HEADER.size :]
+    if body_len != len(body):
+        raise ProtocolError(f"header declares a {body_len}-byte body, {len(body)} bytes arrived")
+    if kind in (KIND_CONNECTIONS, KIND_LISTENERS):
+        if not 1 <= count <= MAX_FDS or len(body) != count * ENTRY.size:
+            raise ProtocolError(
+                f"kind {kind} frame with count {count} and a {len(body)}-byte body"
+            )
+    elif kind in (KIND_READY, KIND_STATUS):
+        pass  # valid frames, but only a worker sends them (refused by the caller)
+    else:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    return kind, count, body
+
+
+def decode_entries(body):
+    """The entries of a CONNECTIONS or LISTENERS body: (id, listener, address) each."""
+    entries = []
+    for offset in range(0, len(body), ENTRY.size):
+        conn_id, listener, family, _, port, _, address = ENTRY.unpack_from(body, offset)
+        if family == FAMILY_UNIX:
+            peer = "unix"
+        elif family == FAMILY_IPV4:
+            peer = f"{socket.inet_ntop(socket.AF_INET, address[:4])}:{port}"
+        elif family == FAMILY_IPV6:
+            peer = f"[{socket.inet_ntop(socket.AF_INET6, address)}]:{port}"
+        else:
+            raise ProtocolError(f"connection entry with unknown address family {family}")
+        entries.append((conn_id, listener, peer))
+    return entries
+
+
+# --- HTTP/1.1: one thread per connection ----------------------------------------------------
+
+
+def serve_connection(conn, channel, drain):
+    """Answers every request on `conn` until the client or the drain ends it."""
+    try:
+        # The fd arrived non-blocking and shares its file status flags with the master's copy:
+        # leave it so. A timeout makes Python poll internally, so sendall() still works.
+        conn.settimeout(IO_TIMEOUT)
+        http_session(conn, drain)
+    except OSError:
+        pass  # the client went away, or stalled past IO_TIMEOUT
+    finally:
+        # The master may still hold a copy of this socket (until it reads our acknowledgement),
+        # so close() alone might not end the TCP connection: shut the write side down first
+        # and the client sees FIN now.
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # ENOTCONN: the client is already gone
+        conn.close()
+        channel.finished()
+
+
+def wait_readable(conn, drain, timeout):
+    """Waits for `conn` to have data. Returns False on timeout, or if `drain` (an fd) fires."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    if drain is not None:
+        poller.register(drain, select.POLLIN)
+    events = poller.poll(timeout * 1000)
+    return any(fd == conn.fileno() for fd, _ in events)
+
+
+def http_session(conn, drain):
+    pending = b""  # bytes received and not yet used (pipelined requests stay here)
+    answered = 0
+    while True:
+        # Read a request head. Between requests a keep-alive connection is idle, and a drain
+        # ends it; a new connection gets its first request answered even while draining.
+        while (end := pending.find(b"\r\n\r\n")) < 0:
+            if len(pending) > MAX_HEAD:
+                return respond(conn, 431, keep_alive=False)
+            idle = not pending and answered > 0
+            watch = drain.read_fd if idle else None
+            if not wait_readable(conn, watch, IDLE_TIMEOUT if idle else IO_TIMEOUT):
+                return
+            data = conn.recv(65536)
+            if not data:
+                return
+            pending += data
+        head, pending = pending[:end].decode("latin-1"), pending[end + 4 :]
+        request = parse_head(head)
+        if request is None:
+            return respond(conn, 400, keep_alive=False)
+        method, version, headers = request
+
+        connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+        if version == "HTTP/1.1":
+            keep_alive = "close" not in connection
+        else:  # HTTP/1.0 closes unless asked otherwise
+            keep_alive = "keep-alive" in connection
+        if "transfer-encoding" in headers:
+            keep_alive = False  # a chunked body is not read here: answer, then close
+        else:
+            try:
+                length = int(headers.get("content-length", "0"))
+            except ValueError:
+                return respond(conn, 400, keep_alive=False)
+            if length < 0:
+                return respond(conn, 400, keep_alive=False)
+            # Read and discard the body, so the next request starts where it should.
+            while len(pending) < length:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                pending += data
+            pending = pending[length:]
+        keep_alive = keep_alive and not drain.started
+        respond(conn, 200, keep_alive, head_only=method == "HEAD", version=version)
+        answered += 1
+        if not keep_alive:
+            return
+
+
+def parse_head(head):
+    """(method, version, headers with lower-case names) or None if malformed."""
+    lines = head.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+        return None
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            return None
+        headers[name.lower()] = value.strip()
+    return parts[0], parts[2], headers
+
+
+REASONS = {200: "OK", 400: "Bad Request", 431: "Request Header Fields Too Large"}
+
+
+def respond(conn, status, keep_alive, head_only=False, version="HTTP/1.1"):
+    body = BODY if status == 200 else b""
+    lines = [
+        f"HTTP/1.1 {status} {REASONS[status]}",
+        "content-type: text/plain",
+        f"content-length: {len(body)}",
+        f"x-worker-pid: {PID}",
+    ]
+    if not keep_alive:
+        lines.append("connection: close")
+    elif version == "HTTP/1.0":
+        lines.append("connection: keep-alive")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    conn.sendall(head if head_only else head + body)
+
+
+# --- The worker's main loop -----------------------------------------------------------------
+
+
+def heartbeat(channel, interval):
+    """Reports at least every HANDOFF_HEARTBEAT_MS, so the master knows this worker is alive."""
+    while True:
+        channel.send_status()
+        time.sleep(interval)
+
+
+def take_connections(channel, drain, body, fds):
+    """Owns the fds of one CONNECTIONS frame, acknowledges them, starts a thread for each."""
+    try:
+        entries = decode_entries(body)
+    except ProtocolError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    conns = []
+    for fd in fds:
+        # socket.socket(fileno=...) takes ownership of the fd and finds its family and type.
+        try:
+            conns.append(socket.socket(fileno=fd))
+        except OSError as e:
+            log(f"dropping a connection that is not a usable socket: {e}")
+            os.close(fd)
+            conns.append(None)
+    channel.received(len(conns))  # the acknowledgement: a STATUS frame
+    for (conn_id, _listener, _peer), conn in zip(entries, conns):
+        if conn is None:
+            channel.finished()  # counted as received, so count it as finished too
+            continue
+        start_serving(conn, channel, drain, name=f"connection-{conn_id}")
+
+
+def start_serving(conn, channel, drain, name):
+    thread = threading.Thread(
+        target=serve_connection, args=(conn, channel, drain), name=name, daemon=True
+    )
+    thread.start()
+
+
+def take_listeners(channel, drain, body, fds):
+    """Kernel baseline modes only (--strategy kernel-shared|kernel-reuseport): the master
+    does not accept, it sends listening sockets once and the worker accepts on them itself.
+    Each accepted connection counts in received_total as if the master had sent it."""
+    try:
+        entries = decode_entries(body)
+    except ProtocolError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for (_, index, local), fd in zip(entries, fds):
+        listener = socket.socket(fileno=fd)
+        # In kernel-shared mode the master and every worker share this socket and its
+        # O_NONBLOCK flag: keep it non-blocking (another worker may win each connection).
+        listener.setblocking(False)
+        log(f"accepting on listener {index} ({local}) myself")
+        threading.Thread(
+            target=accept_loop, args=(listener, channel, drain), name=f"listener-{index}",
+            daemon=True,
+        ).start()
+
+
+def accept_loop(listener, channel, drain):
+    """Accepts until the drain starts; then closes this worker's copy of the listener."""
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    poller.register(drain.read_fd, select.POLLIN)
+    accepted = 0
+    while not drain.started:
+        if drain.read_fd in dict(poller.poll()):
+            break
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            continue  # another process took it
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(0.01)  # out of fds or memory: do not spin
+            continue  # ECONNABORTED and the like: that connection is gone
+        accepted += 1
+        channel.received(1)
+        start_serving(conn, channel, drain, name=f"accepted-{accepted}")
+    listener.close()
+
+
+def open_channel():
+    """The channel the master left at HANDOFF_FD (always 3), checked and made ours."""
+    try:
+        fd = int(os.environ["HANDOFF_FD"])
+    except (KeyError, ValueError):
+        raise SystemExit("worker.py: HANDOFF_FD is not set: start me with `handoff run -- ...`")
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise SystemExit(f"worker.py: fd {fd} is not a socket: {e}")
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        raise SystemExit(f"worker.py: fd {fd} is not an AF_UNIX SOCK_SEQPACKET socket")
+    sock.set_inheritable(False)  # programs this worker starts must not hold the channel
+    # It arrives non-blocking, but socket(fileno=...) believes it blocks; say what we mean.
+    # Blocking sends are simplest from many threads; the main loop poll()s before receiving.
+    sock.setblocking(True)
+    return sock
+
+
+def main():
+    sock = open_channel()
+    heartbeat_interval = env_ms("HANDOFF_HEARTBEAT_MS", 1000)
+    drain_timeout = env_ms("HANDOFF_DRAIN_TIMEOUT_MS", 30000)
+    drain = Drain()
+    channel = Channel(sock, drain)
+    # SIGTERM (also what the kernel sends if the master dies) means drain, like EOF.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: drain.start("SIGTERM"))
+
+    # Initialisation is done: only now may the master send connections.
+    channel.send_ready()
+    threading.Thread(
+        target=heartbeat, args=(channel, heartbeat_interval), name="heartbeat", daemon=True
+    ).start()
+
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(drain.read_fd, select.POLLIN)
+    try:
+        while not drain.started:
+            events = dict(poller.poll())
+            if drain.read_fd in events:
+                break
+            try:
+                frame = channel.recv_frame()
+            except OSError as e:  # ECONNRESET: the master is gone
+                drain.start(f"receiving from the master failed ({e})")
+                break
+            if frame is None:
+                drain.start("the master closed the channel")
+                break
+            kind, body, fds = frame
+            if kind == KIND_CONNECTIONS:
+                take_connections(channel, drain, body, fds)
+            else:
+                take_listeners(channel, drain, body, fds)
+    except ProtocolError as e:
+        log(f"protocol violation by the master: {e}")
+        return 2
+    # Idle keep-alive connections close now, busy ones after their response.
+    drain.start("the main loop ended")
+    log(f"{drain.reason}; draining")
+
+    if not channel.wait_idle(drain_timeout):
+        log(f"drain timed out; {channel.active} connection(s) still open")
+    channel.send_status()  # the last report
+    log("drained; exiting")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

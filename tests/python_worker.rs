@@ -1,0 +1,273 @@
+//! The worker protocol from another language: `handoff run -- python3 examples/worker.py`
+//! serves HTTP from every worker, drains and exits 0 on stop, works in the kernel baseline
+//! modes, and Python workers that break the protocol (fixtures in `tests/fixtures/`) are
+//! killed and replaced while every request is still answered.
+
+mod util;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use util::{read_response, wait_until, Held, Master, PATIENCE};
+
+/// A path inside the crate, whatever the current directory.
+fn crate_path(relative: &str) -> String {
+    format!("{}/{relative}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Two round-robin workers running `script` with `python3 -B` (no `__pycache__` left behind).
+fn start(script: &str) -> Master {
+    let script = crate_path(script);
+    Master::start(&[
+        "--workers",
+        "2",
+        "--strategy",
+        "round-robin",
+        "--shutdown-timeout",
+        "10s",
+        "--",
+        "python3",
+        "-B",
+        &script,
+    ])
+}
+
+/// Whether a master log line names `pid` as a field (`pid=123`, not `pid=1234`).
+fn names_pid(line: &str, pid: u32) -> bool {
+    line.split_whitespace()
+        .any(|field| field == format!("pid={pid}"))
+}
+
+/// Reads until the server closes its side; panics if it does not within the read timeout.
+fn assert_closed_by_server(stream: &mut impl Read) {
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("the worker closes the connection (FIN) after its last response");
+    assert!(
+        rest.is_empty(),
+        "unexpected bytes after the last response: {rest:?}"
+    );
+}
+
+#[test]
+fn python_workers_answer_from_both() {
+    let master = start("examples/worker.py");
+    let pids: HashSet<u32> = master.wait_all_ready().into_iter().collect();
+    assert_eq!(pids.len(), 2, "two distinct worker pids");
+
+    let mut answers: HashMap<u32, usize> = HashMap::new();
+    for _ in 0..20 {
+        let response = master.get();
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "hola, mundo\n")
+        );
+        *answers.entry(response.pid).or_default() += 1;
+    }
+    let expected: HashMap<u32, usize> = pids.iter().map(|&pid| (pid, 10)).collect();
+    assert_eq!(
+        answers, expected,
+        "round-robin over two workers: 10 answers each"
+    );
+
+    // Keep-alive: three answers on one connection, from one worker; then `connection: close`
+    // gets its answer and a FIN although the master may still hold a copy of the socket.
+    let mut held = Held::open(master.addr).expect("keep-alive connection");
+    for _ in 0..2 {
+        held.stream
+            .get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            .unwrap();
+        let response =
+            read_response(&mut held.stream).expect("another answer on the same connection");
+        assert_eq!(
+            (response.pid, response.body.as_str()),
+            (held.pid, "hola, mundo\n")
+        );
+    }
+    held.stream
+        .get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let last = read_response(&mut held.stream).expect("an answer to the closing request");
+    assert_eq!(last.pid, held.pid);
+    assert_closed_by_server(&mut held.stream);
+
+    // HTTP/1.0 without keep-alive: one answer, then the worker closes.
+    let mut stream = TcpStream::connect_timeout(&master.addr, Duration::from_secs(10)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let response = read_response(&mut reader).expect("an answer to HTTP/1.0");
+    assert_eq!(response.body, "hola, mundo\n");
+    assert!(pids.contains(&response.pid));
+    assert_closed_by_server(&mut reader);
+}
+
+#[test]
+fn python_workers_drain_and_exit_zero_when_the_master_stops() {
+    let mut master = start("examples/worker.py");
+    let pids = master.wait_all_ready();
+    let mut idle = Held::open(master.addr).expect("keep-alive connection");
+
+    master.signal("TERM");
+    // The master closes each channel; the worker drains: its idle keep-alive connection is
+    // closed, it exits 0, and then the master exits.
+    assert_closed_by_server(&mut idle.stream);
+    let status = master.wait_exit(PATIENCE);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "master did not stop cleanly: {status:?}; log:\n{}",
+        master.log()
+    );
+    let log = master.log();
+    for pid in pids {
+        assert!(
+            log.lines().any(|line| line.contains("worker exited")
+                && names_pid(line, pid)
+                && line.contains("code=0")),
+            "worker {pid} did not exit 0; log:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn python_workers_accept_themselves_in_the_kernel_baseline_modes() {
+    for strategy in ["kernel-shared", "kernel-reuseport"] {
+        let script = crate_path("examples/worker.py");
+        let master = Master::start(&[
+            "--workers",
+            "2",
+            "--strategy",
+            strategy,
+            "--",
+            "python3",
+            "-B",
+            &script,
+        ]);
+        let pids: HashSet<u32> = master.wait_all_ready().into_iter().collect();
+        for _ in 0..20 {
+            let response = master.get();
+            assert_eq!(
+                (response.status, response.body.as_str()),
+                (200, "hola, mundo\n"),
+                "{strategy}"
+            );
+            assert!(
+                pids.contains(&response.pid),
+                "{strategy}: answer from {}",
+                response.pid
+            );
+        }
+        // The workers count what they accepted themselves in their STATUS reports.
+        let mut status = None;
+        let reported = wait_until(PATIENCE, || {
+            let workers = master.status()["workers"].clone();
+            let sum = |field: &str| {
+                workers
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|w| w[field].as_u64().unwrap())
+                    .sum::<u64>()
+            };
+            let done = sum("assigned") == 20 && sum("finished") == 20;
+            status = Some(workers);
+            done
+        });
+        assert!(
+            reported,
+            "{strategy}: reports {status:?}; log:\n{}",
+            master.log()
+        );
+    }
+}
+
+/// Slot 0's first process breaks the protocol when its first connection arrives (see
+/// `tests/fixtures/misbehave.py`). The master must log it, count it, kill that process, hand
+/// its unacknowledged connection to slot 1, and start a replacement; every request succeeds.
+fn a_misbehaving_worker_is_replaced(fixture: &str, logged: &str) {
+    let master = start(fixture);
+    let pids = master.worker_pids();
+    let (bad, good) = (pids[0].unwrap(), pids[1].unwrap());
+
+    let mut replaced = false;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !replaced && std::time::Instant::now() < deadline {
+        let response = master.get();
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "hola, mundo\n")
+        );
+        assert_ne!(response.pid, bad, "the misbehaving worker never serves");
+        replaced = master.worker_pids()[0].is_some_and(|pid| pid != bad);
+    }
+    assert!(replaced, "slot 0 was not replaced; log:\n{}", master.log());
+    assert!(
+        wait_until(PATIENCE, || !util::process_exists(bad)),
+        "the misbehaving worker {bad} still runs"
+    );
+
+    let log = master.log();
+    assert!(
+        log.lines().any(|line| line.contains("worker lost")
+            && names_pid(line, bad)
+            && line.contains(logged)),
+        "no `worker lost` line for {bad} with {logged:?}; log:\n{log}"
+    );
+    let counters = master.status()["counters"].clone();
+    assert!(
+        counters["protocol_errors"].as_u64().unwrap() >= 1,
+        "{counters}"
+    );
+    assert!(
+        counters["redispatched"].as_u64().unwrap() >= 1,
+        "the connection it held went to another worker: {counters}"
+    );
+
+    // Both slots serve again: the replacement and the worker that was there all along.
+    let now = master.wait_all_ready();
+    assert_eq!(now.len(), 2, "{now:?}");
+    let replacement = now[0];
+    assert_ne!(replacement, bad);
+    assert_eq!(now[1], good, "slot 1 kept its worker");
+    let mut seen = HashSet::new();
+    for _ in 0..4 {
+        let response = master.get();
+        assert_eq!(response.body, "hola, mundo\n");
+        seen.insert(response.pid);
+    }
+    assert_eq!(
+        seen,
+        HashSet::from([replacement, good]),
+        "both slots answer; log:\n{}",
+        master.log()
+    );
+}
+
+#[test]
+fn a_worker_that_writes_garbage_is_replaced() {
+    // "GET " is not version 1: the master refuses the frame at its first byte.
+    a_misbehaving_worker_is_replaced("tests/fixtures/garbage_worker.py", "Version(71)");
+}
+
+#[test]
+fn a_worker_that_attaches_fds_to_a_status_is_replaced() {
+    a_misbehaving_worker_is_replaced(
+        "tests/fixtures/fd_on_status_worker.py",
+        "FdCount { declared: 0, arrived: 1 }",
+    );
+}
+
+#[test]
+fn a_worker_that_acknowledges_more_than_it_got_is_replaced() {
+    a_misbehaving_worker_is_replaced(
+        "tests/fixtures/over_ack_worker.py",
+        "it broke the protocol: status says",
+    );
+}
