@@ -8,7 +8,9 @@ use handoff::{Server, Strategy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn main() -> Result<(), handoff::Error> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     Server::builder()
         .listen("127.0.0.1:7000".parse().expect("a valid address"))
         .workers(4)
