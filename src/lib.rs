@@ -42,6 +42,7 @@
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
 
 pub mod balance;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod ipc;

@@ -126,6 +126,9 @@ mod tests {
         assert_eq!(p.p999, 999);
         assert_eq!(p.max, 1000);
         assert!(close(p.mean, 500.5));
-        assert_eq!(Percentiles::of(&latency_histogram()), Percentiles::default());
+        assert_eq!(
+            Percentiles::of(&latency_histogram()),
+            Percentiles::default()
+        );
     }
 }

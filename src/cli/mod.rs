@@ -1,5 +1,6 @@
 //! Command-line parsing: one file per subcommand.
 
+mod bench;
 mod ctl;
 mod run;
 
@@ -19,6 +20,8 @@ enum Command {
     Run(run::RunArgs),
     /// Ask a running master (started with --control) for its status.
     Ctl(ctl::CtlArgs),
+    /// Compare handoff's strategies with the kernel's and node's on this machine.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -28,6 +31,7 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

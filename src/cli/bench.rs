@@ -1,0 +1,169 @@
+//! `handoff bench`: runs the comparison of `handoff::bench` and prints its table; `--json`
+//! and `--out` write it for tools and people.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+
+use handoff::bench::{self, contender, report, BenchConfig, Offered, Workload};
+use handoff::config::parse_duration;
+use handoff::demo;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Under a minute on two cores: 4 workers, hello and heavy-tail, ~3 s per contender.
+    #[arg(long)]
+    quick: bool,
+    /// Worker processes per contender [default: 4].
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Contenders, comma-separated [default: kernel-shared, kernel-reuseport, handoff-rr,
+    /// handoff-least, handoff-p2c, and node-rr, node-none when node is on PATH].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    contenders: Vec<String>,
+    /// Workloads, comma-separated: hello, keepalive, heavy-tail, long-lived [default: all;
+    /// with --quick: hello, heavy-tail].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Offer this many requests per second to every contender (open loop).
+    #[arg(long, value_name = "R", conflicts_with = "load")]
+    rate: Option<f64>,
+    /// Offer this fraction of the slowest contender's closed-loop capacity [default: 0.5].
+    #[arg(long, value_name = "FRACTION")]
+    load: Option<f64>,
+    /// Measured time per contender and workload [default: 10s; with --quick: 1.5s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Unmeasured traffic before each measurement [default: 1s; with --quick: 250ms].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    warmup: Option<Duration>,
+    /// Measured time of each capacity (closed-loop) run [default: 3s; with --quick: 750ms].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    capacity_duration: Option<Duration>,
+    /// Closed-loop clients for the new-connection workloads [default: 32].
+    #[arg(long, value_name = "N")]
+    clients: Option<usize>,
+    /// CPU microseconds each request costs [default: 50].
+    #[arg(long, value_name = "N")]
+    work_us: Option<u64>,
+    /// The heavy-tail workload: PCT percent of requests cost US microseconds [default: 2:2500].
+    #[arg(long, value_name = "PCT:US", value_parser = demo::parse_heavy)]
+    heavy: Option<(f64, Duration)>,
+    /// Also write the report as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Write report.svg and report.json into this folder.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
+    let program = std::env::current_exe().context("finding the handoff binary")?;
+    let mut config = if args.quick {
+        BenchConfig::quick(program)
+    } else {
+        BenchConfig::standard(program)
+    };
+    if let Some(workers) = args.workers {
+        anyhow::ensure!(workers > 0, "--workers must be at least 1");
+        config.workers = workers;
+    }
+    if args.contenders.is_empty() {
+        if contender::find_on_path("node").is_none() {
+            eprintln!("handoff bench: node is not on PATH; leaving out node-rr and node-none");
+            config.contenders.retain(|c| !c.starts_with("node-"));
+        }
+    } else {
+        config.contenders = args
+            .contenders
+            .iter()
+            .map(|c| c.trim().to_owned())
+            .collect();
+    }
+    if !args.workloads.is_empty() {
+        config.workloads = args
+            .workloads
+            .iter()
+            .map(|w| Workload::parse(w.trim()))
+            .collect::<Result<_, _>>()?;
+    }
+    match (args.rate, args.load) {
+        (Some(rate), _) => {
+            anyhow::ensure!(rate.is_finite() && rate > 0.0, "--rate must be positive");
+            config.offered = Offered::Rate(rate);
+        }
+        (None, Some(load)) => {
+            anyhow::ensure!(load.is_finite() && load > 0.0, "--load must be positive");
+            config.offered = Offered::Load(load);
+        }
+        (None, None) => {}
+    }
+    if let Some(duration) = args.duration {
+        anyhow::ensure!(!duration.is_zero(), "--duration must be positive");
+        config.duration = duration;
+    }
+    if let Some(warmup) = args.warmup {
+        config.warmup = warmup;
+    }
+    if let Some(capacity) = args.capacity_duration {
+        anyhow::ensure!(!capacity.is_zero(), "--capacity-duration must be positive");
+        config.capacity_duration = capacity;
+    }
+    if let Some(clients) = args.clients {
+        config.clients = clients.max(1);
+    }
+    if let Some(work_us) = args.work_us {
+        config.work_us = work_us;
+        config.heavy.1 = 50 * work_us;
+    }
+    if let Some((pct, us)) = args.heavy {
+        config.heavy = (pct, us.as_micros() as u64);
+    }
+    Ok(config)
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let config = config(&args)?;
+    let started = Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let mut progress = |p: &bench::Progress| {
+        let line = format!(
+            "[{}/{} {:>3.0}s] {}",
+            p.step,
+            p.steps,
+            started.elapsed().as_secs_f64(),
+            p.what
+        );
+        let mut stderr = std::io::stderr().lock();
+        if terminal {
+            let _ = write!(stderr, "\r\x1b[K{line}");
+        } else {
+            let _ = writeln!(stderr, "{line}");
+        }
+        let _ = stderr.flush();
+    };
+    let result = bench::run(&config, &mut progress);
+    if terminal {
+        eprint!("\r\x1b[K");
+    }
+    let report = result.context("handoff bench")?;
+    eprintln!(
+        "handoff bench: done in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    std::io::stdout()
+        .write_all(report::table(&report).as_bytes())
+        .context("writing the table")?;
+    if let Some(path) = &args.json {
+        report::write_json(&report, path)?;
+        eprintln!("handoff bench: wrote {}", path.display());
+    }
+    if let Some(dir) = &args.out {
+        let svg = report::write_dir(&report, dir)?;
+        eprintln!("handoff bench: wrote {}", svg.display());
+    }
+    Ok(())
+}

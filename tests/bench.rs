@@ -1,0 +1,279 @@
+//! `handoff bench` end to end: the real binary starts real contenders on 127.0.0.1 and
+//! drives them briefly at a low rate. Checks the shape and sanity of each row, never timings.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+/// The longest a whole bench run may take here.
+const PATIENCE: Duration = Duration::from_secs(180);
+
+/// Runs `handoff bench ARGS`, killing it if it outlives [`PATIENCE`].
+fn bench(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("bench")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    adjust(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn handoff bench");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("wait");
+            panic!(
+                "handoff bench ran past {PATIENCE:?}; stderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("wait")
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("the --json file");
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+fn node_on_path() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("node").is_file()))
+}
+
+/// A row that ran: positive rate, no errors, shares adding up, Jain's index in (0, 1].
+fn assert_sane(row: &serde_json::Value, context: &str) {
+    let name = row["contender"].as_str().unwrap_or("?");
+    assert!(
+        row["unavailable"].is_null(),
+        "{name} unavailable: {}\n{context}",
+        row["unavailable"]
+    );
+    assert!(
+        row["achieved_rps"].as_f64().unwrap() > 0.0,
+        "{name}: no rate\n{context}"
+    );
+    assert_eq!(
+        row["error_total"], 0,
+        "{name}: errors {}\n{context}",
+        row["errors"]
+    );
+    let requests = row["requests"].as_u64().unwrap();
+    assert!(requests > 0, "{name}: no requests\n{context}");
+    let workers = row["workers"].as_array().unwrap();
+    assert!(workers.len() >= 2, "{name}: workers {workers:?}");
+    let answered: u64 = workers
+        .iter()
+        .map(|w| w["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        answered, requests,
+        "{name}: per-worker requests add up to the total"
+    );
+    let shares: f64 = workers
+        .iter()
+        .map(|w| w["request_share"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (shares - 1.0).abs() < 1e-6,
+        "{name}: shares add up to {shares}"
+    );
+    let jain = row["request_jain"].as_f64().unwrap();
+    assert!(jain > 0.0 && jain <= 1.0 + 1e-9, "{name}: request J {jain}");
+    if let Some(cpu_jain) = row["cpu_jain"].as_f64() {
+        assert!(
+            cpu_jain > 0.0 && cpu_jain <= 1.0 + 1e-9,
+            "{name}: cpu J {cpu_jain}"
+        );
+    }
+    let latency = &row["latency_us"];
+    assert_eq!(latency["count"].as_u64().unwrap(), requests);
+    let order = ["p50", "p90", "p99", "p999", "max"].map(|p| latency[p].as_u64().unwrap());
+    assert!(
+        order.windows(2).all(|w| w[0] <= w[1]),
+        "{name}: percentiles in order {order:?}"
+    );
+    assert!(
+        row["master"]["pid"].as_u64().is_some(),
+        "{name}: master pid"
+    );
+}
+
+#[test]
+fn every_contender_produces_a_sane_error_free_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let mut contenders = vec![
+        "kernel-shared",
+        "kernel-reuseport",
+        "handoff-rr",
+        "handoff-least",
+        "handoff-p2c",
+    ];
+    if node_on_path() {
+        contenders.push("node-rr");
+    }
+    let list = contenders.join(",");
+    let output = bench(
+        &[
+            "--workers",
+            "2",
+            "--contenders",
+            &list,
+            "--workloads",
+            "hello,keepalive,long-lived",
+            "--rate",
+            "150",
+            "--duration",
+            "500ms",
+            "--warmup",
+            "100ms",
+            "--work-us",
+            "10",
+            "--json",
+            json.to_str().unwrap(),
+            "--out",
+            dir.path().join("svg").to_str().unwrap(),
+        ],
+        |_| {},
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(output.status.success(), "{context}");
+    let report = read_json(&json);
+    let workloads = report["workloads"].as_array().unwrap();
+    assert_eq!(workloads.len(), 3);
+    for workload in workloads {
+        let rows = workload["rows"].as_array().unwrap();
+        let names: Vec<&str> = rows
+            .iter()
+            .map(|r| r["contender"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, contenders);
+        for row in rows {
+            assert_sane(row, &context);
+            assert_eq!(row["offered_rps"].as_f64(), Some(150.0));
+        }
+    }
+    // The table names every contender; the picture exists and is SVG.
+    for name in &contenders {
+        assert!(
+            stdout.contains(name),
+            "{name} missing from the table:\n{stdout}"
+        );
+    }
+    let svg = std::fs::read_to_string(dir.path().join("svg/report.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(dir.path().join("svg/report.json").is_file());
+}
+
+#[test]
+fn a_load_fraction_offers_that_part_of_the_measured_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let output = bench(
+        &[
+            "--workers",
+            "2",
+            "--contenders",
+            "handoff-rr",
+            "--workloads",
+            "heavy-tail",
+            "--load",
+            "0.25",
+            "--capacity-duration",
+            "300ms",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "100ms",
+            "--clients",
+            "4",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        |_| {},
+    );
+    let context = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{context}");
+    let report = read_json(&json);
+    let workload = &report["workloads"][0];
+    let row = &workload["rows"][0];
+    let capacity = row["capacity_rps"].as_f64().unwrap();
+    assert!(capacity > 0.0);
+    let offered = workload["offered_rps"].as_f64().unwrap();
+    assert!(
+        (offered - 0.25 * capacity).abs() < 1e-6 * capacity.max(1.0),
+        "{offered} vs {capacity}"
+    );
+    assert_sane(row, &context);
+}
+
+#[test]
+fn a_contender_that_cannot_start_is_reported_unavailable_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let output = bench(
+        &[
+            "--workers",
+            "2",
+            "--contenders",
+            "handoff-rr,node-rr",
+            "--workloads",
+            "hello",
+            "--rate",
+            "100",
+            "--duration",
+            "200ms",
+            "--warmup",
+            "50ms",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        // No node here, whatever the machine has.
+        |cmd| {
+            cmd.env("PATH", dir.path());
+        },
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = read_json(&json);
+    let rows = report["workloads"][0]["rows"].as_array().unwrap();
+    assert!(rows[0]["unavailable"].is_null());
+    let reason = rows[1]["unavailable"]
+        .as_str()
+        .expect("node-rr unavailable");
+    assert!(reason.contains("node"), "{reason}");
+    assert!(
+        stdout.contains("node-rr") && stdout.contains("unavailable: "),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn unknown_names_are_refused_before_anything_starts() {
+    let output = bench(
+        &[
+            "--contenders",
+            "nginx",
+            "--rate",
+            "10",
+            "--duration",
+            "100ms",
+        ],
+        |_| {},
+    );
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown contender"));
+    let output = bench(&["--workloads", "tsunami", "--rate", "10"], |_| {});
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown workload"));
+}
