@@ -263,6 +263,18 @@ fn sockaddr_to(storage: &libc::sockaddr_storage) -> Peer {
     }
 }
 
+/// `poll(2)` for readability: true if `fd` became readable within `timeout_ms`.
+pub fn wait_readable(fd: &impl AsRawFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pollfd` is one live pollfd and the count says so.
+    let ready = syscall!(poll(&mut pollfd, 1, timeout_ms))?;
+    Ok(ready > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,16 +305,4 @@ mod tests {
         let (_conn, peer) = accept(&fd).unwrap();
         assert_eq!(peer, Peer::Ip(client.local_addr().unwrap()));
     }
-}
-
-/// `poll(2)` for readability: true if `fd` became readable within `timeout_ms`.
-pub fn wait_readable(fd: &impl AsRawFd, timeout_ms: i32) -> io::Result<bool> {
-    let mut pollfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pollfd` is one live pollfd and the count says so.
-    let ready = syscall!(poll(&mut pollfd, 1, timeout_ms))?;
-    Ok(ready > 0)
 }
