@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::balance::Strategy;
-use crate::supervise::Backoff;
+use crate::supervise::{Backoff, Limits};
 
 /// An address to listen on: `127.0.0.1:8000`, `[::1]:8000` or `unix:/path/to.sock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,12 +66,41 @@ pub struct Config {
     pub max_pending: usize,
     /// How long workers get to finish in-flight connections on stop.
     pub shutdown_timeout: Duration,
-    /// How often workers send a status report when nothing happens.
+    /// How often workers send a status report when nothing happens, at most; workers are
+    /// asked for one at least every quarter of [`Config::worker_timeout`].
     pub heartbeat: Duration,
     /// A Unix socket path where the master answers `status` with JSON.
     pub control: Option<PathBuf>,
     /// Respawn delays.
     pub backoff: Backoff,
+    /// When a worker is replaced by a fresh one (age, connections, memory).
+    pub limits: Limits,
+    /// Each worker's limits are lowered by a random share of up to this many percent, so
+    /// workers started together are not recycled together.
+    pub jitter_percent: f64,
+    /// How often worker memory is read when [`Limits::max_rss`] is set.
+    pub rss_interval: Duration,
+    /// How long a worker being replaced (recycled, restarted, scaled down) may take to finish
+    /// its connections before it is killed.
+    pub drain_timeout: Duration,
+    /// Workers replaced at a time by a rolling restart (SIGHUP); `None`: a quarter of them,
+    /// at least one.
+    pub restart_batch: Option<usize>,
+    /// A worker silent for this long (no frame at all) is aborted and replaced.
+    pub worker_timeout: Duration,
+}
+
+impl Config {
+    /// The heartbeat period workers are asked for: [`Config::heartbeat`], or a quarter of
+    /// [`Config::worker_timeout`] if that is shorter.
+    pub fn worker_heartbeat(&self) -> Duration {
+        self.heartbeat.min(self.worker_timeout / 4)
+    }
+
+    /// Workers replaced at a time by a rolling restart of `workers` workers.
+    pub fn restart_batch_for(&self, workers: usize) -> usize {
+        self.restart_batch.unwrap_or(workers / 4).max(1)
+    }
 }
 
 impl Default for Config {
@@ -88,6 +117,12 @@ impl Default for Config {
             heartbeat: Duration::from_secs(1),
             control: None,
             backoff: Backoff::default(),
+            limits: Limits::default(),
+            jitter_percent: 10.0,
+            rss_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+            restart_batch: None,
+            worker_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -165,5 +200,72 @@ mod duration_tests {
         for bad in ["", "s", "10x", "abc", "1e999"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+}
+
+/// Parses a size in bytes: `200M`, `1G`, `512K`, `64MiB`, or a bare number of bytes. The
+/// units are binary (K = 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected e.g. 200M, 1G"))?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => {
+            return Err(format!(
+                "invalid size unit {unit:?} in {text:?}: use K, M, G or T"
+            ))
+        }
+    };
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("size {text:?} is too large"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn parses_binary_units_and_refuses_garbage() {
+        assert_eq!(parse_size("200M"), Ok(200 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "M", "10X", "abc", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_worker_heartbeat_is_a_quarter_of_the_timeout_at_most() {
+        let mut config = Config::default();
+        assert_eq!(config.worker_heartbeat(), Duration::from_secs(1));
+        config.worker_timeout = Duration::from_secs(2);
+        assert_eq!(config.worker_heartbeat(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_rolling_restart_replaces_a_quarter_at_a_time_at_least_one() {
+        let mut config = Config::default();
+        assert_eq!(config.restart_batch_for(1), 1);
+        assert_eq!(config.restart_batch_for(8), 2);
+        assert_eq!(config.restart_batch_for(17), 4);
+        config.restart_batch = Some(3);
+        assert_eq!(config.restart_batch_for(8), 3);
+        config.restart_batch = Some(0);
+        assert_eq!(config.restart_batch_for(8), 1);
     }
 }

@@ -1,8 +1,11 @@
 //! The embedded demo worker: the seed's HTTP/1.1 server answering `hola, mundo\n` with an
 //! `x-worker-pid` header, keep-alive aware, written against the public API with hyper 1.x as
-//! a user would. Its per-request CPU cost makes it a benchmark workload.
+//! a user would. Its per-request CPU cost makes it a benchmark workload; its memory leak
+//! knob (tests only) exercises `--max-rss`.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,13 +20,20 @@ use crate::{BoxError, Connection, Drain, Incoming};
 /// The response body.
 pub const BODY: &[u8] = b"hola, mundo\n";
 
-/// CPU a request burns.
+/// How long a connection handed over just before the worker started draining may take to
+/// send its first request: it is answered, not closed unanswered.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(5);
+
+/// What a request costs.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Cost {
     /// Every request burns this much.
     pub work: Duration,
     /// `(percent, work)`: this percentage of requests burns `work` instead.
     pub heavy: Option<(f64, Duration)>,
+    /// A test knob: bytes each request leaks on purpose (touched, so they count in the
+    /// resident set), to exercise memory-based recycling. 0 in any real use.
+    pub leak_per_request: usize,
 }
 
 impl Cost {
@@ -52,6 +62,14 @@ pub fn parse_heavy(text: &str) -> Result<(f64, Duration), String> {
     Ok((pct, Duration::from_micros(us)))
 }
 
+/// Leaks `bytes` of memory on purpose, written so they are resident (the `--max-rss` test
+/// knob).
+fn leak(bytes: usize) {
+    if bytes > 0 {
+        Box::leak(vec![0xA5u8; bytes].into_boxed_slice());
+    }
+}
+
 /// Burns CPU on this thread for `duration` (a stand-in for real request work).
 pub fn burn(duration: Duration) {
     let start = Instant::now();
@@ -70,8 +88,15 @@ pub async fn serve(mut incoming: Incoming, cost: Cost) -> Result<(), BoxError> {
 }
 
 async fn connection(conn: Connection, cost: Cost, pid: Bytes, mut drain: Drain) {
+    let asked = Arc::new(AtomicBool::new(false));
+    let first_request = Arc::new(tokio::sync::Notify::new());
+    let (seen, notify) = (asked.clone(), first_request.clone());
     let service = service_fn(move |_request: Request<hyper::body::Incoming>| {
+        if !seen.swap(true, Ordering::Relaxed) {
+            notify.notify_one();
+        }
         burn(cost.pick(&mut fastrand::Rng::new()));
+        leak(cost.leak_per_request);
         let response = Response::builder()
             .header("content-type", "text/plain")
             .header("x-worker-pid", pid.as_ref())
@@ -84,12 +109,20 @@ async fn connection(conn: Connection, cost: Cost, pid: Bytes, mut drain: Drain) 
         .serve_connection(TokioIo::new(conn), service);
     tokio::pin!(http);
     tokio::select! {
-        _ = http.as_mut() => {}
-        _ = drain.wait() => {
-            http.as_mut().graceful_shutdown();
-            let _ = http.await;
+        _ = http.as_mut() => return,
+        _ = drain.wait() => {}
+    }
+    // Draining. A connection handed over just before gets its first request answered (a
+    // graceful shutdown would close it at once, unanswered, while it looks idle).
+    if !asked.load(Ordering::Relaxed) {
+        let first = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request.notified());
+        tokio::select! {
+            _ = http.as_mut() => return,
+            _ = first => {}
         }
     }
+    http.as_mut().graceful_shutdown();
+    let _ = http.await;
 }
 
 #[cfg(test)]
@@ -113,6 +146,7 @@ mod tests {
         let cost = Cost {
             work: Duration::ZERO,
             heavy: Some((10.0, Duration::from_micros(7))),
+            leak_per_request: 0,
         };
         let mut rng = fastrand::Rng::with_seed(3);
         let heavy = (0..10_000)

@@ -128,6 +128,58 @@ impl Builder {
         self
     }
 
+    /// Replaces a worker once it has run this long (default: never). The replacement starts
+    /// first; the old worker drains once it is ready, so no connection is lost.
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.config.limits.max_age = Some(age);
+        self
+    }
+
+    /// Replaces a worker once this many connections have been handed to it (default: never).
+    pub fn max_connections(mut self, connections: u64) -> Self {
+        self.config.limits.max_connections = Some(connections);
+        self
+    }
+
+    /// Replaces a worker once its resident memory reaches `bytes` (default: never).
+    pub fn max_rss(mut self, bytes: u64) -> Self {
+        self.config.limits.max_rss = Some(bytes);
+        self
+    }
+
+    /// How often worker memory is read for [`Builder::max_rss`] (default 1 s).
+    pub fn rss_interval(mut self, interval: Duration) -> Self {
+        self.config.rss_interval = interval;
+        self
+    }
+
+    /// Lowers each worker's limits by a random share of up to `percent` percent, so workers
+    /// do not recycle together (default 10).
+    pub fn jitter(mut self, percent: f64) -> Self {
+        self.config.jitter_percent = percent;
+        self
+    }
+
+    /// How long a replaced worker may take to finish its connections (default 30 s).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Workers replaced at a time by a rolling restart on SIGHUP (default: a quarter of
+    /// them, at least one).
+    pub fn restart_batch(mut self, workers: usize) -> Self {
+        self.config.restart_batch = Some(workers);
+        self
+    }
+
+    /// A worker that sends nothing for this long is aborted and replaced (default 30 s);
+    /// workers send a heartbeat at least every quarter of it.
+    pub fn worker_timeout(mut self, timeout: Duration) -> Self {
+        self.config.worker_timeout = timeout;
+        self
+    }
+
     /// The finished configuration.
     pub fn build(self) -> Server {
         Server {

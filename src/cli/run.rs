@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use handoff::config::{parse_duration, Config, ListenAddr};
+use handoff::config::{parse_duration, parse_size, Config, ListenAddr};
 use handoff::demo::{self, Cost};
 use handoff::{Server, Strategy};
 
@@ -35,12 +35,44 @@ pub struct RunArgs {
     /// Unix socket where the master answers `status` (see `handoff ctl`).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Replace a worker once it has run this long (e.g. 1h). Its replacement starts first;
+    /// the old one drains once the new one is ready.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    max_age: Option<Duration>,
+    /// Replace a worker once this many connections have been handed to it.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u64>,
+    /// Replace a worker once its resident memory reaches SIZE (e.g. 200M, 1G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_rss: Option<u64>,
+    /// How often worker memory is read for --max-rss.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    rss_interval: Duration,
+    /// Lower each worker's limits by a random share of up to PCT percent, so workers do not
+    /// recycle together.
+    #[arg(long, value_name = "PCT", default_value_t = 10.0)]
+    jitter: f64,
+    /// How long a replaced worker may take to finish its connections before it is killed.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Workers replaced at a time by a rolling restart (SIGHUP) [default: a quarter, at
+    /// least 1].
+    #[arg(long, value_name = "N")]
+    restart_batch: Option<usize>,
+    /// A worker silent this long (no status, no heartbeat) gets SIGABRT, then SIGKILL, and
+    /// is replaced.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    worker_timeout: Duration,
     /// Demo worker: CPU microseconds burned per request.
     #[arg(long, value_name = "N", default_value_t = 0)]
     work_us: u64,
     /// Demo worker: PCT percent of requests burn US microseconds instead (e.g. 2:2500).
     #[arg(long, value_name = "PCT:US", value_parser = demo::parse_heavy)]
     heavy: Option<(f64, Duration)>,
+    /// Demo worker, a test knob: leak N KiB of memory per request on purpose (to exercise
+    /// --max-rss). Never use it in production.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    leak_kb_per_request: usize,
     /// The worker program and its arguments (after --); without it, the embedded demo.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -57,11 +89,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     config.max_pending = args.max_pending;
     config.shutdown_timeout = args.shutdown_timeout;
     config.control = args.control;
+    config.limits.max_age = args.max_age;
+    config.limits.max_connections = args.max_connections;
+    config.limits.max_rss = args.max_rss;
+    config.rss_interval = args.rss_interval;
+    config.jitter_percent = args.jitter;
+    config.drain_timeout = args.drain_timeout;
+    config.restart_batch = args.restart_batch;
+    config.worker_timeout = args.worker_timeout;
     let server = Server::from_config(config);
     if args.command.is_empty() {
         let cost = Cost {
             work: Duration::from_micros(args.work_us),
             heavy: args.heavy,
+            leak_per_request: args.leak_kb_per_request * 1024,
         };
         server
             .run(move |incoming| demo::serve(incoming, cost))

@@ -1,6 +1,7 @@
 //! The control socket: a Unix socket where the master answers one-line commands. `status`
 //! returns the worker table and counters as one line of JSON (what `handoff ctl status`
-//! prints). Runs in the master; never on the accept path.
+//! prints): per slot its process, a starting successor, crash-loop state; the processes
+//! draining; the counters. Runs in the master; never on the accept path.
 
 use std::io;
 use std::path::Path;
@@ -10,7 +11,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
+use super::table::{Phase, Process, Table};
 use super::Ctx;
+use crate::supervise::Reason;
 
 /// The longest command line read.
 const MAX_COMMAND: u64 = 256;
@@ -67,7 +70,13 @@ fn respond(ctx: &Ctx, command: &str) -> String {
                 "max_pending": table.config.max_pending,
                 "awaiting_redispatch": table.retry_len(),
                 "counters": table.counters,
-                "workers": table.report(),
+                "crash_looping": table.slots[..table.workers]
+                    .iter()
+                    .filter(|s| s.backoff.crash_looping())
+                    .count(),
+                "restarting": table.restarting,
+                "workers": slots(&table),
+                "draining": draining(&table),
             })
             .to_string()
         }
@@ -76,4 +85,80 @@ fn respond(ctx: &Ctx, command: &str) -> String {
                 .to_string()
         }
     }
+}
+
+/// The control socket's view of one slot in use.
+#[derive(Debug, serde::Serialize)]
+struct SlotReport {
+    worker: usize,
+    pid: Option<u32>,
+    phase: Option<Phase>,
+    active: u64,
+    pending: usize,
+    assigned: u64,
+    finished: u64,
+    spawns: u64,
+    failures: u32,
+    /// Failing again and again soon after start (see `supervise::CRASH_LOOP_FAILURES`).
+    crash_loop: bool,
+    uptime_ms: u64,
+    /// Why its process is being replaced, while the replacement starts.
+    recycling: Option<Reason>,
+    /// The replacement's pid, while it starts.
+    successor: Option<u32>,
+    /// Resident set of its process in KiB, when memory is watched.
+    rss_kib: Option<u64>,
+}
+
+/// A replaced process finishing its connections.
+#[derive(Debug, serde::Serialize)]
+struct DrainingReport {
+    worker: usize,
+    pid: u32,
+    reason: Option<Reason>,
+    active: u64,
+    pending: usize,
+}
+
+fn slots(table: &Table) -> Vec<SlotReport> {
+    table.slots[..table.workers]
+        .iter()
+        .enumerate()
+        .map(|(worker, slot)| {
+            let p = slot.process.as_ref();
+            SlotReport {
+                worker,
+                pid: p.map(|p| p.pid),
+                phase: p.map(|p| p.phase),
+                active: p.map_or(0, Process::active),
+                pending: p.map_or(0, Process::pending),
+                assigned: p.map_or(0, Process::assigned),
+                finished: p.map_or(0, Process::finished),
+                spawns: slot.spawns,
+                failures: slot.backoff.failures(),
+                crash_loop: slot.backoff.crash_looping(),
+                uptime_ms: p.map_or(0, |p| p.started.elapsed().as_millis() as u64),
+                recycling: p.and_then(|p| p.retire),
+                successor: slot.successor.as_ref().map(|s| s.pid),
+                rss_kib: p.and_then(|p| p.rss).map(|b| b / 1024),
+            }
+        })
+        .collect()
+}
+
+fn draining(table: &Table) -> Vec<DrainingReport> {
+    table
+        .slots
+        .iter()
+        .enumerate()
+        .flat_map(|(worker, slot)| {
+            slot.retiring.iter().map(move |p| DrainingReport {
+                worker,
+                pid: p.pid,
+                reason: p.retire,
+                active: p.active(),
+                pending: p.pending(),
+            })
+        })
+        .collect()
 }

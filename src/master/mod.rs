@@ -1,17 +1,21 @@
 //! The master process: owns every listening socket, is the only process that accepts, and
 //! hands each connection to a worker over its channel. It starts and restarts the workers,
-//! reads their acknowledgements and load reports, and on SIGTERM/SIGINT stops accepting,
-//! lets workers finish and exits with none left behind.
+//! reads their acknowledgements and load reports, replaces workers without dropping a
+//! connection (recycling limits, SIGHUP rolling restart, hung workers, SIGTTIN/SIGTTOU
+//! scaling: see `lifecycle`), and on SIGTERM/SIGINT stops accepting, lets workers finish and
+//! exits with none left behind.
 
 mod accept;
 mod control;
 mod kernel;
+mod lifecycle;
+mod process;
 mod table;
+mod workers;
 
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -22,13 +26,11 @@ use tokio::task::{spawn_local, JoinHandle};
 
 use crate::balance::Strategy;
 use crate::config::{Config, ListenAddr};
-use crate::ipc::channel::frame_buffer;
-use crate::ipc::Channel;
-use crate::supervise::{self, Program};
+use crate::supervise::Program;
 use crate::sys;
 use crate::sys::socket::Peer;
 use kernel::Handout;
-use table::{Flush, Lost, Process, Table};
+use table::{Fate, Lost, Table};
 
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,26 @@ pub fn run(config: Config, program: Program) -> Result<(), MasterError> {
     if config.listen.is_empty() {
         return Err(MasterError::Config("no listen address".into()));
     }
+    if !(0.0..=90.0).contains(&config.jitter_percent) {
+        return Err(MasterError::Config(
+            "--jitter must be a percentage from 0 to 90".into(),
+        ));
+    }
+    if config.worker_timeout < Duration::from_millis(100) {
+        return Err(MasterError::Config(
+            "--worker-timeout must be at least 100ms".into(),
+        ));
+    }
+    if config.rss_interval.is_zero() {
+        return Err(MasterError::Config(
+            "--rss-interval must be longer than 0".into(),
+        ));
+    }
+    if config.limits.max_connections == Some(0) || config.limits.max_rss == Some(0) {
+        return Err(MasterError::Config(
+            "--max-connections and --max-rss must be at least 1".into(),
+        ));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -131,6 +153,7 @@ fn bind(config: &Config) -> Result<Vec<(String, Peer, OwnedFd)>, MasterError> {
 async fn master(config: Config, program: Program) -> Result<(), MasterError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(MasterError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(MasterError::Signals)?;
+    let lifecycle_signals = lifecycle::Signals::install().map_err(MasterError::Signals)?;
     let bound = bind(&config)?;
     let control = match &config.control {
         Some(path) => Some(control::bind(path).map_err(|source| MasterError::Control {
@@ -160,6 +183,11 @@ async fn master(config: Config, program: Program) -> Result<(), MasterError> {
         workers = config.workers,
         strategy = ?config.strategy,
         max_pending = config.max_pending,
+        worker_timeout_ms = config.worker_timeout.as_millis() as u64,
+        drain_timeout_ms = config.drain_timeout.as_millis() as u64,
+        max_age_ms = config.limits.max_age.map(|a| a.as_millis() as u64),
+        max_connections = config.limits.max_connections,
+        max_rss_kib = config.limits.max_rss.map(|b| b / 1024),
         "master starting"
     );
     let listeners = accept_fds
@@ -168,8 +196,9 @@ async fn master(config: Config, program: Program) -> Result<(), MasterError> {
         .collect::<io::Result<Vec<_>>>()
         .map_err(MasterError::Runtime)?;
     for index in 0..config.workers {
-        start_worker(&ctx, index);
+        workers::start_worker(&ctx, index);
     }
+    let lifecycle_task = spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals));
     let accepting: Vec<JoinHandle<()>> = listeners
         .iter()
         .enumerate()
@@ -190,6 +219,7 @@ async fn master(config: Config, program: Program) -> Result<(), MasterError> {
         _ = sigint.recv() => kill_all(&ctx, "second SIGINT"),
     }
     wait_all_exited(&ctx, Duration::from_secs(5)).await;
+    lifecycle_task.abort();
     if let Some(task) = control_task {
         task.abort();
     }
@@ -205,6 +235,8 @@ async fn master(config: Config, program: Program) -> Result<(), MasterError> {
         accepted = counters.accepted,
         redispatched = counters.redispatched,
         dropped = counters.dropped,
+        recycled = counters.recycled,
+        lost_with_worker = counters.lost_with_worker,
         "master stopped"
     );
     Ok(())
@@ -281,7 +313,7 @@ fn kill_all(ctx: &Ctx, why: &str) {
         reason = why,
         "killing remaining workers"
     );
-    for &pid in &table.live {
+    for &pid in table.live.keys() {
         let _ = sys::process::signal(pid, libc::SIGKILL);
     }
 }
@@ -299,176 +331,19 @@ pub(crate) fn flush(ctx: &Ctx) {
     }
 }
 
-/// Removes a worker whose channel is unusable (killing it) and re-dispatches its
-/// unacknowledged connections.
+/// Removes a worker whose channel is unusable (killing it, unless it is a draining worker
+/// on its way out) and re-dispatches its unacknowledged connections.
 fn give_up(ctx: &Ctx, index: usize, pid: u32, why: Lost) {
-    let lost = ctx.table.borrow_mut().lose(index, pid, &why);
-    if lost && !matches!(why, Lost::Exited) {
+    let (lost, draining) = {
+        let mut table = ctx.table.borrow_mut();
+        let draining = table
+            .live
+            .get(&pid)
+            .is_some_and(|l| l.fate == Fate::Draining);
+        (table.lose(index, pid, &why).is_some(), draining)
+    };
+    let exiting = matches!(why, Lost::Exited) || (draining && matches!(why, Lost::ChannelClosed));
+    if lost && !exiting {
         let _ = sys::process::signal(pid, libc::SIGKILL);
-    }
-}
-
-fn start_worker(ctx: &Rc<Ctx>, index: usize) {
-    let mut table = ctx.table.borrow_mut();
-    if table.stopping {
-        return;
-    }
-    let spawn_count = table.slots[index].spawns;
-    table.slots[index].spawns += 1;
-    let (heartbeat, drain) = (table.config.heartbeat, table.config.shutdown_timeout);
-    match supervise::spawn(&ctx.program, index, spawn_count, heartbeat, drain) {
-        Ok(spawned) => {
-            let pid = spawned.pid;
-            tracing::info!(worker = index, pid, "worker spawned");
-            table.counters.spawned += 1;
-            table.live.insert(pid);
-            let mut process = Process::new(pid, spawned.channel);
-            if let Err(e) = ctx.handout.send_to(&process.channel) {
-                tracing::error!(worker = index, pid, error = %e, "sending listeners to the worker failed");
-                let _ = sys::process::signal(pid, libc::SIGKILL);
-            }
-            let reader = spawn_local(read_channel(
-                ctx.clone(),
-                index,
-                pid,
-                process.channel.clone(),
-            ));
-            let writer = spawn_local(write_channel(
-                ctx.clone(),
-                index,
-                pid,
-                process.channel.clone(),
-                process.writer.clone(),
-            ));
-            process.tasks = vec![reader.abort_handle(), writer.abort_handle()];
-            table.slots[index].process = Some(process);
-            let started = Instant::now();
-            spawn_local(watch_exit(ctx.clone(), index, pid, started, spawned.child));
-        }
-        Err(e) => {
-            tracing::error!(worker = index, error = %e, source = ?std::error::Error::source(&e), "spawning worker failed");
-            drop(table);
-            schedule_respawn(ctx, index, Duration::ZERO);
-        }
-    }
-}
-
-fn schedule_respawn(ctx: &Rc<Ctx>, index: usize, uptime: Duration) {
-    let (delay, failures) = {
-        let mut table = ctx.table.borrow_mut();
-        if table.stopping {
-            return;
-        }
-        let backoff = &mut table.slots[index].backoff;
-        (backoff.on_exit(uptime), backoff.failures())
-    };
-    if failures >= 5 {
-        tracing::error!(
-            worker = index,
-            failures,
-            next_start_ms = delay.as_millis() as u64,
-            "worker keeps failing soon after start"
-        );
-    } else if !delay.is_zero() {
-        tracing::info!(
-            worker = index,
-            failures,
-            next_start_ms = delay.as_millis() as u64,
-            "restarting worker after backoff"
-        );
-    }
-    let ctx = ctx.clone();
-    spawn_local(async move {
-        tokio::time::sleep(delay).await;
-        start_worker(&ctx, index);
-    });
-}
-
-async fn watch_exit(
-    ctx: Rc<Ctx>,
-    index: usize,
-    pid: u32,
-    started: Instant,
-    mut child: tokio::process::Child,
-) {
-    let status = child.wait().await;
-    let uptime = started.elapsed();
-    match status {
-        Ok(status) => match (status.code(), status.signal()) {
-            (Some(code), _) => tracing::info!(worker = index, pid, code, "worker exited"),
-            (None, Some(signal)) => {
-                tracing::warn!(worker = index, pid, signal, "worker killed by signal")
-            }
-            _ => tracing::warn!(worker = index, pid, "worker ended"),
-        },
-        Err(e) => tracing::error!(worker = index, pid, error = %e, "waiting for worker failed"),
-    }
-    give_up(&ctx, index, pid, Lost::Exited);
-    flush(&ctx);
-    let (stopping, none_left) = {
-        let mut table = ctx.table.borrow_mut();
-        table.live.remove(&pid);
-        (table.stopping, table.live.is_empty())
-    };
-    if stopping {
-        if none_left {
-            ctx.table.borrow().all_exited.notify_waiters();
-        }
-    } else {
-        schedule_respawn(&ctx, index, uptime);
-    }
-}
-
-async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>) {
-    let mut buf = frame_buffer();
-    loop {
-        let first = channel.recv_frame(&mut buf).await;
-        let mut outcome = first.map(Some);
-        let verdict = loop {
-            match outcome {
-                Ok(Some((frame, _no_fds))) => {
-                    if let Err(lost) = ctx.table.borrow_mut().on_frame(index, frame) {
-                        break Err(lost);
-                    }
-                }
-                Ok(None) => break Ok(()),
-                Err(e) if e.is_closed() => break Err(Lost::ChannelClosed),
-                Err(e) => break Err(Lost::Channel(e)),
-            }
-            outcome = channel.try_recv_frame(&mut buf);
-        };
-        if let Err(lost) = verdict {
-            give_up(&ctx, index, pid, lost);
-            flush(&ctx);
-            return;
-        }
-        flush(&ctx);
-    }
-}
-
-async fn write_channel(
-    ctx: Rc<Ctx>,
-    index: usize,
-    pid: u32,
-    channel: Rc<Channel>,
-    wake: Rc<tokio::sync::Notify>,
-) {
-    loop {
-        wake.notified().await;
-        loop {
-            let mut guard = match channel.writable().await {
-                Ok(guard) => guard,
-                Err(e) => return give_up(&ctx, index, pid, Lost::Channel(e.into())),
-            };
-            let result = ctx.table.borrow_mut().flush(index);
-            match result {
-                Flush::Done => break,
-                Flush::Blocked => guard.clear_ready(),
-                Flush::Broken(e) => {
-                    give_up(&ctx, index, pid, Lost::Channel(e.into()));
-                    return flush(&ctx);
-                }
-            }
-        }
     }
 }

@@ -1,123 +1,98 @@
-//! The master's worker table and the dispatch path: which worker gets a connection, the
-//! per-worker outbox (accepted, not yet sent) and unacknowledged list (sent, copy kept until
-//! the worker confirms receipt), batching into `sendmsg`, acknowledgements and load reports,
-//! and re-dispatch when a worker is lost. Single-threaded: it lives in the master's one
-//! thread behind an `Rc<RefCell<..>>` and never holds a borrow across an `.await`.
+//! The master's worker table and the dispatch path: which worker gets a connection,
+//! acknowledgements and load reports, re-dispatch when a worker is lost, and the life of each
+//! slot: a slot has the process that gets its connections, briefly a successor starting
+//! beside it (recycling never lowers capacity), and retiring processes that drain. The
+//! policies that decide when to replace a worker live in `supervise::recycle`; the tasks that
+//! act on them in `master::lifecycle`. Single-threaded: it lives in the master's one thread
+//! behind an `Rc<RefCell<..>>` and never holds a borrow across an `.await`.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
+pub(crate) use super::process::{Flush, Pending, Phase, Process};
 use crate::balance::{Balance, Candidate};
 use crate::config::Config;
-use crate::ipc::frame::{self, ConnectionHeader, Frame, Status};
-use crate::ipc::{Channel, ChannelError};
-use crate::supervise::Backoff;
+use crate::ipc::frame::{self, Frame};
+use crate::ipc::ChannelError;
+use crate::supervise::{Backoff, Reason};
 use crate::sys::scm::MAX_FDS;
 use crate::sys::socket::Peer;
 
-/// An accepted connection the master still holds.
-#[derive(Debug)]
-pub(crate) struct Pending {
-    pub id: u64,
-    pub listener: u16,
-    pub peer: Peer,
-    pub fd: OwnedFd,
-}
-
-impl Pending {
-    fn header(&self) -> ConnectionHeader {
-        ConnectionHeader {
-            id: self.id,
-            listener: self.listener,
-            peer: self.peer,
-        }
-    }
-}
-
-/// Where a worker process is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum Phase {
-    /// Started, has not said ready: gets no connections yet.
-    Starting,
-    /// Gets connections.
-    Ready,
-    /// Gets no new connections; finishing what it has.
-    Draining,
-}
-
-/// A running worker process and the master's view of it.
-#[derive(Debug)]
-pub(crate) struct Process {
-    pub pid: u32,
-    pub channel: Rc<Channel>,
-    pub phase: Phase,
-    pub started: Instant,
-    pub last_heard: Instant,
-    /// Accepted for this worker, not yet sent.
-    outbox: VecDeque<Pending>,
-    /// Sent, not yet acknowledged; the master's copy keeps the connection alive.
-    unacked: VecDeque<Pending>,
-    /// Connections assigned to it (outbox + sent).
-    assigned: u64,
-    /// Connections sent on the channel.
-    sent: u64,
-    /// Connections it acknowledged.
-    received: u64,
-    /// Connections it reported finished.
-    closed: u64,
-    write_blocked: bool,
-    sending_closed: bool,
-    /// Wakes the task that waits for the channel to become writable.
-    pub writer: Rc<Notify>,
-    /// The tasks reading and writing its channel, stopped when it is lost.
-    pub tasks: Vec<tokio::task::AbortHandle>,
-}
-
-impl Process {
-    pub fn new(pid: u32, channel: Channel) -> Self {
-        let now = Instant::now();
-        Process {
-            pid,
-            channel: Rc::new(channel),
-            phase: Phase::Starting,
-            started: now,
-            last_heard: now,
-            outbox: VecDeque::new(),
-            unacked: VecDeque::new(),
-            assigned: 0,
-            sent: 0,
-            received: 0,
-            closed: 0,
-            write_blocked: false,
-            sending_closed: false,
-            writer: Rc::new(Notify::new()),
-            tasks: Vec::new(),
-        }
-    }
-
-    /// Connections handed to it and not finished: the load balancers compare.
-    pub fn active(&self) -> u64 {
-        self.assigned - self.closed
-    }
-
-    /// Connections the master still holds for it.
-    pub fn pending(&self) -> usize {
-        self.outbox.len() + self.unacked.len()
-    }
-}
-
-/// One worker slot: a process when one runs, and its respawn schedule.
+/// One worker slot.
 #[derive(Debug)]
 pub(crate) struct Slot {
+    /// The process that gets this slot's connections (or will, once ready).
     pub process: Option<Process>,
+    /// Its replacement while that starts; it takes over on its READY.
+    pub successor: Option<Process>,
+    /// Replaced processes finishing their connections.
+    pub retiring: Vec<Process>,
     pub spawns: u64,
     pub backoff: Backoff,
+    /// When a start waiting out the backoff is due.
+    pub respawn_at: Option<Instant>,
+}
+
+impl Slot {
+    fn new(backoff: Backoff) -> Self {
+        Slot {
+            process: None,
+            successor: None,
+            retiring: Vec::new(),
+            spawns: 0,
+            backoff,
+            respawn_at: None,
+        }
+    }
+
+    /// Every process of the slot: current, successor, retiring.
+    pub fn processes(&self) -> impl Iterator<Item = &Process> {
+        self.process
+            .iter()
+            .chain(&self.successor)
+            .chain(&self.retiring)
+    }
+
+    fn find_mut(&mut self, pid: u32) -> Option<&mut Process> {
+        self.process
+            .iter_mut()
+            .chain(&mut self.successor)
+            .chain(&mut self.retiring)
+            .find(|p| p.pid == pid)
+    }
+}
+
+/// Which of its slot's processes a process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Current,
+    Successor,
+    Retiring,
+}
+
+/// What the master expects of a process it has not reaped yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// Serving or starting: its exit is a failure and its slot needs a new process.
+    Serving,
+    /// Replaced and draining: its exit is the expected end.
+    Draining,
+    /// Given up on as unresponsive and already replaced: killed, expected to die.
+    Aborted,
+}
+
+/// A worker process not yet reaped.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Live {
+    pub slot: usize,
+    pub fate: Fate,
+    /// When it gets SIGKILL if it is still there.
+    pub kill_at: Option<Instant>,
 }
 
 /// Counters the control socket reports.
@@ -129,6 +104,17 @@ pub(crate) struct Counters {
     pub accept_errors: u64,
     pub protocol_errors: u64,
     pub spawned: u64,
+    /// Replacements asked for by a limit, a rolling restart or a scale-down.
+    pub recycled: u64,
+    /// Draining workers killed at the drain timeout.
+    pub drain_kills: u64,
+    /// Workers aborted for sending nothing for the worker timeout.
+    pub unresponsive: u64,
+    /// Times a slot entered a crash loop.
+    pub crash_loops: u64,
+    /// Connections lost workers had acknowledged and not reported finished (an upper bound
+    /// on the connections that died with them: reports lag).
+    pub lost_with_worker: u64,
 }
 
 /// Why a worker is being given up on.
@@ -140,31 +126,33 @@ pub(crate) enum Lost {
     Channel(#[source] ChannelError),
     #[error("it broke the protocol: {0}")]
     Protocol(String),
+    #[error("it sent nothing for {0} ms")]
+    Unresponsive(u64),
     #[error("it exited")]
     Exited,
-}
-
-/// The result of trying to send a worker's outbox.
-#[derive(Debug)]
-pub(crate) enum Flush {
-    Done,
-    Blocked,
-    Broken(io::Error),
 }
 
 /// The master's state.
 #[derive(Debug)]
 pub(crate) struct Table {
     pub config: Rc<Config>,
+    /// Slots `0..workers` are in use; any beyond were removed and only drain.
     pub slots: Vec<Slot>,
+    pub workers: usize,
     pub counters: Counters,
     pub stopping: bool,
-    /// Pids of every worker process not yet reaped, including lost ones.
-    pub live: HashSet<u32>,
+    /// Every worker process not yet reaped, including lost ones.
+    pub live: HashMap<u32, Live>,
     /// Notified when workers can take connections again.
     pub capacity: Rc<Notify>,
     /// Notified when the last live process has been reaped.
     pub all_exited: Rc<Notify>,
+    /// Wakes the lifecycle task: a replacement is wanted or one became ready.
+    pub wake: Rc<Notify>,
+    /// A rolling restart's queue: (slot, pid) still to replace.
+    pub restart: VecDeque<(usize, u32)>,
+    pub restart_batch: usize,
+    pub restarting: bool,
     /// `None` in the kernel modes, where workers accept for themselves.
     balancer: Option<Box<dyn Balance>>,
     candidates: Vec<Candidate>,
@@ -178,21 +166,22 @@ pub(crate) struct Table {
 impl Table {
     pub fn new(config: Rc<Config>) -> Self {
         let slots = (0..config.workers)
-            .map(|_| Slot {
-                process: None,
-                spawns: 0,
-                backoff: config.backoff.clone(),
-            })
+            .map(|_| Slot::new(config.backoff.clone()))
             .collect();
         Table {
             balancer: config.strategy.balancer(),
             candidates: vec![Candidate::default(); config.workers],
             slots,
+            workers: config.workers,
             counters: Counters::default(),
             stopping: false,
-            live: HashSet::new(),
+            live: HashMap::new(),
             capacity: Rc::new(Notify::new()),
             all_exited: Rc::new(Notify::new()),
+            wake: Rc::new(Notify::new()),
+            restart: VecDeque::new(),
+            restart_batch: 1,
+            restarting: false,
             retry: VecDeque::new(),
             next_id: 0,
             frame: Vec::with_capacity(frame::MAX_FRAME_LEN),
@@ -261,6 +250,14 @@ impl Table {
             .expect("eligible slots have a process");
         process.outbox.push_back(conn);
         process.assigned += 1;
+        let limit_reached = process.retire.is_none()
+            && process
+                .limits
+                .max_connections
+                .is_some_and(|n| process.assigned >= n);
+        if limit_reached {
+            self.recycle(index, Reason::MaxConnections);
+        }
         Ok(())
     }
 
@@ -274,75 +271,44 @@ impl Table {
         }
     }
 
-    /// Sends every worker's outbox that can be sent now; returns the workers whose channel
-    /// broke.
+    /// Sends every outbox that can be sent now (and closes the channels of draining workers
+    /// whose outbox is empty); returns the workers whose channel broke.
     pub fn flush_all(&mut self) -> Vec<(usize, u32, io::Error)> {
+        let Table {
+            slots, frame, fds, ..
+        } = self;
         let mut broken = Vec::new();
-        for index in 0..self.slots.len() {
-            let Some(process) = self.slots[index].process.as_ref() else {
-                continue;
-            };
-            if process.write_blocked
-                || (process.outbox.is_empty() && !self.wants_sending_closed(process))
-            {
-                continue;
-            }
-            let pid = process.pid;
-            if let Flush::Broken(e) = self.flush(index) {
-                broken.push((index, pid, e));
+        for (index, slot) in slots.iter_mut().enumerate() {
+            let processes = slot
+                .process
+                .iter_mut()
+                .chain(&mut slot.successor)
+                .chain(&mut slot.retiring);
+            for process in processes.filter(|p| p.wants_flush()) {
+                if let Flush::Broken(e) = process.flush(frame, fds) {
+                    broken.push((index, process.pid, e));
+                }
             }
         }
         broken
     }
 
-    fn wants_sending_closed(&self, process: &Process) -> bool {
-        process.phase == Phase::Draining && !process.sending_closed
-    }
-
-    /// Sends slot `index`'s outbox in batches of up to 253 fds per `sendmsg`; once a
-    /// draining worker's outbox is empty, closes the sending side so it reads the end.
-    pub fn flush(&mut self, index: usize) -> Flush {
+    /// Sends process `pid`'s outbox (see [`Process::flush`]).
+    pub fn flush(&mut self, index: usize, pid: u32) -> Flush {
         let Table {
             slots, frame, fds, ..
         } = self;
-        let Some(process) = slots[index].process.as_mut() else {
-            return Flush::Done;
-        };
-        process.write_blocked = false;
-        while !process.outbox.is_empty() {
-            let batch = process.outbox.len().min(MAX_FDS);
-            frame::encode_connections(
-                frame,
-                process.outbox.iter().take(batch).map(Pending::header),
-            );
-            fds.clear();
-            fds.extend(process.outbox.iter().take(batch).map(|c| c.fd.as_raw_fd()));
-            match process.channel.try_send(frame, fds) {
-                Ok(()) => {
-                    process.unacked.extend(process.outbox.drain(..batch));
-                    process.sent += batch as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    process.write_blocked = true;
-                    process.writer.notify_one();
-                    return Flush::Blocked;
-                }
-                Err(e) => return Flush::Broken(e),
-            }
+        match slots.get_mut(index).and_then(|s| s.find_mut(pid)) {
+            Some(process) => process.flush(frame, fds),
+            None => Flush::Done,
         }
-        if process.phase == Phase::Draining && !process.sending_closed {
-            process.sending_closed = true;
-            if let Err(e) = process.channel.close_sending() {
-                return Flush::Broken(e);
-            }
-        }
-        Flush::Done
     }
 
-    /// Applies a frame from the worker in slot `index`.
-    pub fn on_frame(&mut self, index: usize, frame: Frame) -> Result<(), Lost> {
+    /// Applies a frame from worker `pid` of slot `index`.
+    pub fn on_frame(&mut self, index: usize, pid: u32, frame: Frame) -> Result<(), Lost> {
         let max_pending = self.config.max_pending;
-        let Some(process) = self.slots[index].process.as_mut() else {
+        let worker_accepts = self.balancer.is_none();
+        let Some(process) = self.slots[index].find_mut(pid) else {
             return Ok(());
         };
         process.last_heard = Instant::now();
@@ -351,14 +317,21 @@ impl Table {
             Frame::Ready => {
                 if process.phase == Phase::Starting {
                     process.phase = Phase::Ready;
-                    tracing::info!(worker = index, pid = process.pid, "worker ready");
+                    tracing::info!(worker = index, pid, "worker ready");
+                    if self.slots[index]
+                        .successor
+                        .as_ref()
+                        .is_some_and(|s| s.pid == pid)
+                    {
+                        self.take_over(index);
+                    }
                     self.redispatch();
                     self.capacity.notify_waiters();
                 }
                 Ok(())
             }
             Frame::Status(status) => {
-                apply_status(process, status, self.balancer.is_none())?;
+                process.apply_status(status, worker_accepts)?;
                 if was_full && process.pending() < max_pending || !self.retry.is_empty() {
                     self.redispatch();
                     self.capacity.notify_waiters();
@@ -372,46 +345,192 @@ impl Table {
         }
     }
 
-    /// Removes the process of slot `index` if it is still `pid`, and queues every
-    /// connection it had not acknowledged for another worker. Returns whether it was there.
-    pub fn lose(&mut self, index: usize, pid: u32, why: &Lost) -> bool {
+    /// Process `pid` of slot `index`, wherever it is in the slot.
+    pub fn find(&self, index: usize, pid: u32) -> Option<&Process> {
+        self.slots.get(index)?.processes().find(|p| p.pid == pid)
+    }
+
+    /// Slot `index`'s successor is ready: it gets the slot's connections from now on and the
+    /// process it replaces drains.
+    fn take_over(&mut self, index: usize) {
         let slot = &mut self.slots[index];
-        if slot.process.as_ref().is_none_or(|p| p.pid != pid) {
+        let Some(successor) = slot.successor.take() else {
+            return;
+        };
+        if let Some(old) = slot.process.replace(successor) {
+            let reason = old.retire.unwrap_or(Reason::Restart);
+            self.retire(index, old, reason);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Asks for a replacement of slot `index`'s process (the lifecycle task starts it); the
+    /// process keeps serving until the replacement is ready. Returns false if one was already
+    /// asked for, or there is no process to replace.
+    pub fn recycle(&mut self, index: usize, reason: Reason) -> bool {
+        let now = Instant::now();
+        let Some(process) = self.slots.get_mut(index).and_then(|s| s.process.as_mut()) else {
+            return false;
+        };
+        if process.retire.is_some() || process.phase == Phase::Draining {
             return false;
         }
-        let process = slot.process.take().expect("checked above");
+        process.retire = Some(reason);
+        self.counters.recycled += 1;
+        let (pid, usage, limits) = (process.pid, process.usage(now), process.limits);
+        match reason {
+            Reason::MaxConnections => tracing::info!(
+                worker = index,
+                pid,
+                reason = %reason,
+                connections = usage.connections,
+                limit = limits.max_connections,
+                "recycling worker"
+            ),
+            Reason::MaxRss => tracing::info!(
+                worker = index,
+                pid,
+                reason = %reason,
+                rss_kib = usage.rss.map(|b| b / 1024),
+                limit_kib = limits.max_rss.map(|b| b / 1024),
+                "recycling worker"
+            ),
+            Reason::MaxAge => tracing::info!(
+                worker = index,
+                pid,
+                reason = %reason,
+                age_ms = usage.age.as_millis() as u64,
+                limit_ms = limits.max_age.map(|a| a.as_millis() as u64),
+                "recycling worker"
+            ),
+            _ => tracing::info!(worker = index, pid, reason = %reason, "recycling worker"),
+        }
+        self.wake.notify_one();
+        true
+    }
+
+    /// Moves `process` to slot `index`'s retiring list, draining: no new connections, the
+    /// channel's sending side closed once its outbox is sent (by the next flush), killed if
+    /// it is still there after the drain timeout.
+    fn retire(&mut self, index: usize, mut process: Process, reason: Reason) {
+        process.phase = Phase::Draining;
+        process.retire = Some(reason);
+        process.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
+        tracing::info!(
+            worker = index,
+            pid = process.pid,
+            reason = %reason,
+            active = process.active(),
+            "worker draining"
+        );
+        if let Some(live) = self.live.get_mut(&process.pid) {
+            live.fate = Fate::Draining;
+        }
+        self.slots[index].retiring.push(process);
+    }
+
+    /// Removes process `pid` of slot `index` wherever it is, and queues every connection it
+    /// had not acknowledged for another worker. If it was the slot's process, a starting
+    /// successor takes its place. Returns what it was, or `None` if it was already gone.
+    pub fn lose(&mut self, index: usize, pid: u32, why: &Lost) -> Option<Role> {
+        let slot = self.slots.get_mut(index)?;
+        let (role, mut process) = if slot.process.as_ref().is_some_and(|p| p.pid == pid) {
+            let process = slot.process.take().expect("checked above");
+            slot.process = slot.successor.take();
+            (Role::Current, process)
+        } else if slot.successor.as_ref().is_some_and(|p| p.pid == pid) {
+            (
+                Role::Successor,
+                slot.successor.take().expect("checked above"),
+            )
+        } else {
+            let at = slot.retiring.iter().position(|p| p.pid == pid)?;
+            (Role::Retiring, slot.retiring.swap_remove(at))
+        };
         process
             .tasks
             .iter()
             .for_each(tokio::task::AbortHandle::abort);
-        let orphans = process.unacked.len() + process.outbox.len();
+        let orphans = process.pending();
+        let owned = process.owned();
+        self.counters.lost_with_worker += owned;
+        let ending = matches!(why, Lost::Exited | Lost::ChannelClosed);
         match why {
-            Lost::Exited => tracing::debug!(worker = index, pid, "worker gone"),
-            Lost::ChannelClosed if process.phase == Phase::Draining => {
-                tracing::debug!(
-                    worker = index,
-                    pid,
-                    orphans,
-                    "drained worker closed its channel"
-                )
+            _ if ending && process.phase == Phase::Draining && owned == 0 => {
+                tracing::info!(worker = index, pid, orphans, "worker drained")
             }
+            _ if ending && process.phase == Phase::Draining => tracing::warn!(
+                worker = index,
+                pid,
+                orphans,
+                owned,
+                "worker ended before finishing its connections"
+            ),
+            Lost::Exited => tracing::debug!(worker = index, pid, orphans, owned, "worker gone"),
             _ => {
-                tracing::warn!(worker = index, pid, reason = %why, source = ?std::error::Error::source(why), orphans, "worker lost")
+                tracing::warn!(worker = index, pid, reason = %why, source = ?std::error::Error::source(why), orphans, owned, "worker lost")
             }
         }
         if matches!(why, Lost::Protocol(_) | Lost::Channel(_)) {
             self.counters.protocol_errors += 1;
         }
         // Oldest first, so re-dispatch keeps accept order.
-        let mut orphaned: Vec<Pending> =
-            process.unacked.into_iter().chain(process.outbox).collect();
-        orphaned.sort_by_key(|c| c.id);
+        let orphaned = process.take_orphans();
         self.counters.redispatched += orphaned.len() as u64;
         for conn in orphaned.into_iter().rev() {
             self.retry.push_front(conn);
         }
         self.redispatch();
-        true
+        Some(role)
+    }
+
+    /// Whether slot `index` is in use and lacks a process it should start now: none at all,
+    /// or a successor for a process being replaced.
+    pub fn wants_start(&self, index: usize) -> bool {
+        let Some(slot) = self.slots.get(index) else {
+            return false;
+        };
+        !self.stopping
+            && index < self.workers
+            && slot.successor.is_none()
+            && slot
+                .process
+                .as_ref()
+                .is_none_or(|p| p.retire.is_some() && p.phase != Phase::Draining)
+    }
+
+    /// Adds a worker slot (reusing the first removed one); returns its index.
+    pub fn add_slot(&mut self) -> usize {
+        let index = self.workers;
+        self.workers += 1;
+        if self.slots.len() < self.workers {
+            self.slots.push(Slot::new(self.config.backoff.clone()));
+            self.candidates.push(Candidate::default());
+        }
+        index
+    }
+
+    /// Removes the last worker slot, draining its processes; never the last one. Returns the
+    /// removed index.
+    pub fn remove_slot(&mut self) -> Option<usize> {
+        if self.workers <= 1 {
+            return None;
+        }
+        self.workers -= 1;
+        let index = self.workers;
+        let slot = &mut self.slots[index];
+        slot.respawn_at = None;
+        let leaving: Vec<Process> = slot
+            .process
+            .take()
+            .into_iter()
+            .chain(slot.successor.take())
+            .collect();
+        for process in leaving {
+            self.retire(index, process, Reason::ScaleDown);
+        }
+        // Connections assigned to it and not yet sent go with it: it still serves them.
+        Some(index)
     }
 
     /// Drops connections nobody can take any more (every worker is gone while stopping).
@@ -431,228 +550,28 @@ impl Table {
         self.retry.len()
     }
 
-    /// Marks every process draining: no new connections; the channel's sending side is
-    /// closed once its outbox is sent.
+    /// Marks every process draining (the master is stopping): no new connections; the
+    /// channel's sending side is closed once its outbox is sent. The shutdown timeout, not
+    /// the drain timeout, bounds them now.
     pub fn drain_all(&mut self) {
         for slot in &mut self.slots {
-            if let Some(p) = slot.process.as_mut() {
+            let processes = slot
+                .process
+                .iter_mut()
+                .chain(&mut slot.successor)
+                .chain(&mut slot.retiring);
+            for p in processes {
                 p.phase = Phase::Draining;
+                p.retire.get_or_insert(Reason::Shutdown);
+                p.drain_deadline = None;
+                if let Some(live) = self.live.get_mut(&p.pid) {
+                    live.fate = Fate::Draining;
+                }
             }
         }
     }
 }
 
-/// Checks a worker's report against what it was sent and releases acknowledged copies. In
-/// the kernel modes the worker accepts itself, so its count of received connections is what
-/// it was "sent".
-fn apply_status(process: &mut Process, status: Status, worker_accepts: bool) -> Result<(), Lost> {
-    if worker_accepts && status.received_total >= process.sent {
-        process.sent = status.received_total;
-        process.assigned = status.received_total;
-    }
-    if status.received_total > process.sent || status.received_total < process.received {
-        return Err(Lost::Protocol(format!(
-            "status says {} received; {} were sent and {} acknowledged before",
-            status.received_total, process.sent, process.received
-        )));
-    }
-    if status.closed_total > status.received_total || status.closed_total < process.closed {
-        return Err(Lost::Protocol(format!(
-            "status says {} finished of {} received; {} were finished before",
-            status.closed_total, status.received_total, process.closed
-        )));
-    }
-    // received <= sent, so these are exactly the oldest unacknowledged copies (none in the
-    // kernel modes). Dropping them closes the master's fds.
-    let newly = (status.received_total - process.received) as usize;
-    process.unacked.drain(..newly.min(process.unacked.len()));
-    process.received = status.received_total;
-    process.closed = status.closed_total;
-    Ok(())
-}
-
-/// The control socket's view of one slot.
-#[derive(Debug, serde::Serialize)]
-pub(crate) struct SlotReport {
-    pub worker: usize,
-    pub pid: Option<u32>,
-    pub phase: Option<Phase>,
-    pub active: u64,
-    pub pending: usize,
-    pub assigned: u64,
-    pub finished: u64,
-    pub spawns: u64,
-    pub failures: u32,
-    pub uptime_ms: u64,
-}
-
-impl Table {
-    pub fn report(&self) -> Vec<SlotReport> {
-        self.slots
-            .iter()
-            .enumerate()
-            .map(|(worker, slot)| {
-                let p = slot.process.as_ref();
-                SlotReport {
-                    worker,
-                    pid: p.map(|p| p.pid),
-                    phase: p.map(|p| p.phase),
-                    active: p.map_or(0, Process::active),
-                    pending: p.map_or(0, Process::pending),
-                    assigned: p.map_or(0, |p| p.assigned),
-                    finished: p.map_or(0, |p| p.closed),
-                    spawns: slot.spawns,
-                    failures: slot.backoff.failures(),
-                    uptime_ms: p.map_or(0, |p| p.started.elapsed().as_millis() as u64),
-                }
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::balance::Strategy;
-    use crate::sys::socket::seqpacket_pair;
-
-    fn table(workers: usize, max_pending: usize) -> (Table, Vec<OwnedFd>) {
-        let config = Config {
-            workers,
-            max_pending,
-            strategy: Strategy::RoundRobin,
-            ..Config::default()
-        };
-        let mut table = Table::new(Rc::new(config));
-        let mut worker_ends = Vec::new();
-        for (i, slot) in table.slots.iter_mut().enumerate() {
-            let (master, worker) = seqpacket_pair().unwrap();
-            let mut p = Process::new(1000 + i as u32, Channel::new(master).unwrap());
-            p.phase = Phase::Ready;
-            slot.process = Some(p);
-            worker_ends.push(worker);
-        }
-        (table, worker_ends)
-    }
-
-    fn connection() -> OwnedFd {
-        seqpacket_pair().unwrap().0
-    }
-
-    #[tokio::test]
-    async fn stops_accepting_at_the_pending_cap_and_resumes_on_ack() {
-        let (mut t, _ends) = table(2, 3);
-        for _ in 0..6 {
-            assert!(t.can_accept());
-            t.accepted(connection(), 0, Peer::Unix);
-        }
-        assert!(!t.can_accept(), "both workers at their cap of 3");
-        assert!(t.flush_all().is_empty());
-        t.on_frame(
-            0,
-            Frame::Status(Status {
-                received_total: 2,
-                closed_total: 0,
-            }),
-        )
-        .unwrap();
-        assert!(t.can_accept());
-        assert_eq!(t.slots[0].process.as_ref().unwrap().pending(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_lost_worker_s_unacknowledged_connections_go_to_another() {
-        let (mut t, _ends) = table(2, 10);
-        for _ in 0..4 {
-            t.accepted(connection(), 0, Peer::Unix);
-        }
-        assert!(t.flush_all().is_empty());
-        t.on_frame(
-            0,
-            Frame::Status(Status {
-                received_total: 1,
-                closed_total: 0,
-            }),
-        )
-        .unwrap();
-        assert!(t.lose(0, 1000, &Lost::ChannelClosed));
-        let survivor = t.slots[1].process.as_ref().unwrap();
-        assert_eq!(
-            survivor.pending(),
-            3,
-            "its own 2 plus the dead worker's 1 unacknowledged"
-        );
-        assert_eq!(t.counters.redispatched, 1);
-        assert!(!t.lose(0, 1000, &Lost::Exited), "losing twice is a no-op");
-    }
-
-    #[tokio::test]
-    async fn a_status_acknowledging_unsent_connections_is_a_protocol_error() {
-        let (mut t, _ends) = table(1, 10);
-        t.accepted(connection(), 0, Peer::Unix);
-        let err = t
-            .on_frame(
-                0,
-                Frame::Status(Status {
-                    received_total: 5,
-                    closed_total: 0,
-                }),
-            )
-            .unwrap_err();
-        assert!(matches!(err, Lost::Protocol(_)), "{err}");
-    }
-
-    #[tokio::test]
-    async fn a_status_finishing_more_than_received_is_a_protocol_error() {
-        let (mut t, _ends) = table(1, 10);
-        t.accepted(connection(), 0, Peer::Unix);
-        t.flush_all();
-        let err = t
-            .on_frame(
-                0,
-                Frame::Status(Status {
-                    received_total: 1,
-                    closed_total: 2,
-                }),
-            )
-            .unwrap_err();
-        assert!(matches!(err, Lost::Protocol(_)), "{err}");
-    }
-
-    #[tokio::test]
-    async fn a_worker_sending_connections_is_a_protocol_error() {
-        let (mut t, _ends) = table(1, 10);
-        let err = t.on_frame(0, Frame::Connections(Vec::new())).unwrap_err();
-        assert!(matches!(err, Lost::Protocol(_)));
-    }
-
-    #[tokio::test]
-    async fn load_counts_assigned_minus_finished() {
-        let (mut t, _ends) = table(1, 10);
-        for _ in 0..3 {
-            t.accepted(connection(), 0, Peer::Unix);
-        }
-        t.flush_all();
-        t.on_frame(
-            0,
-            Frame::Status(Status {
-                received_total: 3,
-                closed_total: 2,
-            }),
-        )
-        .unwrap();
-        let p = t.slots[0].process.as_ref().unwrap();
-        assert_eq!((p.active(), p.pending()), (1, 0));
-    }
-
-    #[tokio::test]
-    async fn with_no_worker_ready_connections_wait_for_redispatch() {
-        let (mut t, _ends) = table(1, 10);
-        t.slots[0].process.as_mut().unwrap().phase = Phase::Starting;
-        assert!(!t.can_accept());
-        t.accepted(connection(), 0, Peer::Unix);
-        assert_eq!(t.retry_len(), 1);
-        t.on_frame(0, Frame::Ready).unwrap();
-        assert_eq!(t.retry_len(), 0);
-    }
-}
+#[path = "table_tests.rs"]
+mod tests;

@@ -40,7 +40,25 @@ impl Backoff {
     pub fn failures(&self) -> u32 {
         self.failures
     }
+
+    /// Notes that the slot's worker has now run for `uptime` without failing: once that is
+    /// the stable period, the failure count is cleared (a worker that recovered from a crash
+    /// loop stops being reported as one).
+    pub fn note_uptime(&mut self, uptime: Duration) {
+        if uptime >= self.stable_after {
+            self.failures = 0;
+        }
+    }
+
+    /// Whether the slot is in a crash loop: [`CRASH_LOOP_FAILURES`] quick failures in a row
+    /// or more.
+    pub fn crash_looping(&self) -> bool {
+        self.failures >= CRASH_LOOP_FAILURES
+    }
 }
+
+/// Quick failures in a row after which a slot is reported as crash-looping.
+pub const CRASH_LOOP_FAILURES: u32 = 5;
 
 impl Default for Backoff {
     fn default() -> Self {
@@ -77,6 +95,24 @@ mod tests {
         assert_eq!(b.on_exit(Duration::from_secs(60)), Duration::ZERO);
         assert_eq!(b.failures(), 0);
         assert_eq!(b.on_exit(QUICK), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_worker_that_stays_up_clears_the_crash_loop() {
+        let mut b = Backoff::default();
+        for _ in 0..CRASH_LOOP_FAILURES {
+            b.on_exit(QUICK);
+        }
+        assert!(b.crash_looping());
+        b.note_uptime(Duration::from_secs(3));
+        assert!(b.crash_looping(), "not yet stable");
+        b.note_uptime(Duration::from_secs(10));
+        assert!(!b.crash_looping());
+        assert_eq!(
+            b.on_exit(QUICK),
+            Duration::from_millis(100),
+            "schedule restarts"
+        );
     }
 
     #[test]

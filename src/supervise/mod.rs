@@ -1,10 +1,13 @@
 //! Supervision: how a worker process is started (the current binary re-executed, or a
-//! user's command) and when a dead one is started again ([`Backoff`]). Runs in the master.
+//! user's command), when a dead one is started again ([`Backoff`]) and when a live one is
+//! replaced by a fresh one ([`recycle`]). Runs in the master.
 
 mod backoff;
+pub mod recycle;
 mod spawn;
 
-pub use backoff::Backoff;
+pub use backoff::{Backoff, CRASH_LOOP_FAILURES};
+pub use recycle::{Limits, Reason};
 pub use spawn::{spawn, Program, SpawnError, Spawned};
 
 /// Environment variable naming the worker's channel fd (always 3).

@@ -324,3 +324,148 @@ impl Held {
         })
     }
 }
+
+/// How many lines of the master's log contain every one of `needles`.
+pub fn log_lines(log: &str, needles: &[&str]) -> usize {
+    log.lines()
+        .filter(|line| needles.iter().all(|n| line.contains(n)))
+        .count()
+}
+
+/// The value of `field=` in a log line (`field=123` → `"123"`).
+pub fn log_field<'a>(line: &'a str, field: &str) -> Option<&'a str> {
+    let key = format!(" {field}=");
+    let start = line.find(&key)? + key.len();
+    line[start..].split_whitespace().next()
+}
+
+/// What an open-loop load run saw.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// Requests started.
+    pub sent: usize,
+    /// Answered 200 with the demo body.
+    pub ok: usize,
+    /// Why each failed request failed.
+    pub failures: Vec<String>,
+    /// Answers per worker pid.
+    pub by_pid: std::collections::HashMap<u32, usize>,
+}
+
+impl LoadReport {
+    /// Failure reasons with their counts, most frequent first.
+    pub fn failure_kinds(&self) -> Vec<(String, usize)> {
+        let mut kinds = std::collections::HashMap::<String, usize>::new();
+        for failure in &self.failures {
+            *kinds.entry(failure.clone()).or_default() += 1;
+        }
+        let mut kinds: Vec<_> = kinds.into_iter().collect();
+        kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+        kinds
+    }
+}
+
+/// Bounded open-loop load on one address: a new connection with one `GET /` (connection:
+/// close) every 1/`per_second` s on schedule, whatever the answers do, up to `max`
+/// requests; up to `CLIENTS` requests in flight (later ones wait their turn, which counts
+/// in their latency). Each request has 10 s timeouts.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicUsize>,
+    dispatcher: Option<std::thread::JoinHandle<LoadReport>>,
+}
+
+impl Load {
+    const CLIENTS: usize = 32;
+
+    pub fn start(addr: SocketAddr, per_second: u32, max: usize) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (stop_flag, sent_count) = (stop.clone(), sent.clone());
+        let dispatcher = std::thread::spawn(move || {
+            let (jobs, queue) = std::sync::mpsc::channel::<()>();
+            let queue = Arc::new(Mutex::new(queue));
+            let clients: Vec<_> = (0..Self::CLIENTS)
+                .map(|_| {
+                    let queue = queue.clone();
+                    std::thread::spawn(move || {
+                        let mut report = LoadReport::default();
+                        loop {
+                            let job = queue.lock().unwrap().recv();
+                            if job.is_err() {
+                                return report;
+                            }
+                            report.sent += 1;
+                            match http_get(addr) {
+                                Ok(r) if r.status == 200 && r.body == "hola, mundo\n" => {
+                                    report.ok += 1;
+                                    *report.by_pid.entry(r.pid).or_default() += 1;
+                                }
+                                Ok(r) => report.failures.push(format!("status {}", r.status)),
+                                Err(e) => report.failures.push(format!("{:?}", e.kind())),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let period = Duration::from_secs_f64(1.0 / f64::from(per_second));
+            let start = Instant::now();
+            for i in 0..max {
+                if stop_flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let due = start + period * i as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                jobs.send(()).unwrap();
+                sent_count.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(jobs);
+            let mut total = LoadReport::default();
+            for client in clients {
+                let report = client.join().unwrap();
+                total.sent += report.sent;
+                total.ok += report.ok;
+                total.failures.extend(report.failures);
+                for (pid, n) in report.by_pid {
+                    *total.by_pid.entry(pid).or_default() += n;
+                }
+            }
+            total
+        });
+        Load {
+            stop,
+            sent,
+            dispatcher: Some(dispatcher),
+        }
+    }
+
+    /// Requests started so far.
+    pub fn sent(&self) -> usize {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (bounded) until `n` requests were started.
+    pub fn wait_sent(&self, n: usize) -> bool {
+        wait_until(PATIENCE, || self.sent() >= n)
+    }
+
+    /// Sends the rest of the schedule and waits for every answer.
+    pub fn finish(mut self) -> LoadReport {
+        self.dispatcher.take().unwrap().join().unwrap()
+    }
+
+    /// Stops starting requests and waits for the answers of those started.
+    pub fn stop(mut self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.dispatcher.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,236 @@
+//! One worker process as the master sees it: where it is in its life, the connections held
+//! for it (outbox: accepted, not yet sent; unacknowledged: sent, the master's copy kept until
+//! the worker confirms receipt), its counters and its own recycling limits. Sending its
+//! outbox in `sendmsg` batches and applying its STATUS reports happen here; the
+//! [`Table`](super::table::Table) decides who gets what.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use super::table::Lost;
+use crate::ipc::frame::{self, ConnectionHeader, Status};
+use crate::ipc::Channel;
+use crate::supervise::recycle::{Limits, Reason, Usage};
+use crate::sys::scm::MAX_FDS;
+use crate::sys::socket::Peer;
+
+/// An accepted connection the master still holds.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub id: u64,
+    pub listener: u16,
+    pub peer: Peer,
+    pub fd: OwnedFd,
+}
+
+impl Pending {
+    fn header(&self) -> ConnectionHeader {
+        ConnectionHeader {
+            id: self.id,
+            listener: self.listener,
+            peer: self.peer,
+        }
+    }
+}
+
+/// Where a worker process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Phase {
+    /// Started, has not said ready: gets no connections yet.
+    Starting,
+    /// Gets connections.
+    Ready,
+    /// Gets no new connections; finishing what it has.
+    Draining,
+}
+
+/// A running worker process and the master's view of it.
+#[derive(Debug)]
+pub(crate) struct Process {
+    pub pid: u32,
+    pub channel: Rc<Channel>,
+    pub phase: Phase,
+    pub started: Instant,
+    pub last_heard: Instant,
+    /// This process's own (jittered) recycling limits.
+    pub limits: Limits,
+    /// Why it is being replaced: set when its replacement is asked for, kept while it drains.
+    pub retire: Option<Reason>,
+    /// When a draining process is killed if it has not exited (none while the master stops:
+    /// the shutdown timeout rules then).
+    pub drain_deadline: Option<Instant>,
+    /// Its resident set in bytes, when last read.
+    pub rss: Option<u64>,
+    /// Accepted for this worker, not yet sent.
+    pub(super) outbox: VecDeque<Pending>,
+    /// Sent, not yet acknowledged; the master's copy keeps the connection alive.
+    pub(super) unacked: VecDeque<Pending>,
+    /// Connections assigned to it (outbox + sent).
+    pub(super) assigned: u64,
+    /// Connections sent on the channel.
+    sent: u64,
+    /// Connections it acknowledged.
+    pub(super) received: u64,
+    /// Connections it reported finished.
+    pub(super) closed: u64,
+    pub(super) write_blocked: bool,
+    sending_closed: bool,
+    /// Wakes the task that waits for the channel to become writable.
+    pub writer: Rc<Notify>,
+    /// The tasks reading and writing its channel, stopped when it is lost.
+    pub tasks: Vec<tokio::task::AbortHandle>,
+}
+
+/// The result of trying to send a worker's outbox.
+#[derive(Debug)]
+pub(crate) enum Flush {
+    Done,
+    Blocked,
+    Broken(io::Error),
+}
+
+impl Process {
+    pub fn new(pid: u32, channel: Channel) -> Self {
+        let now = Instant::now();
+        Process {
+            pid,
+            channel: Rc::new(channel),
+            phase: Phase::Starting,
+            started: now,
+            last_heard: now,
+            limits: Limits::default(),
+            retire: None,
+            drain_deadline: None,
+            rss: None,
+            outbox: VecDeque::new(),
+            unacked: VecDeque::new(),
+            assigned: 0,
+            sent: 0,
+            received: 0,
+            closed: 0,
+            write_blocked: false,
+            sending_closed: false,
+            writer: Rc::new(Notify::new()),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Connections handed to it and not finished: the load balancers compare.
+    pub fn active(&self) -> u64 {
+        self.assigned - self.closed
+    }
+
+    /// Connections the master still holds for it.
+    pub fn pending(&self) -> usize {
+        self.outbox.len() + self.unacked.len()
+    }
+
+    /// Connections it acknowledged and has not reported finished: what dies with it.
+    pub fn owned(&self) -> u64 {
+        self.received - self.closed
+    }
+
+    /// Connections handed to it so far.
+    pub fn assigned(&self) -> u64 {
+        self.assigned
+    }
+
+    /// Connections it reported finished.
+    pub fn finished(&self) -> u64 {
+        self.closed
+    }
+
+    /// What the recycling limits are checked against.
+    pub fn usage(&self, now: Instant) -> Usage {
+        Usage {
+            age: now.saturating_duration_since(self.started),
+            connections: self.assigned,
+            rss: self.rss,
+        }
+    }
+
+    /// Whether there is something to send now: its outbox, or the end of a draining
+    /// worker's channel.
+    pub fn wants_flush(&self) -> bool {
+        !self.write_blocked
+            && (!self.outbox.is_empty() || (self.phase == Phase::Draining && !self.sending_closed))
+    }
+
+    /// Sends its outbox in batches of up to 253 fds per `sendmsg`; once a draining worker's
+    /// outbox is empty, closes the sending side so it reads the end. `frame` and `fds` are
+    /// scratch buffers.
+    pub fn flush(&mut self, frame: &mut Vec<u8>, fds: &mut Vec<RawFd>) -> Flush {
+        self.write_blocked = false;
+        while !self.outbox.is_empty() {
+            let batch = self.outbox.len().min(MAX_FDS);
+            frame::encode_connections(frame, self.outbox.iter().take(batch).map(Pending::header));
+            fds.clear();
+            fds.extend(self.outbox.iter().take(batch).map(|c| c.fd.as_raw_fd()));
+            match self.channel.try_send(frame, fds) {
+                Ok(()) => {
+                    self.unacked.extend(self.outbox.drain(..batch));
+                    self.sent += batch as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.write_blocked = true;
+                    self.writer.notify_one();
+                    return Flush::Blocked;
+                }
+                Err(e) => return Flush::Broken(e),
+            }
+        }
+        if self.phase == Phase::Draining && !self.sending_closed {
+            self.sending_closed = true;
+            if let Err(e) = self.channel.close_sending() {
+                return Flush::Broken(e);
+            }
+        }
+        Flush::Done
+    }
+
+    /// Checks a report against what it was sent and releases acknowledged copies. In the
+    /// kernel modes the worker accepts itself, so its count of received connections is what
+    /// it was "sent".
+    pub fn apply_status(&mut self, status: Status, worker_accepts: bool) -> Result<(), Lost> {
+        if worker_accepts && status.received_total >= self.sent {
+            self.sent = status.received_total;
+            self.assigned = status.received_total;
+        }
+        if status.received_total > self.sent || status.received_total < self.received {
+            return Err(Lost::Protocol(format!(
+                "status says {} received; {} were sent and {} acknowledged before",
+                status.received_total, self.sent, self.received
+            )));
+        }
+        if status.closed_total > status.received_total || status.closed_total < self.closed {
+            return Err(Lost::Protocol(format!(
+                "status says {} finished of {} received; {} were finished before",
+                status.closed_total, status.received_total, self.closed
+            )));
+        }
+        // received <= sent, so these are exactly the oldest unacknowledged copies (none in
+        // the kernel modes). Dropping them closes the master's fds.
+        let newly = (status.received_total - self.received) as usize;
+        self.unacked.drain(..newly.min(self.unacked.len()));
+        self.received = status.received_total;
+        self.closed = status.closed_total;
+        Ok(())
+    }
+
+    /// Every connection the master still holds for it, oldest first (it is being lost).
+    pub fn take_orphans(&mut self) -> Vec<Pending> {
+        let mut orphaned: Vec<Pending> = self
+            .unacked
+            .drain(..)
+            .chain(self.outbox.drain(..))
+            .collect();
+        orphaned.sort_by_key(|c| c.id);
+        orphaned
+    }
+}

@@ -1,0 +1,345 @@
+//! Unit tests of the worker table: dispatch, acknowledgements, loss, and the slot life
+//! cycle (successor, take-over, retiring, scaling).
+
+use super::*;
+use crate::balance::Strategy;
+use crate::ipc::frame::Status;
+use crate::ipc::Channel;
+use crate::supervise::Limits;
+use crate::sys::socket::seqpacket_pair;
+
+fn table(workers: usize, max_pending: usize) -> (Table, Vec<OwnedFd>) {
+    let config = Config {
+        workers,
+        max_pending,
+        strategy: Strategy::RoundRobin,
+        ..Config::default()
+    };
+    let mut table = Table::new(Rc::new(config));
+    let mut worker_ends = Vec::new();
+    for (i, slot) in table.slots.iter_mut().enumerate() {
+        let (master, worker) = seqpacket_pair().unwrap();
+        let mut p = Process::new(1000 + i as u32, Channel::new(master).unwrap());
+        p.phase = Phase::Ready;
+        slot.process = Some(p);
+        worker_ends.push(worker);
+    }
+    (table, worker_ends)
+}
+
+fn connection() -> OwnedFd {
+    seqpacket_pair().unwrap().0
+}
+
+#[tokio::test]
+async fn stops_accepting_at_the_pending_cap_and_resumes_on_ack() {
+    let (mut t, _ends) = table(2, 3);
+    for _ in 0..6 {
+        assert!(t.can_accept());
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    assert!(!t.can_accept(), "both workers at their cap of 3");
+    assert!(t.flush_all().is_empty());
+    t.on_frame(
+        0,
+        1000,
+        Frame::Status(Status {
+            received_total: 2,
+            closed_total: 0,
+        }),
+    )
+    .unwrap();
+    assert!(t.can_accept());
+    assert_eq!(t.slots[0].process.as_ref().unwrap().pending(), 1);
+}
+
+#[tokio::test]
+async fn a_lost_worker_s_unacknowledged_connections_go_to_another() {
+    let (mut t, _ends) = table(2, 10);
+    for _ in 0..4 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    assert!(t.flush_all().is_empty());
+    t.on_frame(
+        0,
+        1000,
+        Frame::Status(Status {
+            received_total: 1,
+            closed_total: 0,
+        }),
+    )
+    .unwrap();
+    assert_eq!(t.lose(0, 1000, &Lost::ChannelClosed), Some(Role::Current));
+    let survivor = t.slots[1].process.as_ref().unwrap();
+    assert_eq!(
+        survivor.pending(),
+        3,
+        "its own 2 plus the dead worker's 1 unacknowledged"
+    );
+    assert_eq!(t.counters.redispatched, 1);
+    assert_eq!(
+        t.lose(0, 1000, &Lost::Exited),
+        None,
+        "losing twice is a no-op"
+    );
+}
+
+#[tokio::test]
+async fn a_status_acknowledging_unsent_connections_is_a_protocol_error() {
+    let (mut t, _ends) = table(1, 10);
+    t.accepted(connection(), 0, Peer::Unix);
+    let err = t
+        .on_frame(
+            0,
+            1000,
+            Frame::Status(Status {
+                received_total: 5,
+                closed_total: 0,
+            }),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Lost::Protocol(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_status_finishing_more_than_received_is_a_protocol_error() {
+    let (mut t, _ends) = table(1, 10);
+    t.accepted(connection(), 0, Peer::Unix);
+    t.flush_all();
+    let err = t
+        .on_frame(
+            0,
+            1000,
+            Frame::Status(Status {
+                received_total: 1,
+                closed_total: 2,
+            }),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Lost::Protocol(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_worker_sending_connections_is_a_protocol_error() {
+    let (mut t, _ends) = table(1, 10);
+    let err = t
+        .on_frame(0, 1000, Frame::Connections(Vec::new()))
+        .unwrap_err();
+    assert!(matches!(err, Lost::Protocol(_)));
+}
+
+#[tokio::test]
+async fn load_counts_assigned_minus_finished() {
+    let (mut t, _ends) = table(1, 10);
+    for _ in 0..3 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    t.flush_all();
+    t.on_frame(
+        0,
+        1000,
+        Frame::Status(Status {
+            received_total: 3,
+            closed_total: 2,
+        }),
+    )
+    .unwrap();
+    let p = t.slots[0].process.as_ref().unwrap();
+    assert_eq!((p.active(), p.pending()), (1, 0));
+}
+
+#[tokio::test]
+async fn with_no_worker_ready_connections_wait_for_redispatch() {
+    let (mut t, _ends) = table(1, 10);
+    t.slots[0].process.as_mut().unwrap().phase = Phase::Starting;
+    assert!(!t.can_accept());
+    t.accepted(connection(), 0, Peer::Unix);
+    assert_eq!(t.retry_len(), 1);
+    t.on_frame(0, 1000, Frame::Ready).unwrap();
+    assert_eq!(t.retry_len(), 0);
+}
+
+/// A process for slot `index` in phase `phase`, registered as live; returns the worker's
+/// end of its channel.
+fn add_process(t: &mut Table, index: usize, pid: u32, successor: bool) -> OwnedFd {
+    let (master, worker) = seqpacket_pair().unwrap();
+    let p = Process::new(pid, Channel::new(master).unwrap());
+    t.live.insert(
+        pid,
+        Live {
+            slot: index,
+            fate: Fate::Serving,
+            kill_at: None,
+        },
+    );
+    if successor {
+        t.slots[index].successor = Some(p);
+    } else {
+        t.slots[index].process = Some(p);
+    }
+    worker
+}
+
+fn ack(t: &mut Table, index: usize, pid: u32, received: u64, closed: u64) {
+    t.on_frame(
+        index,
+        pid,
+        Frame::Status(Status {
+            received_total: received,
+            closed_total: closed,
+        }),
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_successor_s_ready_hands_it_the_slot_and_drains_the_old_process() {
+    let (mut t, ends) = table(1, 10);
+    t.live.insert(
+        1000,
+        Live {
+            slot: 0,
+            fate: Fate::Serving,
+            kill_at: None,
+        },
+    );
+    t.accepted(connection(), 0, Peer::Unix);
+    assert!(t.recycle(0, Reason::Restart));
+    assert!(!t.recycle(0, Reason::MaxAge), "asked for once");
+    assert!(t.wants_start(0));
+    let new_end = add_process(&mut t, 0, 2000, true);
+    assert!(!t.wants_start(0), "the successor is starting");
+    // Until the successor is ready the old process keeps getting connections.
+    t.accepted(connection(), 0, Peer::Unix);
+    assert_eq!(t.slots[0].process.as_ref().unwrap().pid, 1000);
+    t.on_frame(0, 2000, Frame::Ready).unwrap();
+    let slot = &t.slots[0];
+    assert_eq!(slot.process.as_ref().unwrap().pid, 2000);
+    assert!(slot.successor.is_none());
+    assert_eq!(slot.retiring.len(), 1);
+    assert_eq!(slot.retiring[0].phase, Phase::Draining);
+    assert_eq!(slot.retiring[0].retire, Some(Reason::Restart));
+    assert!(slot.retiring[0].drain_deadline.is_some());
+    assert_eq!(t.live[&1000].fate, Fate::Draining);
+    // New connections go to the successor; the old one's two are sent, then its end.
+    t.accepted(connection(), 0, Peer::Unix);
+    assert_eq!(t.slots[0].process.as_ref().unwrap().assigned(), 1);
+    assert!(t.flush_all().is_empty());
+    let old = Channel::new(ends.into_iter().next().unwrap()).unwrap();
+    let mut buf = crate::ipc::channel::frame_buffer();
+    let (frame, fds) = old.try_recv_frame(&mut buf).unwrap().unwrap();
+    assert!(
+        matches!(frame, Frame::Connections(ref c) if c.len() == 2),
+        "{frame:?}"
+    );
+    assert_eq!(fds.len(), 2);
+    assert!(
+        old.try_recv_frame(&mut buf).unwrap_err().is_closed(),
+        "then the end"
+    );
+    drop(new_end);
+}
+
+#[tokio::test]
+async fn the_connection_limit_asks_for_a_replacement_once() {
+    let (mut t, _ends) = table(2, 100);
+    t.slots[0].process.as_mut().unwrap().limits = Limits {
+        max_connections: Some(3),
+        ..Limits::default()
+    };
+    for _ in 0..6 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    let p = t.slots[0].process.as_ref().unwrap();
+    assert_eq!(p.retire, Some(Reason::MaxConnections));
+    assert!(t.slots[1].process.as_ref().unwrap().retire.is_none());
+    for _ in 0..6 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    assert_eq!(
+        t.counters.recycled, 1,
+        "one replacement, however far past the limit"
+    );
+    assert_eq!(
+        t.slots[0].process.as_ref().unwrap().assigned(),
+        6,
+        "it keeps serving until the replacement is ready"
+    );
+}
+
+#[tokio::test]
+async fn losing_a_process_being_replaced_promotes_its_starting_successor() {
+    let (mut t, _ends) = table(1, 10);
+    t.accepted(connection(), 0, Peer::Unix);
+    t.recycle(0, Reason::MaxAge);
+    let _new = add_process(&mut t, 0, 2000, true);
+    assert_eq!(t.lose(0, 1000, &Lost::Exited), Some(Role::Current));
+    let slot = &t.slots[0];
+    assert_eq!(slot.process.as_ref().unwrap().pid, 2000);
+    assert_eq!(slot.process.as_ref().unwrap().phase, Phase::Starting);
+    assert!(!t.wants_start(0), "the successor fills the slot");
+    assert_eq!(
+        t.retry_len(),
+        1,
+        "the lost connection waits for the successor"
+    );
+    t.on_frame(0, 2000, Frame::Ready).unwrap();
+    assert_eq!(t.retry_len(), 0);
+    assert!(t.slots[0].retiring.is_empty());
+}
+
+#[tokio::test]
+async fn losing_a_retiring_process_redispatches_what_it_had_not_acknowledged() {
+    let (mut t, _ends) = table(1, 10);
+    for _ in 0..3 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    t.flush_all();
+    ack(&mut t, 0, 1000, 1, 0);
+    t.recycle(0, Reason::Restart);
+    let _new = add_process(&mut t, 0, 2000, true);
+    t.on_frame(0, 2000, Frame::Ready).unwrap();
+    assert_eq!(t.lose(0, 1000, &Lost::ChannelClosed), Some(Role::Retiring));
+    assert_eq!(t.counters.redispatched, 2);
+    assert_eq!(
+        t.counters.lost_with_worker, 1,
+        "one acknowledged, never finished"
+    );
+    assert_eq!(t.slots[0].process.as_ref().unwrap().pending(), 2);
+}
+
+#[tokio::test]
+async fn scaling_down_drains_the_last_slot_and_never_removes_the_last_one() {
+    let (mut t, _ends) = table(2, 10);
+    assert_eq!(t.remove_slot(), Some(1));
+    assert_eq!(t.workers, 1);
+    assert!(t.slots[1].process.is_none());
+    assert_eq!(t.slots[1].retiring[0].retire, Some(Reason::ScaleDown));
+    for _ in 0..4 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    assert_eq!(t.slots[0].process.as_ref().unwrap().assigned(), 4);
+    assert_eq!(t.remove_slot(), None, "never below one worker");
+    assert_eq!(t.workers, 1);
+    assert!(!t.wants_start(1), "a removed slot starts nothing");
+    assert_eq!(t.add_slot(), 1, "the removed slot is reused");
+    assert!(t.wants_start(1));
+    assert_eq!(t.add_slot(), 2);
+    assert_eq!((t.slots.len(), t.workers), (3, 3));
+    t.accepted(connection(), 0, Peer::Unix);
+}
+
+#[tokio::test]
+async fn a_stopping_master_drains_everything_without_a_drain_deadline() {
+    let (mut t, _ends) = table(2, 10);
+    t.recycle(0, Reason::MaxAge);
+    let _new = add_process(&mut t, 0, 2000, true);
+    t.drain_all();
+    let all: Vec<&Process> = t.slots.iter().flat_map(Slot::processes).collect();
+    assert_eq!(all.len(), 3);
+    assert!(all
+        .iter()
+        .all(|p| p.phase == Phase::Draining && p.drain_deadline.is_none()));
+    t.stopping = true;
+    assert!(!t.wants_start(1));
+}
