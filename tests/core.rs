@@ -396,3 +396,43 @@ fn wrong_flags_and_unbindable_addresses_get_clear_errors() {
     let out = run(&["--heavy", "150:10"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not within 0..=100"));
 }
+
+#[test]
+fn in_the_kernel_baselines_workers_accept_and_the_master_never_does() {
+    for strategy in ["kernel-shared", "kernel-reuseport"] {
+        let master = Master::start(&[
+            "--workers",
+            "2",
+            "--strategy",
+            strategy,
+            "--worker-timeout",
+            "2s",
+        ]);
+        let workers: Vec<u32> = master.worker_pids().into_iter().flatten().collect();
+        for _ in 0..20 {
+            let response = master.get();
+            assert_eq!(response.status, 200);
+            assert!(
+                workers.contains(&response.pid),
+                "{strategy}: answered by a worker"
+            );
+        }
+        // Workers report what they accepted with their heartbeat.
+        assert!(
+            wait_until(PATIENCE, || {
+                let status = master.status();
+                let assigned: u64 = (0..2)
+                    .map(|i| slot(&status, i)["assigned"].as_u64().unwrap())
+                    .sum();
+                assigned == 20
+            }),
+            "{strategy}: {}",
+            master.status()
+        );
+        assert_eq!(
+            master.status()["counters"]["accepted"],
+            0,
+            "{strategy}: the master accepted nothing"
+        );
+    }
+}

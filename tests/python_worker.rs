@@ -271,3 +271,52 @@ fn a_worker_that_acknowledges_more_than_it_got_is_replaced() {
         "it broke the protocol: status says",
     );
 }
+
+#[test]
+fn a_worker_that_heartbeats_but_never_says_ready_is_replaced() {
+    let script = crate_path("tests/fixtures/never_ready_worker.py");
+    let master = Master::launch(
+        &[
+            "--workers",
+            "2",
+            "--worker-timeout",
+            "1s",
+            "--",
+            "python3",
+            "-B",
+            &script,
+        ],
+        |_| {},
+    );
+    let stuck = wait_for_pid(&master, 0);
+    assert!(
+        wait_until(PATIENCE, || {
+            let status = master.status();
+            util::ready_workers(&status) == 2 && status["workers"][0]["pid"] != stuck
+        }),
+        "slot 0 should be replaced after the worker timeout: {}\n{}",
+        master.status(),
+        master.log()
+    );
+    assert!(
+        master.status()["counters"]["unresponsive"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    assert!(master
+        .log()
+        .lines()
+        .any(|l| l.contains("worker not responding") && names_pid(l, stuck)));
+    assert_eq!(master.get().status, 200);
+}
+
+/// The pid of slot `index` as soon as it has one.
+fn wait_for_pid(master: &Master, index: usize) -> u32 {
+    let mut pid = None;
+    assert!(wait_until(PATIENCE, || {
+        pid = master.status()["workers"][index]["pid"].as_u64();
+        pid.is_some()
+    }));
+    pid.unwrap() as u32
+}

@@ -147,7 +147,8 @@ async fn check_health(ctx: &Rc<Ctx>) {
     check_deadlines(ctx);
 }
 
-/// Processes that sent nothing for the worker timeout: (slot, pid, silence).
+/// Processes that sent nothing for the worker timeout, or started and did not say READY
+/// within it: (slot, pid, silence).
 fn silent_workers(ctx: &Ctx) -> Vec<(usize, u32, Duration)> {
     let table = ctx.table.borrow();
     let now = Instant::now();
@@ -158,7 +159,13 @@ fn silent_workers(ctx: &Ctx) -> Vec<(usize, u32, Duration)> {
         .enumerate()
         .flat_map(|(index, slot)| slot.processes().map(move |p| (index, p)))
         .filter_map(|(index, p)| {
-            let silent = now.saturating_duration_since(p.last_heard);
+            // A starting worker must also say READY in time: heartbeats alone (its runtime
+            // is up, its init is stuck) do not count.
+            let since = match p.phase {
+                Phase::Starting => p.started,
+                _ => p.last_heard,
+            };
+            let silent = now.saturating_duration_since(since);
             (silent >= timeout).then_some((index, p.pid, silent))
         })
         .collect()

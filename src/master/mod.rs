@@ -326,7 +326,7 @@ pub(crate) fn flush(ctx: &Ctx) {
             return;
         }
         for (index, pid, error) in broken {
-            give_up(ctx, index, pid, Lost::Channel(error.into()));
+            give_up(ctx, index, pid, Lost::channel(error.into()));
         }
     }
 }

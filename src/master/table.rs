@@ -126,10 +126,22 @@ pub(crate) enum Lost {
     Channel(#[source] ChannelError),
     #[error("it broke the protocol: {0}")]
     Protocol(String),
-    #[error("it sent nothing for {0} ms")]
+    #[error("it sent nothing (or no READY) for {0} ms")]
     Unresponsive(u64),
     #[error("it exited")]
     Exited,
+}
+
+impl Lost {
+    /// A channel error as a reason: the end of the channel (EOF, `EPIPE`, `ECONNRESET`) is
+    /// the worker going away, not a fault of the protocol.
+    pub fn channel(error: ChannelError) -> Lost {
+        if error.is_closed() {
+            Lost::ChannelClosed
+        } else {
+            Lost::Channel(error)
+        }
+    }
 }
 
 /// The master's state.

@@ -246,8 +246,7 @@ async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>
                     }
                 }
                 Ok(None) => break Ok(()),
-                Err(e) if e.is_closed() => break Err(Lost::ChannelClosed),
-                Err(e) => break Err(Lost::Channel(e)),
+                Err(e) => break Err(Lost::channel(e)),
             }
             outcome = channel.try_recv_frame(&mut buf);
         };
@@ -272,14 +271,14 @@ async fn write_channel(
         loop {
             let mut guard = match channel.writable().await {
                 Ok(guard) => guard,
-                Err(e) => return give_up(&ctx, index, pid, Lost::Channel(e.into())),
+                Err(e) => return give_up(&ctx, index, pid, Lost::channel(e.into())),
             };
             let result = ctx.table.borrow_mut().flush(index, pid);
             match result {
                 Flush::Done => break,
                 Flush::Blocked => guard.clear_ready(),
                 Flush::Broken(e) => {
-                    give_up(&ctx, index, pid, Lost::Channel(e.into()));
+                    give_up(&ctx, index, pid, Lost::channel(e.into()));
                     return flush(&ctx);
                 }
             }

@@ -60,6 +60,9 @@ pub(crate) struct Shared {
     closed: AtomicU64,
     active: AtomicU64,
     report: Notify,
+    /// Report every finished connection at once (the master balances on it); off in the
+    /// kernel modes, where the master only keeps statistics and the heartbeat suffices.
+    eager_reports: std::sync::atomic::AtomicBool,
     idle: Notify,
     drain: watch::Sender<bool>,
     failure: Mutex<Option<ChannelError>>,
@@ -80,7 +83,9 @@ impl Shared {
         if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }
-        self.report.notify_one();
+        if self.eager_reports.load(Ordering::Relaxed) {
+            self.report.notify_one();
+        }
     }
 
     fn fail(&self, error: ChannelError) {
@@ -166,6 +171,7 @@ impl Incoming {
             match received {
                 Ok((Frame::Connections(headers), fds)) => self.take(headers, fds),
                 Ok((Frame::Listeners(headers), fds)) => {
+                    self.shared.eager_reports.store(false, Ordering::Relaxed);
                     if let Err(e) = self.own.install(headers, fds) {
                         self.shared.fail(ChannelError::Io(e));
                     }
@@ -233,6 +239,7 @@ where
             closed: AtomicU64::new(0),
             active: AtomicU64::new(0),
             report: Notify::new(),
+            eager_reports: std::sync::atomic::AtomicBool::new(true),
             idle: Notify::new(),
             drain: drain_tx,
             failure: Mutex::new(None),
