@@ -267,6 +267,7 @@ fn spawn(
     log: &Arc<Mutex<VecDeque<String>>>,
 ) -> Result<Child, ContenderError> {
     cmd.stdin(Stdio::null()).stderr(Stdio::piped());
+    crate::sys::process::die_with_parent(&mut cmd);
     let mut child = cmd.spawn().map_err(|source| ContenderError::Spawn {
         program: program.to_owned(),
         source,

@@ -236,19 +236,11 @@ fn read_last_frames(ctx: &Ctx, index: usize, pid: u32) {
 async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>) {
     let mut buf = frame_buffer();
     loop {
-        let first = channel.recv_frame(&mut buf).await;
-        let mut outcome = first.map(Some);
-        let verdict = loop {
-            match outcome {
-                Ok(Some((frame, _no_fds))) => {
-                    if let Err(lost) = ctx.table.borrow_mut().on_frame(index, pid, frame) {
-                        break Err(lost);
-                    }
-                }
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(Lost::channel(e)),
-            }
-            outcome = channel.try_recv_frame(&mut buf);
+        // One recvmsg per frame; the one that finds the queue empty clears the readiness
+        // (a raw read past it would cost a second empty recvmsg per wake-up).
+        let verdict = match channel.recv_frame(&mut buf).await {
+            Ok((frame, _no_fds)) => ctx.table.borrow_mut().on_frame(index, pid, frame),
+            Err(e) => Err(Lost::channel(e)),
         };
         if let Err(lost) = verdict {
             give_up(&ctx, index, pid, lost);

@@ -122,3 +122,32 @@ pub fn thread_cpu_time() -> std::time::Duration {
     let _ = syscall!(clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts));
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
+
+/// Makes the child started by `cmd` receive SIGTERM when this process dies
+/// (`prctl(PR_SET_PDEATHSIG)`), e.g. the servers `handoff bench` starts: a killed benchmark
+/// must not leave them running. Call it on the thread that stays alive (PDEATHSIG follows
+/// the spawning thread).
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    let hook = move || -> io::Result<()> {
+        syscall!(prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0
+        ))?;
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != parent {
+            // SAFETY: _exit is async-signal-safe and ends the child before exec.
+            unsafe { libc::_exit(1) };
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec and calls only async-signal-safe functions
+    // (prctl, getppid, _exit); it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}

@@ -78,6 +78,15 @@ impl Shared {
         }
     }
 
+    /// Sends the current status now, or fails with `WouldBlock`. The snapshot is taken right
+    /// before the send, with no await between, so reports leave in the order of their
+    /// figures (never a smaller count after a larger one).
+    fn try_send_status(&self) -> std::io::Result<()> {
+        let mut bytes = Vec::with_capacity(frame::HEADER_LEN + frame::STATUS_BODY_LEN);
+        frame::encode_status(&mut bytes, self.status());
+        self.channel.try_send(&bytes, &[])
+    }
+
     pub(crate) fn connection_finished(&self) {
         self.closed.fetch_add(1, Ordering::AcqRel);
         if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -201,7 +210,12 @@ impl Incoming {
             }
         }
         self.shared.received.fetch_add(count, Ordering::AcqRel);
-        self.shared.report.notify_one();
+        // Acknowledge now, before the service runs: a handler that keeps this thread busy
+        // must not hold the ack back (the master would re-dispatch a connection this worker
+        // may already have read from). If the channel is full, the reporter sends it.
+        if self.shared.try_send_status().is_err() {
+            self.shared.report.notify_one();
+        }
     }
 }
 
@@ -276,9 +290,7 @@ where
             );
         }
         reporter.abort();
-        let mut bytes = Vec::with_capacity(frame::HEADER_LEN + frame::STATUS_BODY_LEN);
-        frame::encode_status(&mut bytes, shared.status());
-        let _ = shared.channel.try_send(&bytes, &[]);
+        let _ = shared.try_send_status();
 
         served.map_err(WorkerError::Service)?;
         let failure = shared
@@ -292,22 +304,29 @@ where
 
 /// Sends a status report whenever something changed, and at least every `heartbeat`.
 async fn report(shared: Arc<Shared>, heartbeat: Duration) {
-    let mut bytes = Vec::with_capacity(frame::HEADER_LEN + frame::STATUS_BODY_LEN);
     let mut last = None;
     loop {
         let changed = tokio::time::timeout(heartbeat, shared.report.notified())
             .await
             .is_ok();
-        let status = shared.status();
-        if changed && last == Some(status) {
+        if changed && last == Some(shared.status()) {
             continue;
         }
-        frame::encode_status(&mut bytes, status);
-        if let Err(e) = shared.channel.send(&bytes, &[]).await {
-            shared.fail(e.into());
-            return;
+        loop {
+            let mut guard = match shared.channel.writable().await {
+                Ok(guard) => guard,
+                Err(e) => return shared.fail(e.into()),
+            };
+            let status = shared.status();
+            match guard.try_io(|_| shared.try_send_status()) {
+                Ok(Ok(())) => {
+                    last = Some(status);
+                    break;
+                }
+                Ok(Err(e)) => return shared.fail(e.into()),
+                Err(_would_block) => continue,
+            }
         }
-        last = Some(status);
     }
 }
 
