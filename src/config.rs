@@ -163,15 +163,19 @@ mod tests {
     }
 }
 
-/// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Splits `12.5ms` into `(12.5, "ms")`; `None` if it does not start with a number.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let split = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 30s, 500ms"))?;
+    Some((number.parse().ok()?, unit))
+}
+
+/// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("invalid duration {text:?}: expected e.g. 30s, 500ms"))?;
     let seconds = match unit {
         "" | "s" => value,
         "ms" => value / 1e3,
@@ -206,13 +210,8 @@ mod duration_tests {
 /// Parses a size in bytes: `200M`, `1G`, `512K`, `64MiB`, or a bare number of bytes. The
 /// units are binary (K = 1024).
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected e.g. 200M, 1G"))?;
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("invalid size {text:?}: expected e.g. 200M, 1G"))?;
     let shift = match unit.to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,

@@ -6,14 +6,12 @@ mod util;
 
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
-use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
-use std::time::Duration;
 
 use util::{
-    cpu_ticks, fd_count, http_get, process_exists, read_response, rss_kib, send_signal, wait_until,
-    Held, Master, PATIENCE,
+    cpu_ticks, fd_count, http_get, process_exists, read_response, rss_kib, send_request,
+    send_signal, wait_until, Held, Master, PATIENCE,
 };
 
 fn shares(pids: impl IntoIterator<Item = u32>) -> HashMap<u32, usize> {
@@ -22,16 +20,6 @@ fn shares(pids: impl IntoIterator<Item = u32>) -> HashMap<u32, usize> {
         *counts.entry(pid).or_default() += 1;
     }
     counts
-}
-
-/// Connects and sends a request without reading the answer yet.
-fn send_request(master: &Master) -> BufReader<TcpStream> {
-    let mut stream = TcpStream::connect_timeout(&master.addr, Duration::from_secs(10)).unwrap();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    BufReader::new(stream)
 }
 
 fn slot(status: &serde_json::Value, index: usize) -> &serde_json::Value {
@@ -110,7 +98,7 @@ fn a_killed_worker_s_pending_connections_are_served_by_others_and_it_is_respawne
     let master = Master::start(&["--workers", "2", "--strategy", "round-robin"]);
     let victim = master.worker_pids()[0].unwrap();
     send_signal(victim, "STOP");
-    let pending: Vec<_> = (0..6).map(|_| send_request(&master)).collect();
+    let pending: Vec<_> = (0..6).map(|_| send_request(master.addr)).collect();
     assert!(
         wait_until(PATIENCE, || slot(&master.status(), 0)["pending"] == 3),
         "3 connections should wait on the stopped worker: {}",
@@ -196,7 +184,7 @@ fn with_every_worker_stalled_the_master_stops_at_the_pending_cap_and_resumes() {
     let pids: Vec<u32> = master.worker_pids().into_iter().flatten().collect();
     pids.iter().for_each(|&pid| send_signal(pid, "STOP"));
     let rss_before = rss_kib(master.pid());
-    let waiting: Vec<_> = (0..200).map(|_| send_request(&master)).collect();
+    let waiting: Vec<_> = (0..200).map(|_| send_request(master.addr)).collect();
     assert!(
         wait_until(PATIENCE, || master.status()["accepting"] == false),
         "the master should stop accepting: {}",
@@ -235,7 +223,7 @@ fn fd_exhaustion_in_the_master_pauses_accepting_without_spinning_and_recovers() 
         .status()
         .expect("prlimit (util-linux) is installed");
     assert!(prlimit.success());
-    let waiting: Vec<_> = (0..40).map(|_| send_request(&master)).collect();
+    let waiting: Vec<_> = (0..40).map(|_| send_request(master.addr)).collect();
     assert!(
         wait_until(PATIENCE, || master
             .log()
@@ -294,7 +282,7 @@ fn sigterm_under_load_finishes_in_flight_requests_and_exits_cleanly_with_no_orph
             })
         })
         .collect();
-    let mut in_flight = send_request(&master);
+    let mut in_flight = send_request(master.addr);
     assert!(wait_until(PATIENCE, || master.status()["counters"]
         ["accepted"]
         .as_u64()

@@ -295,6 +295,16 @@ pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<Response> {
     })
 }
 
+/// Connects and sends `GET /` with `Connection: close` without reading the answer yet.
+pub fn send_request(addr: SocketAddr) -> BufReader<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    BufReader::new(stream)
+}
+
 /// One `GET /` on a new connection with `Connection: close`.
 pub fn http_get(addr: SocketAddr) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
