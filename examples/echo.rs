@@ -1,7 +1,8 @@
-//! A plain tokio echo server behind handoff: the master accepts on 127.0.0.1:7000 and hands
-//! each connection to one of 4 worker processes (this same binary, re-executed).
+//! A plain tokio echo server behind handoff: the master accepts on 127.0.0.1:7000 (or the
+//! address given as the first argument) and hands each connection to one of 4 worker
+//! processes (this same binary, re-executed with the same arguments).
 //!
-//! Run with: cargo run --example echo
+//! Run with: cargo run --example echo [ADDR]
 //! Then:     printf 'hello\n' | nc -q1 127.0.0.1 7000
 
 use handoff::{Server, Strategy};
@@ -10,9 +11,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 fn main() -> Result<(), handoff::Error> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:7000".into());
+    let addr = addr.parse().unwrap_or_else(|e| panic!("{e}"));
     Server::builder()
-        .listen("127.0.0.1:7000".parse().expect("a valid address"))
+        .listen(addr)
         .workers(4)
         .strategy(Strategy::LeastLoaded)
         .build()
