@@ -424,3 +424,30 @@ fn in_the_kernel_baselines_workers_accept_and_the_master_never_does() {
         );
     }
 }
+
+#[test]
+fn a_stalled_worker_s_full_channel_is_written_again_once_it_reads() {
+    // 1 worker, a cap high enough that its channel (10 queued frames) fills first.
+    let master = Master::start(&["--workers", "1", "--max-pending", "1000"]);
+    let worker = master.worker_pids()[0].unwrap();
+    send_signal(worker, "STOP");
+    let mut waiting = Vec::new();
+    for _ in 0..60 {
+        waiting.push(send_request(master.addr));
+        // One connection per accept batch: one frame each.
+        let held = waiting.len();
+        assert!(wait_until(PATIENCE, || slot(&master.status(), 0)
+            ["pending"]
+            == held));
+    }
+    send_signal(worker, "CONT");
+    for mut stream in waiting {
+        assert_eq!(
+            read_response(&mut stream)
+                .expect("served once the worker reads")
+                .status,
+            200
+        );
+    }
+    assert_eq!(master.status()["counters"]["redispatched"], 0);
+}

@@ -343,3 +343,41 @@ async fn a_stopping_master_drains_everything_without_a_drain_deadline() {
     t.stopping = true;
     assert!(!t.wants_start(1));
 }
+
+#[tokio::test]
+async fn a_full_channel_keeps_connections_in_the_outbox_until_the_worker_reads() {
+    let (mut t, ends) = table(1, 1000);
+    let mut sent_before_full = None;
+    for i in 0..10_000 {
+        t.accepted(connection(), 0, Peer::Unix);
+        match t.flush(0, 1000) {
+            Flush::Done => {}
+            Flush::Blocked => {
+                sent_before_full = Some(i);
+                break;
+            }
+            Flush::Broken(e) => panic!("{e}"),
+        }
+    }
+    let sent = sent_before_full.expect("a worker that reads nothing fills its channel");
+    let p = t.slots[0].process.as_ref().unwrap();
+    assert_eq!(
+        (p.unacked.len(), p.outbox.len()),
+        (sent, 1),
+        "nothing lost, nothing sent twice"
+    );
+    assert!(
+        !p.wants_flush(),
+        "the writer task retries, not every accept"
+    );
+
+    let mut buf = crate::ipc::channel::frame_buffer();
+    let mut arrived = 0;
+    while let Ok(got) = crate::sys::scm::recv_with_fds(&ends[0], &mut buf) {
+        arrived += got.fds.len();
+    }
+    assert_eq!(arrived, sent);
+    assert!(matches!(t.flush(0, 1000), Flush::Done));
+    let p = t.slots[0].process.as_ref().unwrap();
+    assert_eq!((p.unacked.len(), p.outbox.len()), (sent + 1, 0));
+}
