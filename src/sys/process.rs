@@ -10,8 +10,8 @@ use super::syscall;
 pub const CHANNEL_FD: RawFd = 3;
 
 /// Arranges for the spawned child to find `channel` at fd [`CHANNEL_FD`] (not close-on-exec),
-/// to inherit no other fd above it (`close_range(2)`: whatever the master's own parent
-/// leaked stays out of the workers), and to receive `death_signal` when the master dies
+/// to inherit no other fd above it (`close_range(2)` with `CLOSE_RANGE_CLOEXEC`: whatever
+/// the master's own parent leaked stays out of the workers), and to receive `death_signal` when the master dies
 /// (`prctl(PR_SET_PDEATHSIG)`). If the master died before the child could ask, the child
 /// exits at once.
 pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, death_signal: i32) {
@@ -25,12 +25,15 @@ pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, deat
             // dup2 clears FD_CLOEXEC on the new fd; the original stays close-on-exec.
             syscall!(dup2(channel, CHANNEL_FD))?;
         }
-        // ENOSYS on kernels before 5.9: the stray fds stay, nothing else changes.
+        // Mark every fd above the channel close-on-exec rather than closing it: std's own
+        // exec-error pipe is among them, and must stay open until exec succeeds (closing it
+        // turned a failed exec into an abort in the child). On kernels before 5.11
+        // (ENOSYS/EINVAL) the stray fds stay inherited; nothing else changes.
         let _ = syscall!(syscall(
             libc::SYS_close_range,
             CHANNEL_FD as libc::c_uint + 1,
             libc::c_uint::MAX,
-            0
+            libc::CLOSE_RANGE_CLOEXEC
         ));
         syscall!(prctl(
             libc::PR_SET_PDEATHSIG,
@@ -48,7 +51,8 @@ pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, deat
     };
     // SAFETY: the hook runs between fork and exec and calls only async-signal-safe functions
     // (fcntl, dup2, close_range, prctl, getppid, _exit); it allocates nothing and takes no
-    // locks. Closing fds above 3 in the child cannot affect the master's own fds.
+    // locks. It closes no fd (close_range only sets close-on-exec), so std's exec-error pipe
+    // and the master's own fds are untouched.
     unsafe {
         cmd.pre_exec(hook);
     }
