@@ -320,3 +320,54 @@ fn wait_for_pid(master: &Master, index: usize) -> u32 {
     }));
     pid.unwrap() as u32
 }
+
+/// Regression: a worker that exits with frames of ours unread makes the kernel report
+/// ECONNRESET on the master's end before the acknowledgements it sent last. The master used
+/// to stop at the error and re-dispatch a connection the dead worker had acknowledged and
+/// already read, whose client then waited for an answer that could never come.
+#[test]
+fn acknowledgements_behind_a_connection_reset_still_count() {
+    let stages = tempfile::tempdir().unwrap();
+    let script = crate_path("tests/fixtures/ack_then_die_worker.py");
+    let master = Master::start_with(&["--workers", "1", "--", "python3", "-B", &script], |cmd| {
+        cmd.env("STAGE_DIR", stages.path());
+    });
+    let victim = wait_for_pid(&master, 0);
+    let stage = |name: &str| {
+        let path = stages.path().join(name);
+        assert!(
+            wait_until(PATIENCE, || path.exists()),
+            "stage {name} not reached"
+        );
+    };
+    let mut a = util::send_request(master.addr);
+    stage("read-a");
+    let mut b = util::send_request(master.addr);
+    stage("b-queued");
+    // Hold the master still while the worker acknowledges A and dies, so that both the
+    // reset and the ack wait for it.
+    master.signal("STOP");
+    util::send_signal(victim, "USR1");
+    let gone = wait_until(PATIENCE, || !util::process_exists(victim));
+    master.signal("CONT");
+    assert!(gone, "the fixture did not exit");
+
+    assert_eq!(
+        read_response(&mut b)
+            .expect("B is re-dispatched and answered")
+            .status,
+        200
+    );
+    a.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = a.read_to_end(&mut rest);
+    assert!(
+        closed.is_ok() && rest.is_empty(),
+        "A dies with its worker, not hangs elsewhere: {closed:?}"
+    );
+    let status = master.status();
+    assert_eq!(status["counters"]["lost_with_worker"], 1, "{status}");
+    assert_eq!(status["counters"]["redispatched"], 1, "{status}");
+}

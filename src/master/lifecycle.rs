@@ -221,7 +221,7 @@ fn check_deadlines(ctx: &Rc<Ctx>) {
         tracing::warn!(
             worker = index,
             pid,
-            "unresponsive worker still there after SIGABRT: SIGKILL"
+            "worker still there at its deadline: SIGKILL"
         );
         let _ = sys::process::signal(pid, libc::SIGKILL);
     }

@@ -334,16 +334,28 @@ pub(crate) fn flush(ctx: &Ctx) {
 /// Removes a worker whose channel is unusable (killing it, unless it is a draining worker
 /// on its way out) and re-dispatches its unacknowledged connections.
 fn give_up(ctx: &Ctx, index: usize, pid: u32, why: Lost) {
-    let (lost, draining) = {
+    if !matches!(why, Lost::Protocol(_)) {
+        // Its last acknowledgements decide which connections are its own (lost with it)
+        // and which go to another worker; a peer that broke the protocol is not believed.
+        workers::read_last_frames(ctx, index, pid);
+    }
+    let (lost, draining, deadline) = {
         let mut table = ctx.table.borrow_mut();
         let draining = table
             .live
             .get(&pid)
             .is_some_and(|l| l.fate == Fate::Draining);
-        (table.lose(index, pid, &why).is_some(), draining)
+        let deadline = table.find(index, pid).and_then(|p| p.drain_deadline);
+        (table.lose(index, pid, &why).is_some(), draining, deadline)
     };
     let exiting = matches!(why, Lost::Exited) || (draining && matches!(why, Lost::ChannelClosed));
     if lost && !exiting {
         let _ = sys::process::signal(pid, libc::SIGKILL);
+    }
+    if lost && draining && matches!(why, Lost::ChannelClosed) {
+        // It closed its channel on its way out; should it linger, its drain deadline holds.
+        if let Some(live) = ctx.table.borrow_mut().live.get_mut(&pid) {
+            live.kill_at = deadline;
+        }
     }
 }

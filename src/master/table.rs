@@ -465,7 +465,7 @@ impl Table {
             .for_each(tokio::task::AbortHandle::abort);
         let orphans = process.pending();
         let owned = process.owned();
-        self.counters.lost_with_worker += owned;
+        self.counters.lost_with_worker = self.counters.lost_with_worker.saturating_add(owned);
         let ending = matches!(why, Lost::Exited | Lost::ChannelClosed);
         match why {
             _ if ending && process.phase == Phase::Draining && owned == 0 => {
@@ -493,6 +493,10 @@ impl Table {
             self.retry.push_front(conn);
         }
         self.redispatch();
+        if self.stopping {
+            // Every worker is draining: nobody can take these any more.
+            self.drop_undeliverable();
+        }
         Some(role)
     }
 

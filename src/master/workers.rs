@@ -5,6 +5,7 @@
 //! is reported loudly once the slot is crash-looping, and the slot is refilled after the
 //! delay. The exit of a draining or aborted process is expected and changes nothing.
 
+use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use tokio::task::spawn_local;
 use super::table::{Fate, Flush, Live, Lost, Process};
 use super::{flush, give_up, Ctx};
 use crate::ipc::channel::frame_buffer;
-use crate::ipc::Channel;
+use crate::ipc::{Channel, ChannelError};
 use crate::supervise;
 use crate::sys;
 
@@ -216,7 +217,7 @@ async fn watch_exit(
 /// read yet: its last acknowledgements and reports. Connections it acknowledged are its own
 /// (lost with it, never handed to another worker, which could find the request already
 /// read); those it had not are re-dispatched.
-fn read_last_frames(ctx: &Ctx, index: usize, pid: u32) {
+pub(super) fn read_last_frames(ctx: &Ctx, index: usize, pid: u32) {
     let Some(channel) = ctx
         .table
         .borrow()
@@ -226,9 +227,22 @@ fn read_last_frames(ctx: &Ctx, index: usize, pid: u32) {
         return;
     };
     let mut buf = frame_buffer();
-    while let Ok(Some((frame, _no_fds))) = channel.try_recv_frame(&mut buf) {
-        if ctx.table.borrow_mut().on_frame(index, pid, frame).is_err() {
-            return;
+    // A worker that exits with frames of ours unread leaves ECONNRESET on our end, and the
+    // kernel reports it once, *before* the frames it had queued for us: read past it.
+    let mut reset_seen = false;
+    loop {
+        match channel.try_recv_frame(&mut buf) {
+            Ok(Some((frame, _no_fds))) => {
+                if ctx.table.borrow_mut().on_frame(index, pid, frame).is_err() {
+                    return;
+                }
+            }
+            Err(ChannelError::Io(e))
+                if e.kind() == io::ErrorKind::ConnectionReset && !reset_seen =>
+            {
+                reset_seen = true;
+            }
+            Ok(None) | Err(_) => return,
         }
     }
 }
