@@ -274,14 +274,15 @@ fn a_stopped_worker_is_aborted_replaced_and_its_pending_connections_served_elsew
         assert_ne!(response.pid, victim);
     }
     eprintln!("hung worker: replaced after {replaced_after:?}, gone after {gone_after:?}");
-    // Detected at the timeout (checks run every quarter of it), replaced at once (plus the
-    // first backoff step, 100 ms); SIGKILL half a second after SIGABRT.
+    // Detected at the timeout (checks run every quarter of it: +0.5 s), replaced at once
+    // (plus the first backoff step, 100 ms); SIGKILL half a second after SIGABRT. The
+    // bounds leave a second and a half for a loaded machine on top of that design.
     assert!(
-        replaced_after < TIMEOUT + Duration::from_millis(1500),
+        replaced_after < TIMEOUT + Duration::from_millis(2500),
         "{replaced_after:?}"
     );
     assert!(
-        gone_after < TIMEOUT + Duration::from_millis(2000),
+        gone_after < TIMEOUT + Duration::from_millis(3000),
         "{gone_after:?}"
     );
     let log = master.log();

@@ -200,7 +200,7 @@ fn check_deadlines(ctx: &Rc<Ctx>) {
         for (&pid, live) in &mut table.live {
             if live.kill_at.is_some_and(|at| now >= at) {
                 live.kill_at = None;
-                graceless.push((live.slot, pid));
+                graceless.push((live.slot, pid, live.fate));
             }
         }
         table.counters.drain_kills += overdue.len() as u64;
@@ -217,12 +217,19 @@ fn check_deadlines(ctx: &Rc<Ctx>) {
         );
         let _ = sys::process::signal(pid, libc::SIGKILL);
     }
-    for (index, pid) in graceless {
-        tracing::warn!(
-            worker = index,
-            pid,
-            "worker still there at its deadline: SIGKILL"
-        );
+    for (index, pid, fate) in graceless {
+        match fate {
+            Fate::Aborted => tracing::warn!(
+                worker = index,
+                pid,
+                "unresponsive worker still there after SIGABRT: SIGKILL"
+            ),
+            _ => tracing::warn!(
+                worker = index,
+                pid,
+                "draining worker still there at its drain deadline: SIGKILL"
+            ),
+        }
         let _ = sys::process::signal(pid, libc::SIGKILL);
     }
 }

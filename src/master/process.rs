@@ -91,8 +91,21 @@ pub(crate) struct Process {
 #[derive(Debug)]
 pub(crate) enum Flush {
     Done,
+    /// The worker's queue is full: retry when the channel is writable.
     Blocked,
+    /// The kernel is short of a resource that is not the worker's fault (in-flight fd
+    /// limit, buffers): retry after a pause.
+    Short(io::Error),
     Broken(io::Error),
+}
+
+/// `sendmsg` errors that say the system, not the worker, is short of something:
+/// `ETOOMANYREFS` (this user's in-flight fd limit, `RLIMIT_NOFILE`), `ENOBUFS`, `ENOMEM`.
+pub(crate) fn is_shortage(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ETOOMANYREFS | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 impl Process {
@@ -181,6 +194,11 @@ impl Process {
                     self.write_blocked = true;
                     self.writer.notify_one();
                     return Flush::Blocked;
+                }
+                Err(e) if is_shortage(&e) => {
+                    self.write_blocked = true;
+                    self.writer.notify_one();
+                    return Flush::Short(e);
                 }
                 Err(e) => return Flush::Broken(e),
             }

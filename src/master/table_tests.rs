@@ -356,7 +356,7 @@ async fn a_full_channel_keeps_connections_in_the_outbox_until_the_worker_reads()
                 sent_before_full = Some(i);
                 break;
             }
-            Flush::Broken(e) => panic!("{e}"),
+            Flush::Short(e) | Flush::Broken(e) => panic!("{e}"),
         }
     }
     let sent = sent_before_full.expect("a worker that reads nothing fills its channel");
@@ -380,4 +380,15 @@ async fn a_full_channel_keeps_connections_in_the_outbox_until_the_worker_reads()
     assert!(matches!(t.flush(0, 1000), Flush::Done));
     let p = t.slots[0].process.as_ref().unwrap();
     assert_eq!((p.unacked.len(), p.outbox.len()), (sent + 1, 0));
+}
+
+#[test]
+fn resource_shortages_on_send_are_not_the_worker_s_fault() {
+    use crate::master::process::is_shortage;
+    let err = std::io::Error::from_raw_os_error;
+    assert!(is_shortage(&err(libc::ETOOMANYREFS)));
+    assert!(is_shortage(&err(libc::ENOBUFS)));
+    assert!(is_shortage(&err(libc::ENOMEM)));
+    assert!(!is_shortage(&err(libc::EPIPE)));
+    assert!(!is_shortage(&err(libc::EBADF)));
 }

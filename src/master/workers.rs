@@ -265,6 +265,9 @@ async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>
     }
 }
 
+/// How long the writer waits after a resource shortage before it sends again.
+const SHORTAGE_PAUSE: Duration = Duration::from_millis(20);
+
 async fn write_channel(
     ctx: Rc<Ctx>,
     index: usize,
@@ -283,6 +286,11 @@ async fn write_channel(
             match result {
                 Flush::Done => break,
                 Flush::Blocked => guard.clear_ready(),
+                Flush::Short(e) => {
+                    drop(guard);
+                    tracing::warn!(worker = index, pid, error = %e, "sending to the worker: the system is short of resources, retrying");
+                    tokio::time::sleep(SHORTAGE_PAUSE).await;
+                }
                 Flush::Broken(e) => {
                     give_up(&ctx, index, pid, Lost::channel(e.into()));
                     return flush(&ctx);

@@ -92,6 +92,7 @@ pub fn clock_ticks_per_second() -> u64 {
 /// an open `SOCK_SEQPACKET` socket; makes it close-on-exec (the worker's own children must
 /// not hold it) and non-blocking.
 pub fn inherited_channel(fd: RawFd) -> io::Result<OwnedFd> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     syscall!(fcntl(fd, libc::F_GETFD))?;
     let mut kind: i32 = 0;
     let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
@@ -109,8 +110,14 @@ pub fn inherited_channel(fd: RawFd) -> io::Result<OwnedFd> {
             format!("fd {fd} is not a SOCK_SEQPACKET socket"),
         ));
     }
+    if TAKEN.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the worker channel was already taken by this process",
+        ));
+    }
     // SAFETY: the fd is open (F_GETFD succeeded), it was passed to this process for its sole
-    // use by the master, and this function is called once per process (see worker::run).
+    // use by the master, and TAKEN makes this the only OwnedFd ever made of it here.
     let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     super::socket::set_cloexec(&owned, true)?;
     super::socket::set_nonblocking(&owned, true)?;

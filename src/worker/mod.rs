@@ -92,6 +92,18 @@ impl Shared {
         Ok(())
     }
 
+    /// Sends the current status, waiting while the channel is full; the figures are read
+    /// when the send can happen, so they are never older than what was already sent.
+    async fn send_status(&self) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.channel.writable().await?;
+            match guard.try_io(|_| self.try_send_status()) {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
     /// Whether the master already has the current figures.
     fn reported(&self) -> bool {
         *self.last_sent.lock().unwrap_or_else(|e| e.into_inner()) == Some(self.status())
@@ -188,7 +200,15 @@ impl Incoming {
                 }
             };
             match received {
-                Ok((Frame::Connections(headers), fds)) => self.take(headers, fds),
+                Ok((Frame::Connections(headers), fds)) => {
+                    self.take(headers, fds);
+                    // Acknowledge before the service sees any of them: a handler that keeps
+                    // this thread busy must not hold the ack back, or the master would hand
+                    // a connection this worker may already have read to another one.
+                    if let Err(e) = self.shared.send_status().await {
+                        self.shared.fail(e.into());
+                    }
+                }
                 Ok((Frame::Listeners(headers), fds)) => {
                     self.shared.eager_reports.store(false, Ordering::Relaxed);
                     if let Err(e) = self.own.install(headers, fds) {
@@ -220,12 +240,6 @@ impl Incoming {
             }
         }
         self.shared.received.fetch_add(count, Ordering::AcqRel);
-        // Acknowledge now, before the service runs: a handler that keeps this thread busy
-        // must not hold the ack back (the master would re-dispatch a connection this worker
-        // may already have read from). If the channel is full, the reporter sends it.
-        if self.shared.try_send_status().is_err() {
-            self.shared.report.notify_one();
-        }
     }
 }
 
@@ -332,16 +346,8 @@ async fn report(shared: Arc<Shared>, heartbeat: Duration) {
                 continue;
             }
         }
-        loop {
-            let mut guard = match shared.channel.writable().await {
-                Ok(guard) => guard,
-                Err(e) => return shared.fail(e.into()),
-            };
-            match guard.try_io(|_| shared.try_send_status()) {
-                Ok(Ok(())) => break,
-                Ok(Err(e)) => return shared.fail(e.into()),
-                Err(_would_block) => continue,
-            }
+        if let Err(e) = shared.send_status().await {
+            return shared.fail(e.into());
         }
     }
 }

@@ -175,11 +175,12 @@ impl Master {
 impl Drop for Master {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            if let Some(status) = self.try_status() {
-                for pid in worker_pids(&status).into_iter().flatten() {
-                    send_signal(pid, "KILL");
-                }
-            }
+            // Every child: current workers, successors and draining ones alike.
+            let _ = Command::new("pkill")
+                .arg("-KILL")
+                .arg("-P")
+                .arg(self.child.id().to_string())
+                .status();
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
