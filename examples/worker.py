@@ -43,6 +43,7 @@ KIND_CONNECTIONS = 1  # master -> worker: n connections, n fds attached
 KIND_READY = 2  # worker -> master: initialised, send connections
 KIND_STATUS = 3  # worker -> master: acknowledgement, load report, heartbeat
 KIND_LISTENERS = 4  # master -> worker, kernel baseline modes only: n listening sockets
+KIND_DRAINING = 5  # worker -> master: draining on its own; final count of what it received
 
 # version u8, kind u8, count u16, body_len u32; all little-endian.
 HEADER = struct.Struct("<BBHI")
@@ -148,9 +149,16 @@ class Channel:
         with self.lock:
             self._send(self._status_frame())
 
-    def _status_frame(self):
+    def send_draining(self):
+        """Tells the master this worker drains on its own (SIGTERM): it leaves its slot at
+        once, a replacement starts, and what was not acknowledged goes to other workers.
+        Send it only once nothing more will be received."""
+        with self.lock:
+            self._send(self._status_frame(KIND_DRAINING))
+
+    def _status_frame(self, kind=KIND_STATUS):
         body = STATUS.pack(self.received_total, self.closed_total)
-        return HEADER.pack(VERSION, KIND_STATUS, 0, len(body)) + body
+        return HEADER.pack(VERSION, kind, 0, len(body)) + body
 
     def received(self, count):
         """Counts a batch as ours and acknowledges it: the master then closes its copies."""
@@ -516,6 +524,9 @@ def main():
     # Idle keep-alive connections close now, busy ones after their response.
     drain.start("the main loop ended")
     log(f"{drain.reason}; draining")
+    if drain.reason == "SIGTERM":
+        # Our own decision, not the master's: say so, with the final count of what we took.
+        channel.send_draining()
 
     if not channel.wait_idle(drain_timeout):
         log(f"drain timed out; {channel.active} connection(s) still open")

@@ -544,3 +544,53 @@ fn a_draining_worker_past_the_drain_timeout_is_killed_without_a_respawn() {
     assert!(!log.contains("restarting worker after backoff"), "{log}");
     assert!(wait_until(PATIENCE, || ready_workers(&master.status()) == 1));
 }
+
+#[test]
+fn a_worker_sent_sigterm_from_outside_hands_its_slot_over_under_load_without_a_failed_request() {
+    let _one = serial();
+    let master = Master::start(&["--workers", "2", "--strategy", "round-robin"]);
+    let victim = master.worker_pids()[0].unwrap();
+    let load = Load::start(master.addr, 150, 450);
+    assert!(load.wait_sent(100));
+    // Not the master's doing: the worker announces DRAINING, leaves its slot at once and a
+    // replacement starts, as after any clean handover.
+    send_signal(victim, "TERM");
+    assert!(
+        wait_until(PATIENCE, || {
+            let status = master.status();
+            ready_workers(&status) == 2 && status["workers"][0]["pid"] != victim
+        }),
+        "slot 0 not refilled; log:\n{}",
+        master.log()
+    );
+    assert!(wait_until(PATIENCE, || !process_exists(victim)));
+    let report = load.finish();
+    let log = master.log();
+    assert!(
+        report.failures.is_empty(),
+        "{:?}\nlog:\n{log}",
+        report.failure_kinds()
+    );
+    assert_eq!(
+        log_lines(
+            &log,
+            &[
+                "worker draining",
+                "reason=worker-draining",
+                &format!("pid={victim}")
+            ]
+        ),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("worker exited worker=0 pid={victim} code=0")),
+        "{log}"
+    );
+    let status = master.status();
+    assert_eq!(
+        status["workers"][0]["failures"], 0,
+        "a clean handover is no failure: {status}"
+    );
+    assert!(!log.contains("restarting worker after backoff"), "{log}");
+}

@@ -371,3 +371,31 @@ fn acknowledgements_behind_a_connection_reset_still_count() {
     assert_eq!(status["counters"]["lost_with_worker"], 1, "{status}");
     assert_eq!(status["counters"]["redispatched"], 1, "{status}");
 }
+
+#[test]
+fn a_python_worker_sent_sigterm_announces_draining_and_its_slot_is_refilled() {
+    let master = start("examples/worker.py");
+    let victim = wait_for_pid(&master, 0);
+    util::send_signal(victim, "TERM");
+    assert!(
+        wait_until(PATIENCE, || {
+            let status = master.status();
+            util::ready_workers(&status) == 2 && status["workers"][0]["pid"] != victim
+        }),
+        "{}",
+        master.log()
+    );
+    assert!(wait_until(PATIENCE, || !util::process_exists(victim)));
+    let log = master.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("reason=worker-draining") && names_pid(l, victim)),
+        "{log}"
+    );
+    assert_eq!(master.status()["workers"][0]["failures"], 0);
+    for _ in 0..10 {
+        let response = master.get();
+        assert_eq!(response.status, 200);
+        assert_ne!(response.pid, victim);
+    }
+}

@@ -22,6 +22,7 @@ const KIND_CONNECTIONS: u8 = 1;
 const KIND_READY: u8 = 2;
 const KIND_STATUS: u8 = 3;
 const KIND_LISTENERS: u8 = 4;
+const KIND_DRAINING: u8 = 5;
 
 /// One handed-off connection, as described next to its fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +58,10 @@ pub enum Frame {
     /// master → worker, only in the kernel baseline modes: listening sockets (one fd each,
     /// `id` 0, `peer` the local address) the worker accepts on itself.
     Listeners(Vec<ConnectionHeader>),
+    /// worker → master: draining on its own (e.g. SIGTERM): it takes no more connections.
+    /// Its status is final for receiving: every connection it has not acknowledged by this
+    /// frame goes back to the master.
+    Draining(Status),
 }
 
 impl Frame {
@@ -67,6 +72,7 @@ impl Frame {
             Frame::Ready => "ready",
             Frame::Status(_) => "status",
             Frame::Listeners(_) => "listeners",
+            Frame::Draining(_) => "draining",
         }
     }
 }
@@ -173,7 +179,16 @@ pub fn encode_ready(out: &mut Vec<u8>) {
 
 /// Writes a [`Frame::Status`] frame into `out` (cleared first).
 pub fn encode_status(out: &mut Vec<u8>, status: Status) {
-    header(out, KIND_STATUS, 0, STATUS_BODY_LEN);
+    encode_status_kind(out, KIND_STATUS, status);
+}
+
+/// Writes a [`Frame::Draining`] frame into `out` (cleared first).
+pub fn encode_draining(out: &mut Vec<u8>, status: Status) {
+    encode_status_kind(out, KIND_DRAINING, status);
+}
+
+fn encode_status_kind(out: &mut Vec<u8>, kind: u8, status: Status) {
+    header(out, kind, 0, STATUS_BODY_LEN);
     out.extend_from_slice(&status.received_total.to_le_bytes());
     out.extend_from_slice(&status.closed_total.to_le_bytes());
 }
@@ -226,11 +241,19 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
         }
         KIND_READY if count == 0 && body.is_empty() => Ok(Frame::Ready),
         KIND_READY => Err(shape("ready")),
-        KIND_STATUS if count == 0 && body.len() == STATUS_BODY_LEN => Ok(Frame::Status(Status {
-            received_total: u64::from_le_bytes(body[0..8].try_into().expect("8 bytes")),
-            closed_total: u64::from_le_bytes(body[8..16].try_into().expect("8 bytes")),
-        })),
+        KIND_STATUS | KIND_DRAINING if count == 0 && body.len() == STATUS_BODY_LEN => {
+            let status = Status {
+                received_total: u64::from_le_bytes(body[0..8].try_into().expect("8 bytes")),
+                closed_total: u64::from_le_bytes(body[8..16].try_into().expect("8 bytes")),
+            };
+            Ok(if kind == KIND_STATUS {
+                Frame::Status(status)
+            } else {
+                Frame::Draining(status)
+            })
+        }
         KIND_STATUS => Err(shape("status")),
+        KIND_DRAINING => Err(shape("draining")),
         other => Err(FrameError::UnknownKind(other)),
     }
 }
@@ -282,6 +305,25 @@ mod tests {
         encode_connections(&mut buf, entries.clone().into_iter());
         assert_eq!(buf.len(), HEADER_LEN + 3 * CONNECTION_ENTRY_LEN);
         assert_eq!(decode(&buf), Ok(Frame::Connections(entries)));
+    }
+
+    #[test]
+    fn draining_round_trips_with_its_final_status() {
+        let mut buf = Vec::new();
+        let status = Status {
+            received_total: 9,
+            closed_total: 4,
+        };
+        encode_draining(&mut buf, status);
+        assert_eq!(decode(&buf), Ok(Frame::Draining(status)));
+        buf[2] = 1;
+        assert!(matches!(
+            decode(&buf),
+            Err(FrameError::Shape {
+                kind: "draining",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -350,6 +350,11 @@ impl Table {
                 }
                 Ok(())
             }
+            Frame::Draining(status) => {
+                process.apply_status(status, worker_accepts)?;
+                self.worker_draining(index, pid);
+                Ok(())
+            }
             other => Err(Lost::Protocol(format!(
                 "a worker sent a {} frame",
                 other.name()
@@ -419,6 +424,41 @@ impl Table {
         }
         self.wake.notify_one();
         true
+    }
+
+    /// Worker `pid` said it is draining on its own: it leaves its slot at once (a starting
+    /// successor takes its place), everything it had not acknowledged goes to other workers,
+    /// and it drains like a replaced worker. The caller refills the slot.
+    fn worker_draining(&mut self, index: usize, pid: u32) {
+        let slot = &mut self.slots[index];
+        let mut process = if slot.process.as_ref().is_some_and(|p| p.pid == pid) {
+            let process = slot.process.take().expect("checked above");
+            slot.process = slot.successor.take();
+            process
+        } else if slot.successor.as_ref().is_some_and(|p| p.pid == pid) {
+            slot.successor.take().expect("checked above")
+        } else {
+            return; // already retiring: the master asked first
+        };
+        let orphans = process.take_orphans();
+        self.counters.redispatched += orphans.len() as u64;
+        for conn in orphans.into_iter().rev() {
+            self.retry.push_front(conn);
+        }
+        self.retire(index, process, Reason::WorkerDraining);
+        self.redispatch();
+        self.capacity.notify_waiters();
+    }
+
+    /// Whether slot `index` is in use, has no process at all and none is on its way.
+    pub fn wants_refill(&self, index: usize) -> bool {
+        self.slots.get(index).is_some_and(|slot| {
+            !self.stopping
+                && index < self.workers
+                && slot.process.is_none()
+                && slot.successor.is_none()
+                && slot.respawn_at.is_none()
+        })
     }
 
     /// Moves `process` to slot `index`'s retiring list, draining: no new connections, the

@@ -15,7 +15,7 @@ use tokio::task::spawn_local;
 use super::table::{Fate, Flush, Live, Lost, Process};
 use super::{flush, give_up, Ctx};
 use crate::ipc::channel::frame_buffer;
-use crate::ipc::{Channel, ChannelError};
+use crate::ipc::{Channel, ChannelError, Frame};
 use crate::supervise;
 use crate::sys;
 
@@ -252,10 +252,18 @@ async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>
     loop {
         // One recvmsg per frame; the one that finds the queue empty clears the readiness
         // (a raw read past it would cost a second empty recvmsg per wake-up).
+        let mut draining = false;
         let verdict = match channel.recv_frame(&mut buf).await {
-            Ok((frame, _no_fds)) => ctx.table.borrow_mut().on_frame(index, pid, frame),
+            Ok((frame, _no_fds)) => {
+                draining = matches!(frame, Frame::Draining(_));
+                ctx.table.borrow_mut().on_frame(index, pid, frame)
+            }
             Err(e) => Err(Lost::channel(e)),
         };
+        if draining && ctx.table.borrow().wants_refill(index) {
+            // A clean handover, not a failure: the replacement starts at once.
+            schedule_respawn(&ctx, index, Duration::ZERO);
+        }
         if let Err(lost) = verdict {
             give_up(&ctx, index, pid, lost);
             flush(&ctx);

@@ -36,6 +36,8 @@ pub enum Reason {
     ScaleDown,
     /// The master is stopping.
     Shutdown,
+    /// The worker said it is draining on its own (e.g. it got SIGTERM).
+    WorkerDraining,
 }
 
 impl fmt::Display for Reason {
@@ -47,6 +49,7 @@ impl fmt::Display for Reason {
             Reason::Restart => "restart",
             Reason::ScaleDown => "scale-down",
             Reason::Shutdown => "shutdown",
+            Reason::WorkerDraining => "worker-draining",
         })
     }
 }

@@ -84,23 +84,47 @@ impl Shared {
     /// before the send, with no await between, so reports leave in the order of their
     /// figures (never a smaller count after a larger one).
     fn try_send_status(&self) -> std::io::Result<()> {
+        self.try_send_report(frame::encode_status)
+    }
+
+    /// Like [`Shared::try_send_status`], as the frame `encode` writes (STATUS or DRAINING).
+    fn try_send_report(&self, encode: fn(&mut Vec<u8>, Status)) -> std::io::Result<()> {
         let status = self.status();
         let mut bytes = Vec::with_capacity(frame::HEADER_LEN + frame::STATUS_BODY_LEN);
-        frame::encode_status(&mut bytes, status);
+        encode(&mut bytes, status);
         self.channel.try_send(&bytes, &[])?;
         *self.last_sent.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
         Ok(())
     }
 
-    /// Sends the current status, waiting while the channel is full; the figures are read
-    /// when the send can happen, so they are never older than what was already sent.
-    async fn send_status(&self) -> std::io::Result<()> {
+    /// Sends the current figures as the frame `encode` writes, waiting while the channel is
+    /// full; the figures are read when the send can happen, so they are never older than
+    /// what was already sent.
+    async fn send_report(&self, encode: fn(&mut Vec<u8>, Status)) -> std::io::Result<()> {
         loop {
             let mut guard = self.channel.writable().await?;
-            match guard.try_io(|_| self.try_send_status()) {
+            match guard.try_io(|_| self.try_send_report(encode)) {
                 Ok(result) => return result,
                 Err(_would_block) => continue,
             }
+        }
+    }
+
+    /// Sends the current status, waiting while the channel is full.
+    async fn send_status(&self) -> std::io::Result<()> {
+        self.send_report(frame::encode_status).await
+    }
+
+    /// Starts draining on this worker's own initiative (SIGTERM, or the service returned)
+    /// and tells the master with a DRAINING frame, whose figures say which connections are
+    /// this worker's: the flag is set first, so nothing received after it is taken. A no-op
+    /// when already draining (the master asked, or the channel failed).
+    async fn announce_draining(&self) {
+        if self.drain.send_replace(true) {
+            return;
+        }
+        if let Err(e) = self.send_report(frame::encode_draining).await {
+            self.fail(ChannelError::Io(e));
         }
     }
 
@@ -200,6 +224,11 @@ impl Incoming {
                 }
             };
             match received {
+                Ok((Frame::Connections(_), fds)) if self.drain.is_draining() => {
+                    // Sent before the master read our DRAINING frame, which did not count
+                    // them: it hands them to another worker.
+                    drop(fds);
+                }
                 Ok((Frame::Connections(headers), fds)) => {
                     self.take(headers, fds);
                     // Acknowledge before the service sees any of them: a handler that keeps
@@ -296,7 +325,7 @@ where
             drain: Drain { rx: drain_rx },
         };
         let served = serve(incoming).await;
-        shared.drain.send_replace(true);
+        shared.announce_draining().await;
 
         let drain_timeout = env_duration(ENV_DRAIN_MS, Duration::from_secs(30));
         let idle = async {
@@ -357,6 +386,6 @@ async fn drain_on_sigterm(shared: Arc<Shared>) {
     if let Ok(mut sigterm) = signal(SignalKind::terminate()) {
         sigterm.recv().await;
         tracing::info!(pid = std::process::id(), "SIGTERM: draining");
-        shared.drain.send_replace(true);
+        shared.announce_draining().await;
     }
 }
