@@ -473,3 +473,36 @@ fn a_worker_command_that_cannot_be_executed_is_reported_and_retried_with_backoff
     assert!(log.contains("next_start_ms=200"), "it backs off: {log}");
     assert!(master.try_status().is_some(), "the master stays up");
 }
+
+#[test]
+fn ctrl_c_to_the_master_s_process_group_drains_workers_instead_of_killing_them() {
+    use std::os::unix::process::CommandExt;
+    let mut master = Master::start_with(&["--workers", "2", "--work-us", "300000"], |cmd| {
+        cmd.process_group(0);
+    });
+    let mut in_flight = send_request(master.addr);
+    assert!(wait_until(PATIENCE, || master.status()["counters"]
+        ["accepted"]
+        == 1));
+    // What a terminal does on Ctrl-C: SIGINT to the whole foreground process group.
+    send_signal_to_group(master.pid(), "INT");
+    let response = read_response(&mut in_flight).expect("the in-flight request is finished");
+    assert_eq!(response.status, 200);
+    let status = master.wait_exit(PATIENCE).expect("master exits");
+    assert!(status.success(), "{status:?}\n{}", master.log());
+    assert!(
+        !master.log().contains("killed by signal"),
+        "{}",
+        master.log()
+    );
+}
+
+fn send_signal_to_group(pgid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}

@@ -11,7 +11,9 @@ pub const CHANNEL_FD: RawFd = 3;
 
 /// Arranges for the spawned child to find `channel` at fd [`CHANNEL_FD`] (not close-on-exec),
 /// to inherit no other fd above it (`close_range(2)` with `CLOSE_RANGE_CLOEXEC`: whatever
-/// the master's own parent leaked stays out of the workers), and to receive `death_signal` when the master dies
+/// the master's own parent leaked stays out of the workers), to run in a process group of its
+/// own (so a terminal's Ctrl-C reaches only the master, which stops the workers gracefully),
+/// and to receive `death_signal` when the master dies
 /// (`prctl(PR_SET_PDEATHSIG)`). If the master died before the child could ask, the child
 /// exits at once.
 pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, death_signal: i32) {
@@ -35,6 +37,10 @@ pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, deat
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC
         ));
+        // A process group of its own: Ctrl-C in a terminal signals the foreground group,
+        // and only the master should get it (it drains the workers gracefully); a worker
+        // that died of SIGINT would cut its connections.
+        syscall!(setpgid(0, 0))?;
         syscall!(prctl(
             libc::PR_SET_PDEATHSIG,
             death_signal as libc::c_ulong,
@@ -50,7 +56,7 @@ pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, deat
         Ok(())
     };
     // SAFETY: the hook runs between fork and exec and calls only async-signal-safe functions
-    // (fcntl, dup2, close_range, prctl, getppid, _exit); it allocates nothing and takes no
+    // (fcntl, dup2, close_range, setpgid, prctl, getppid, _exit); it allocates nothing and takes no
     // locks. It closes no fd (close_range only sets close-on-exec), so std's exec-error pipe
     // and the master's own fds are untouched.
     unsafe {
