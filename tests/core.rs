@@ -506,3 +506,35 @@ fn send_signal_to_group(pgid: u32, signal: &str) {
         .unwrap();
     assert!(ok.success());
 }
+
+/// Regression: a worker that drained on its own while the master was stopping got the
+/// (short) --drain-timeout instead of the --shutdown-timeout, and was killed mid-request.
+#[test]
+fn a_worker_sigtermed_during_the_master_s_stop_keeps_the_shutdown_timeout() {
+    let mut master = Master::start(&[
+        "--workers",
+        "1",
+        "--work-us",
+        "2500000",
+        "--drain-timeout",
+        "1s",
+        "--shutdown-timeout",
+        "20s",
+    ]);
+    let worker = master.worker_pids()[0].unwrap();
+    let mut in_flight = send_request(master.addr);
+    assert!(wait_until(PATIENCE, || master.status()["counters"]
+        ["accepted"]
+        == 1));
+    // As systemd does to the whole cgroup: the master and the worker both get SIGTERM.
+    master.signal("TERM");
+    assert!(wait_until(PATIENCE, || master
+        .log()
+        .contains("SIGTERM: stopping")));
+    send_signal(worker, "TERM");
+    let response = read_response(&mut in_flight).expect("finished within the shutdown timeout");
+    assert_eq!(response.status, 200);
+    let status = master.wait_exit(PATIENCE).expect("master exits");
+    assert!(status.success(), "{}", master.log());
+    assert!(!master.log().contains("drain timeout"), "{}", master.log());
+}

@@ -392,10 +392,60 @@ fn a_python_worker_sent_sigterm_announces_draining_and_its_slot_is_refilled() {
             .any(|l| l.contains("reason=worker-draining") && names_pid(l, victim)),
         "{log}"
     );
-    assert_eq!(master.status()["workers"][0]["failures"], 0);
     for _ in 0..10 {
         let response = master.get();
         assert_eq!(response.status, 200);
         assert_ne!(response.pid, victim);
     }
+}
+
+/// Regression: a DRAINING frame read only after ECONNRESET (while giving the worker up)
+/// emptied the slot without refilling it: with one worker, an outage.
+#[test]
+fn a_slot_is_refilled_when_draining_is_read_behind_a_connection_reset() {
+    let stages = tempfile::tempdir().unwrap();
+    let script = crate_path("tests/fixtures/drain_then_die_worker.py");
+    let master = Master::start_with(&["--workers", "1", "--", "python3", "-B", &script], |cmd| {
+        cmd.env("STAGE_DIR", stages.path());
+    });
+    let victim = wait_for_pid(&master, 0);
+    let mut waiting = util::send_request(master.addr);
+    let queued = stages.path().join("queued");
+    assert!(wait_until(PATIENCE, || queued.exists()));
+    master.signal("STOP");
+    util::send_signal(victim, "USR1");
+    let gone = wait_until(PATIENCE, || !util::process_exists(victim));
+    master.signal("CONT");
+    assert!(gone);
+    let response = read_response(&mut waiting).expect("served by the refilled slot");
+    assert_eq!(response.status, 200);
+    assert_ne!(response.pid, victim);
+    assert!(wait_until(PATIENCE, || util::ready_workers(
+        &master.status()
+    ) == 1));
+}
+
+#[test]
+fn a_worker_that_drains_at_once_every_time_is_backed_off_not_respawned_in_a_loop() {
+    let script = crate_path("tests/fixtures/drain_then_die_worker.py");
+    let master = Master::launch(&["--workers", "1", "--", "python3", "-B", &script], |cmd| {
+        cmd.env("DRAIN_AT_ONCE", "1");
+    });
+    assert!(
+        wait_until(PATIENCE, || master.log().contains("next_start_ms=800")),
+        "{}",
+        master.log()
+    );
+    let log = master.log();
+    assert!(log.contains("next_start_ms=400"), "{log}");
+    assert_eq!(
+        log.matches("next_start_ms=100 ").count() + log.matches("next_start_ms=100\n").count(),
+        1,
+        "one backoff step per exit, not two: {log}"
+    );
+    let spawned = master.status()["counters"]["spawned"].as_u64().unwrap();
+    assert!(
+        spawned <= 6,
+        "{spawned} spawns: a loop, not a backoff\n{log}"
+    );
 }

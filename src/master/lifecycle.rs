@@ -85,6 +85,20 @@ pub(crate) async fn run(ctx: Rc<Ctx>, mut signals: Signals) {
 
 /// Starts the replacements that are due and moves a rolling restart along.
 fn reconcile(ctx: &Rc<Ctx>) {
+    // Slots whose worker drained on its own: refilled at once after a stable life, through
+    // the backoff (and the crash-loop report) after a short one.
+    let handovers: Vec<(usize, Duration)> = {
+        let mut table = ctx.table.borrow_mut();
+        let workers = table.workers;
+        table.slots[..workers]
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, slot)| slot.handover.take().map(|uptime| (i, uptime)))
+            .collect()
+    };
+    for (index, uptime) in handovers {
+        after_failure(ctx, index, uptime);
+    }
     let starts: Vec<usize> = {
         let mut table = ctx.table.borrow_mut();
         if table.stopping {

@@ -36,6 +36,8 @@ pub(crate) struct Slot {
     pub backoff: Backoff,
     /// When a start waiting out the backoff is due.
     pub respawn_at: Option<Instant>,
+    /// Its process drained on its own after this uptime: the slot wants a new one.
+    pub handover: Option<std::time::Duration>,
 }
 
 impl Slot {
@@ -47,6 +49,7 @@ impl Slot {
             spawns: 0,
             backoff,
             respawn_at: None,
+            handover: None,
         }
     }
 
@@ -426,39 +429,33 @@ impl Table {
         true
     }
 
-    /// Worker `pid` said it is draining on its own: it leaves its slot at once (a starting
-    /// successor takes its place), everything it had not acknowledged goes to other workers,
-    /// and it drains like a replaced worker. The caller refills the slot.
+    /// Worker `pid` said it is draining on its own. Its totals are final, so whatever it has
+    /// not acknowledged goes to other workers whoever asked first. A ready worker that the
+    /// master was not already draining leaves its slot at once (a starting successor takes
+    /// its place) and drains like a replaced worker; the lifecycle task refills the slot,
+    /// through the backoff when the worker lived only briefly. One that never said READY is
+    /// left to its exit, which counts as a failure.
     fn worker_draining(&mut self, index: usize, pid: u32) {
+        let stopping = self.stopping;
         let slot = &mut self.slots[index];
-        let mut process = if slot.process.as_ref().is_some_and(|p| p.pid == pid) {
-            let process = slot.process.take().expect("checked above");
-            slot.process = slot.successor.take();
-            process
-        } else if slot.successor.as_ref().is_some_and(|p| p.pid == pid) {
-            slot.successor.take().expect("checked above")
-        } else {
-            return; // already retiring: the master asked first
+        let Some(process) = slot.find_mut(pid) else {
+            return;
         };
         let orphans = process.take_orphans();
+        let hand_over = process.phase == Phase::Ready && !stopping;
         self.counters.redispatched += orphans.len() as u64;
         for conn in orphans.into_iter().rev() {
             self.retry.push_front(conn);
         }
-        self.retire(index, process, Reason::WorkerDraining);
+        if hand_over && slot.process.as_ref().is_some_and(|p| p.pid == pid) {
+            let process = slot.process.take().expect("checked above");
+            slot.process = slot.successor.take();
+            slot.handover = Some(process.started.elapsed());
+            self.retire(index, process, Reason::WorkerDraining);
+            self.wake.notify_one();
+        }
         self.redispatch();
         self.capacity.notify_waiters();
-    }
-
-    /// Whether slot `index` is in use, has no process at all and none is on its way.
-    pub fn wants_refill(&self, index: usize) -> bool {
-        self.slots.get(index).is_some_and(|slot| {
-            !self.stopping
-                && index < self.workers
-                && slot.process.is_none()
-                && slot.successor.is_none()
-                && slot.respawn_at.is_none()
-        })
     }
 
     /// Moves `process` to slot `index`'s retiring list, draining: no new connections, the

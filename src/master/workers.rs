@@ -15,7 +15,7 @@ use tokio::task::spawn_local;
 use super::table::{Fate, Flush, Live, Lost, Process};
 use super::{flush, give_up, Ctx};
 use crate::ipc::channel::frame_buffer;
-use crate::ipc::{Channel, ChannelError, Frame};
+use crate::ipc::{Channel, ChannelError};
 use crate::supervise;
 use crate::sys;
 
@@ -161,6 +161,9 @@ async fn watch_exit(
 ) {
     let status = child.wait().await;
     let uptime = started.elapsed();
+    // Its last frames first: a DRAINING among them makes this exit an expected one (and its
+    // slot is then refilled by the handover, not by this exit).
+    read_last_frames(&ctx, index, pid);
     let fate = ctx
         .table
         .borrow()
@@ -195,7 +198,6 @@ async fn watch_exit(
         },
         Err(e) => tracing::error!(worker = index, pid, error = %e, "waiting for worker failed"),
     }
-    read_last_frames(&ctx, index, pid);
     give_up(&ctx, index, pid, Lost::Exited);
     flush(&ctx);
     let (stopping, none_left) = {
@@ -230,10 +232,14 @@ pub(super) fn read_last_frames(ctx: &Ctx, index: usize, pid: u32) {
     // A worker that exits with frames of ours unread leaves ECONNRESET on our end, and the
     // kernel reports it once, *before* the frames it had queued for us: read past it.
     let mut reset_seen = false;
-    loop {
+    // A live peer could keep sending: read what a full queue holds, not forever.
+    for _ in 0..MAX_LAST_FRAMES {
         match channel.try_recv_frame(&mut buf) {
             Ok(Some((frame, _no_fds))) => {
                 if ctx.table.borrow_mut().on_frame(index, pid, frame).is_err() {
+                    // Nothing after a broken frame is believed: discard the rest, so a
+                    // later call cannot apply it either.
+                    while let Ok(Some(_)) = channel.try_recv_frame(&mut buf) {}
                     return;
                 }
             }
@@ -252,18 +258,10 @@ async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>
     loop {
         // One recvmsg per frame; the one that finds the queue empty clears the readiness
         // (a raw read past it would cost a second empty recvmsg per wake-up).
-        let mut draining = false;
         let verdict = match channel.recv_frame(&mut buf).await {
-            Ok((frame, _no_fds)) => {
-                draining = matches!(frame, Frame::Draining(_));
-                ctx.table.borrow_mut().on_frame(index, pid, frame)
-            }
+            Ok((frame, _no_fds)) => ctx.table.borrow_mut().on_frame(index, pid, frame),
             Err(e) => Err(Lost::channel(e)),
         };
-        if draining && ctx.table.borrow().wants_refill(index) {
-            // A clean handover, not a failure: the replacement starts at once.
-            schedule_respawn(&ctx, index, Duration::ZERO);
-        }
         if let Err(lost) = verdict {
             give_up(&ctx, index, pid, lost);
             flush(&ctx);
@@ -272,6 +270,9 @@ async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>
         flush(&ctx);
     }
 }
+
+/// The most frames read from a worker that is being given up on.
+const MAX_LAST_FRAMES: usize = 1024;
 
 /// How long the writer waits after a resource shortage before it sends again.
 const SHORTAGE_PAUSE: Duration = Duration::from_millis(20);
@@ -285,6 +286,8 @@ async fn write_channel(
 ) {
     loop {
         wake.notified().await;
+        // Warn once per shortage, not at every retry.
+        let mut short = false;
         loop {
             let mut guard = match channel.writable().await {
                 Ok(guard) => guard,
@@ -296,7 +299,10 @@ async fn write_channel(
                 Flush::Blocked => guard.clear_ready(),
                 Flush::Short(e) => {
                     drop(guard);
-                    tracing::warn!(worker = index, pid, error = %e, "sending to the worker: the system is short of resources, retrying");
+                    if !short {
+                        tracing::warn!(worker = index, pid, error = %e, "sending to the worker: the system is short of resources, retrying");
+                    }
+                    short = true;
                     tokio::time::sleep(SHORTAGE_PAUSE).await;
                 }
                 Flush::Broken(e) => {

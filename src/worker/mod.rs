@@ -68,6 +68,10 @@ pub(crate) struct Shared {
     failure: Mutex<Option<ChannelError>>,
     /// The figures of the last status sent, by whichever path.
     last_sent: Mutex<Option<Status>>,
+    /// Held while a DRAINING frame is being sent.
+    announcing: tokio::sync::Mutex<()>,
+    /// READY was sent: the master may count on this worker.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -120,6 +124,9 @@ impl Shared {
     /// this worker's: the flag is set first, so nothing received after it is taken. A no-op
     /// when already draining (the master asked, or the channel failed).
     async fn announce_draining(&self) {
+        // A second caller waits until the first one's frame is out (the runtime must not
+        // end with it unsent).
+        let _one_at_a_time = self.announcing.lock().await;
         if self.drain.send_replace(true) {
             return;
         }
@@ -192,6 +199,7 @@ impl Incoming {
     pub async fn accept(&mut self) -> Option<Connection> {
         if !self.ready_sent {
             self.ready_sent = true;
+            self.shared.ready.store(true, Ordering::Release);
             let mut bytes = Vec::with_capacity(frame::HEADER_LEN);
             frame::encode_ready(&mut bytes);
             if let Err(e) = self.shared.channel.send(&bytes, &[]).await {
@@ -311,6 +319,8 @@ where
             drain: drain_tx,
             failure: Mutex::new(None),
             last_sent: Mutex::new(None),
+            announcing: tokio::sync::Mutex::new(()),
+            ready: std::sync::atomic::AtomicBool::new(false),
         });
         let heartbeat = env_duration(ENV_HEARTBEAT_MS, Duration::from_secs(1));
         let reporter = tokio::spawn(report(shared.clone(), heartbeat));
@@ -325,7 +335,14 @@ where
             drain: Drain { rx: drain_rx },
         };
         let served = serve(incoming).await;
-        shared.announce_draining().await;
+        if served.is_ok() && shared.ready.load(Ordering::Acquire) {
+            // The service is done on its own: a clean handover.
+            shared.announce_draining().await;
+        } else {
+            // Failed (or never ready): no DRAINING, the exit tells the master, which counts
+            // it as a failure and backs off.
+            shared.drain.send_replace(true);
+        }
 
         let drain_timeout = env_duration(ENV_DRAIN_MS, Duration::from_secs(30));
         let idle = async {

@@ -34,6 +34,8 @@ pub struct Master {
     pub control: PathBuf,
     pub addr: SocketAddr,
     log: Arc<Mutex<String>>,
+    /// The stderr reader reached the end: every line is in `log`.
+    log_done: Arc<std::sync::atomic::AtomicBool>,
     _dir: tempfile::TempDir,
 }
 
@@ -85,18 +87,22 @@ impl Master {
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr piped");
         let sink = log.clone();
+        let log_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = log_done.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);
                 log.push('\n');
             }
+            done.store(true, std::sync::atomic::Ordering::Release);
         });
         let mut master = Master {
             child,
             control,
             addr: "127.0.0.1:1".parse().unwrap(),
             log,
+            log_done,
             _dir: dir,
         };
         let mut status = None;
@@ -157,13 +163,18 @@ impl Master {
         send_signal(self.pid(), signal);
     }
 
-    /// Waits for the master to exit, up to `timeout`.
+    /// Waits for the master to exit, up to `timeout`, and for its last log lines (those its
+    /// workers wrote too, as long as they hold the same stderr).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut status = None;
         wait_until(timeout, || {
             status = self.child.try_wait().unwrap();
             status.is_some()
         });
+        if status.is_some() {
+            let done = self.log_done.clone();
+            wait_until(timeout, || done.load(std::sync::atomic::Ordering::Acquire));
+        }
         status
     }
 
