@@ -373,21 +373,17 @@ where
     })
 }
 
-/// How long a finished connection may wait to be reported: the next acknowledgement (sent
-/// at once on receipt) usually carries it first, so a busy worker reports each connection
-/// in one frame, not two, and the master wakes half as often. Least-loaded sees loads at
-/// most this stale.
-const CLOSE_REPORT_DELAY: Duration = Duration::from_millis(1);
-
-/// Sends a status report when something changed (closes batched for up to
-/// [`CLOSE_REPORT_DELAY`]), and at least every `heartbeat`.
+/// Sends a status report when something changed, and at least every `heartbeat`. Closes
+/// are reported at once (after one yield, so that those of the same scheduler turn share a
+/// frame): holding them back for the next acknowledgement saved master wake-ups but made
+/// least-loaded, seeing staler loads, measurably less even (docs/benchmarks.md).
 async fn report(shared: Arc<Shared>, heartbeat: Duration) {
     loop {
         let changed = tokio::time::timeout(heartbeat, shared.report.notified())
             .await
             .is_ok();
         if changed {
-            tokio::time::sleep(CLOSE_REPORT_DELAY).await;
+            tokio::task::yield_now().await;
             if shared.reported() {
                 continue;
             }
