@@ -126,6 +126,16 @@ pub struct Cost {
     pub heavy: Option<(f64, u64)>,
 }
 
+impl Cost {
+    /// `--work-us N [--heavy PCT:US]`, the same flags for `handoff run` and the node script.
+    fn add_args(&self, cmd: &mut Command) {
+        cmd.arg("--work-us").arg(self.work_us.to_string());
+        if let Some((pct, us)) = self.heavy {
+            cmd.arg("--heavy").arg(format!("{pct}:{us}"));
+        }
+    }
+}
+
 /// How to start contenders.
 #[derive(Debug, Clone)]
 pub struct Launcher {
@@ -157,7 +167,7 @@ impl Launcher {
         let kind = Kind::parse(name)?;
         let dir = TempDir::new().map_err(ContenderError::TempDir)?;
         let log = Arc::new(Mutex::new(VecDeque::new()));
-        match kind {
+        let (mut child, waited) = match kind {
             Kind::Handoff { strategy } => {
                 let control = dir.path.join("ctl.sock");
                 let mut cmd = Command::new(&self.program);
@@ -167,29 +177,13 @@ impl Launcher {
                     .arg(self.workers.to_string())
                     .arg("--control")
                     .arg(&control)
-                    .arg("--work-us")
-                    .arg(cost.work_us.to_string())
                     .args(["--shutdown-timeout", "2s"])
                     .env("HANDOFF_LOG", "warn")
                     .stdout(Stdio::null());
-                if let Some((pct, us)) = cost.heavy {
-                    cmd.arg("--heavy").arg(format!("{pct}:{us}"));
-                }
+                cost.add_args(&mut cmd);
                 let mut child = spawn(cmd, &self.program, &log)?;
-                match wait_for_handoff(&mut child, &control, self.workers, &log) {
-                    Ok((addr, workers)) => Ok(Running {
-                        name: name.to_owned(),
-                        addr,
-                        master: child.id(),
-                        workers,
-                        child,
-                        _dir: dir,
-                    }),
-                    Err(e) => {
-                        kill_all(&mut child, &[]);
-                        Err(e)
-                    }
-                }
+                let waited = wait_for_handoff(&mut child, &control, self.workers, &log);
+                (child, waited)
             }
             Kind::Node { policy } => {
                 let node = find_on_path("node").ok_or(ContenderError::NoNode)?;
@@ -200,29 +194,27 @@ impl Launcher {
                     .args(["--host", "127.0.0.1", "--port", "0"])
                     .arg("--workers")
                     .arg(self.workers.to_string())
-                    .arg("--work-us")
-                    .arg(cost.work_us.to_string())
                     .env("NODE_CLUSTER_SCHED_POLICY", policy)
                     .stdout(Stdio::piped());
-                if let Some((pct, us)) = cost.heavy {
-                    cmd.arg("--heavy").arg(format!("{pct}:{us}"));
-                }
+                cost.add_args(&mut cmd);
                 let mut child = spawn(cmd, &node, &log)?;
-                match wait_for_node(&mut child, self.workers, &log) {
-                    Ok((addr, workers)) => Ok(Running {
-                        name: name.to_owned(),
-                        addr,
-                        master: child.id(),
-                        workers,
-                        child,
-                        _dir: dir,
-                    }),
-                    Err(e) => {
-                        let workers = procfs::children(child.id());
-                        kill_all(&mut child, &workers);
-                        Err(e)
-                    }
-                }
+                let waited = wait_for_node(&mut child, self.workers, &log);
+                (child, waited)
+            }
+        };
+        match waited {
+            Ok((addr, workers)) => Ok(Running {
+                name: name.to_owned(),
+                addr,
+                master: child.id(),
+                workers,
+                child,
+                _dir: dir,
+            }),
+            Err(e) => {
+                let workers = procfs::children(child.id());
+                kill_all(&mut child, &workers);
+                Err(e)
             }
         }
     }
