@@ -28,14 +28,96 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
-/// A running `handoff run` master, killed with its workers when dropped.
-pub struct Master {
+/// A `handoff` process started by a test, its stderr collected line by line; killed with
+/// every child it started when dropped. [`Master`] is one with a control socket; use this
+/// one directly for what `Master` cannot do (chosen socket paths, a start meant to fail).
+pub struct Spawned {
     child: Child,
-    pub control: PathBuf,
-    pub addr: SocketAddr,
     log: Arc<Mutex<String>>,
     /// The stderr reader reached the end: every line is in `log`.
     log_done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Spawned {
+    /// Starts `cmd` with `HANDOFF_LOG=info`, stdin and stdout null, stderr collected.
+    pub fn start(mut cmd: Command) -> Spawned {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("HANDOFF_LOG", "info");
+        let mut child = cmd.spawn().expect("spawn handoff");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr piped");
+        let sink = log.clone();
+        let log_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = log_done.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+        });
+        Spawned {
+            child,
+            log,
+            log_done,
+        }
+    }
+
+    /// `handoff run ARGS...`.
+    pub fn run(args: &[&str]) -> Spawned {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").args(args);
+        Self::start(cmd)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its stderr so far (its workers' too, as long as they hold the same stderr).
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for the exit, up to `timeout`, and then for its last log lines.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        if status.is_some() {
+            let done = self.log_done.clone();
+            wait_until(timeout, || done.load(std::sync::atomic::Ordering::Acquire));
+        }
+        status
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // Every child: current workers, successors and draining ones alike.
+            let _ = Command::new("pkill")
+                .arg("-KILL")
+                .arg("-P")
+                .arg(self.child.id().to_string())
+                .status();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running `handoff run` master with a control socket, killed with its workers when
+/// dropped.
+pub struct Master {
+    process: Spawned,
+    pub control: PathBuf,
+    pub addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -48,11 +130,21 @@ impl Master {
 
     /// Like [`Master::start`], with a hook to adjust the command (environment, rlimits).
     pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Master {
-        let master = Self::launch(args, adjust);
-        let workers = args
+        Self::start_via_with(Command::new(BIN), args, adjust)
+    }
+
+    /// Like [`Master::start`], with `base` as the program and its first arguments (a copy
+    /// of the binary, or `prlimit --nofile=64:64 BIN`); `run ...` follows them.
+    pub fn start_via(base: Command, args: &[&str]) -> Master {
+        Self::start_via_with(base, args, |_| {})
+    }
+
+    fn start_via_with(base: Command, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Master {
+        let master = Self::launch_via(base, args, adjust);
+        let workers: usize = args
             .windows(2)
             .find(|w| w[0] == "--workers")
-            .map(|w| w[1].parse::<usize>().unwrap())
+            .map(|w| w[1].parse().unwrap())
             .expect("tests pass --workers");
         let mut status = None;
         let ready = wait_until(PATIENCE, || {
@@ -69,40 +161,28 @@ impl Master {
 
     /// Starts the master and waits only for its control socket, not for workers.
     pub fn launch(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Master {
+        Self::launch_via(Command::new(BIN), args, adjust)
+    }
+
+    /// Like [`Master::launch`], with `base` as the program and its first arguments.
+    pub fn launch_via(
+        mut cmd: Command,
+        args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Master {
         let dir = tempfile::tempdir().expect("tempdir");
         let control = dir.path().join("control.sock");
-        let mut cmd = Command::new(BIN);
         cmd.arg("run")
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--control")
-            .arg(&control);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        cmd.env("HANDOFF_LOG", "info");
+            .arg(&control)
+            .args(args);
         adjust(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn handoff");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr piped");
-        let sink = log.clone();
-        let log_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let done = log_done.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-            done.store(true, std::sync::atomic::Ordering::Release);
-        });
         let mut master = Master {
-            child,
+            process: Spawned::start(cmd),
             control,
             addr: "127.0.0.1:1".parse().unwrap(),
-            log,
-            log_done,
             _dir: dir,
         };
         let mut status = None;
@@ -120,20 +200,15 @@ impl Master {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.process.log()
     }
 
     pub fn try_status(&self) -> Option<serde_json::Value> {
-        let mut stream = UnixStream::connect(&self.control).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        stream.write_all(b"status\n").ok()?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).ok()?;
-        serde_json::from_str(&reply).ok()
+        status_at(&self.control)
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -163,19 +238,9 @@ impl Master {
         send_signal(self.pid(), signal);
     }
 
-    /// Waits for the master to exit, up to `timeout`, and for its last log lines (those its
-    /// workers wrote too, as long as they hold the same stderr).
+    /// Waits for the master to exit, up to `timeout`, and for its last log lines.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        wait_until(timeout, || {
-            status = self.child.try_wait().unwrap();
-            status.is_some()
-        });
-        if status.is_some() {
-            let done = self.log_done.clone();
-            wait_until(timeout, || done.load(std::sync::atomic::Ordering::Acquire));
-        }
-        status
+        self.process.wait_exit(timeout)
     }
 
     pub fn get(&self) -> Response {
@@ -183,19 +248,14 @@ impl Master {
     }
 }
 
-impl Drop for Master {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // Every child: current workers, successors and draining ones alike.
-            let _ = Command::new("pkill")
-                .arg("-KILL")
-                .arg("-P")
-                .arg(self.child.id().to_string())
-                .status();
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `status` over the control socket at `path`, as `handoff ctl` asks it.
+pub fn status_at(path: &std::path::Path) -> Option<serde_json::Value> {
+    let mut stream = UnixStream::connect(path).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"status\n").ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    serde_json::from_str(&reply).ok()
 }
 
 pub fn ready_workers(status: &serde_json::Value) -> usize {
