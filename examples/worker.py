@@ -44,6 +44,7 @@ KIND_READY = 2  # worker -> master: initialised, send connections
 KIND_STATUS = 3  # worker -> master: acknowledgement, load report, heartbeat
 KIND_LISTENERS = 4  # master -> worker, kernel baseline modes only: n listening sockets
 KIND_DRAINING = 5  # worker -> master: draining on its own; final count of what it received
+KIND_REFUSED = 6  # worker -> master: out of fds; the last `count` connections go back
 
 # version u8, kind u8, count u16, body_len u32; all little-endian.
 HEADER = struct.Struct("<BBHI")
@@ -160,12 +161,19 @@ class Channel:
         body = STATUS.pack(self.received_total, self.closed_total)
         return HEADER.pack(VERSION, kind, 0, len(body)) + body
 
-    def received(self, count):
-        """Counts a batch as ours and acknowledges it: the master then closes its copies."""
+    def received(self, count, refused=0):
+        """Counts a batch as ours and acknowledges it: the master then closes its copies.
+        With `refused` > 0 (our fd table was full: the kernel dropped the last fds of the
+        frame), a REFUSED frame gives those back to the master, which hands them to another
+        worker."""
         with self.lock:
             self.received_total += count
             self.active += count
-            self._send(self._status_frame())
+            if refused:
+                body = STATUS.pack(self.received_total, self.closed_total)
+                self._send(HEADER.pack(VERSION, KIND_REFUSED, refused, len(body)) + body)
+            else:
+                self._send(self._status_frame())
 
     def finished(self):
         """Counts one connection finished and reports it (the master balances on this)."""
@@ -185,8 +193,9 @@ class Channel:
         """Receives one frame from the master and checks it.
 
         Returns None at the end of the channel (the master's word to drain), otherwise
-        (kind, body, fds) of a CONNECTIONS or LISTENERS frame. Every fd that arrived is
-        closed before a ProtocolError leaves, so none leaks.
+        (kind, body, fds) of a CONNECTIONS or LISTENERS frame; a CONNECTIONS frame may
+        bring fewer fds than entries when this process is out of fds (MSG_CTRUNC). Every fd
+        that arrived is closed before a ProtocolError leaves, so none leaks.
         """
         ancillary_room = socket.CMSG_SPACE(MAX_FDS * FD_SIZE)
         # One byte more than the largest frame, so an oversized one shows as MSG_TRUNC.
@@ -202,14 +211,17 @@ class Channel:
         try:
             if not data and not fds:
                 return None  # EOF: the master closed its sending side
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError("fds were truncated in transit (MSG_CTRUNC)")
             if flags & socket.MSG_TRUNC or len(data) > MAX_FRAME_LEN:
                 raise ProtocolError(f"frame longer than the {MAX_FRAME_LEN}-byte limit")
             kind, count, body = decode(data)
             if kind not in (KIND_CONNECTIONS, KIND_LISTENERS):
                 raise ProtocolError(f"unexpected frame kind {kind} from the master")
-            if count != len(fds):
+            if flags & socket.MSG_CTRUNC:
+                # Our fd table is full: the kernel installed the first fds and dropped the
+                # rest. Connections are refused (the caller says so); listeners cannot be.
+                if kind != KIND_CONNECTIONS or len(fds) >= count:
+                    raise ProtocolError("fds were truncated in transit (MSG_CTRUNC)")
+            elif count != len(fds):
                 raise ProtocolError(f"frame declares {count} fds, {len(fds)} arrived")
             return kind, body, fds
         except ProtocolError:
@@ -233,7 +245,7 @@ def decode(data):
             raise ProtocolError(
                 f"kind {kind} frame with count {count} and a {len(body)}-byte body"
             )
-    elif kind in (KIND_READY, KIND_STATUS):
+    elif kind in (KIND_READY, KIND_STATUS, KIND_DRAINING, KIND_REFUSED):
         pass  # valid frames, but only a worker sends them (refused by the caller)
     else:
         raise ProtocolError(f"unknown frame kind {kind}")
@@ -403,7 +415,10 @@ def take_connections(channel, drain, body, fds):
             log(f"dropping a connection that is not a usable socket: {e}")
             os.close(fd)
             conns.append(None)
-    channel.received(len(conns))  # the acknowledgement: a STATUS frame
+    refused = len(entries) - len(fds)
+    if refused:
+        log(f"out of file descriptors: refusing {refused} connection(s)")
+    channel.received(len(conns), refused)  # the acknowledgement: STATUS (or REFUSED)
     for (conn_id, _listener, _peer), conn in zip(entries, conns):
         if conn is None:
             channel.finished()  # counted as received, so count it as finished too

@@ -10,7 +10,8 @@ use std::time::Duration;
 use crate::balance::Strategy;
 use crate::supervise::{Backoff, Limits};
 
-/// An address to listen on: `127.0.0.1:8000`, `[::1]:8000` or `unix:/path/to.sock`.
+/// An address to listen on: `127.0.0.1:8000`, `[::1]:8000`, `localhost:8000` (a host name
+/// stands for its first address) or `unix:/path/to.sock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ListenAddr {
@@ -35,9 +36,21 @@ impl FromStr for ListenAddr {
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
-        s.parse()
+        if let Ok(addr) = s.parse() {
+            return Ok(ListenAddr::Tcp(addr));
+        }
+        // HOST:PORT with a host name (`localhost:8000`): its first address, as resolved now.
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| ParseListenAddrError(s.to_owned()))?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(ParseListenAddrError(s.to_owned()));
+        }
+        std::net::ToSocketAddrs::to_socket_addrs(s)
+            .ok()
+            .and_then(|mut addrs| addrs.next())
             .map(ListenAddr::Tcp)
-            .map_err(|_| ParseListenAddrError(s.to_owned()))
+            .ok_or_else(|| ParseListenAddrError(s.to_owned()))
     }
 }
 
@@ -88,13 +101,77 @@ pub struct Config {
     pub restart_batch: Option<usize>,
     /// A worker silent for this long (no frame at all) is aborted and replaced.
     pub worker_timeout: Duration,
+    /// A worker that holds connections unacknowledged this long without acknowledging any
+    /// is given up on like a silent one: its connections go to other workers.
+    pub ack_timeout: Duration,
 }
+
+/// The most worker processes a master runs (`--workers`, SIGTTIN).
+pub const MAX_WORKERS: usize = 1024;
+/// The smallest `--max-rss`: a worker's runtime alone takes a few MiB.
+pub const MIN_MAX_RSS: u64 = 8 << 20;
+/// The shortest `--max-age`.
+pub const MIN_MAX_AGE: Duration = Duration::from_secs(1);
+/// The shortest `--worker-timeout` and `--ack-timeout`.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
 impl Config {
     /// The heartbeat period workers are asked for: [`Config::heartbeat`], or a quarter of
     /// [`Config::worker_timeout`] if that is shorter.
     pub fn worker_heartbeat(&self) -> Duration {
         self.heartbeat.min(self.worker_timeout / 4)
+    }
+
+    /// Checks the limits a master refuses to start with; the error is one line naming the
+    /// flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return Err(format!(
+                "--workers must be from 1 to {MAX_WORKERS} (got {})",
+                self.workers
+            ));
+        }
+        if self.max_pending == 0 {
+            return Err("--max-pending must be at least 1".into());
+        }
+        if self.listen.is_empty() {
+            return Err("no listen address".into());
+        }
+        if !(0.0..=90.0).contains(&self.jitter_percent) {
+            return Err("--jitter must be a percentage from 0 to 90".into());
+        }
+        if self.worker_timeout < MIN_TIMEOUT || self.ack_timeout < MIN_TIMEOUT {
+            return Err(format!(
+                "--worker-timeout and --ack-timeout must be at least {} ms",
+                MIN_TIMEOUT.as_millis()
+            ));
+        }
+        if self.rss_interval.is_zero() {
+            return Err("--rss-interval must be longer than 0".into());
+        }
+        if self.limits.max_connections == Some(0) {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if self.limits.max_rss.is_some_and(|bytes| bytes < MIN_MAX_RSS) {
+            return Err(format!(
+                "--max-rss must be at least {} MiB: a worker's runtime alone takes a few",
+                MIN_MAX_RSS >> 20
+            ));
+        }
+        if self.limits.max_age.is_some_and(|age| age < MIN_MAX_AGE) {
+            return Err(format!(
+                "--max-age must be at least {} s",
+                MIN_MAX_AGE.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long a worker may leave connections unacknowledged before it gets no new ones
+    /// until it acknowledges: a fiftieth of [`Config::ack_timeout`], from 10 to 100 ms.
+    /// Acknowledgements come within microseconds from a worker that reads its channel.
+    pub fn ack_stall(&self) -> Duration {
+        (self.ack_timeout / 50).clamp(Duration::from_millis(10), Duration::from_millis(100))
     }
 
     /// Workers replaced at a time by a rolling restart of `workers` workers.
@@ -109,7 +186,8 @@ impl Default for Config {
             listen: Vec::new(),
             workers: std::thread::available_parallelism()
                 .map(usize::from)
-                .unwrap_or(1),
+                .unwrap_or(1)
+                .min(MAX_WORKERS),
             strategy: Strategy::default(),
             backlog: 1024,
             max_pending: 256,
@@ -123,6 +201,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             restart_batch: None,
             worker_timeout: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -148,8 +227,25 @@ mod tests {
     }
 
     #[test]
+    fn a_host_name_resolves_to_its_first_address() {
+        let ListenAddr::Tcp(addr) = "localhost:8000".parse().unwrap() else {
+            panic!("localhost is a TCP address");
+        };
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert_eq!(addr.port(), 8000);
+    }
+
+    #[test]
     fn refuses_a_wrong_listen_address_with_the_input_in_the_message() {
-        for bad in ["localhost", "8000", "unix:", "1.2.3.4:99999", ""] {
+        for bad in [
+            "localhost",
+            "8000",
+            "unix:",
+            "1.2.3.4:99999",
+            "",
+            ":80",
+            "localhost:http",
+        ] {
             let err = bad.parse::<ListenAddr>().unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
@@ -254,6 +350,47 @@ mod size_tests {
         assert_eq!(config.worker_heartbeat(), Duration::from_secs(1));
         config.worker_timeout = Duration::from_secs(2);
         assert_eq!(config.worker_heartbeat(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn limits_that_cannot_work_are_refused_naming_the_flag() {
+        let with = |change: fn(&mut Config)| {
+            let mut config = Config::default();
+            config.listen.push("127.0.0.1:0".parse().unwrap());
+            change(&mut config);
+            config.validate()
+        };
+        assert_eq!(with(|_| {}), Ok(()));
+        type Change = fn(&mut Config);
+        let refused: [(Change, &str); 8] = [
+            (|c| c.workers = 0, "--workers"),
+            (|c| c.workers = 1_000_000, "--workers"),
+            (|c| c.max_pending = 0, "--max-pending"),
+            (|c| c.limits.max_rss = Some(1), "--max-rss"),
+            (|c| c.limits.max_age = Some(Duration::ZERO), "--max-age"),
+            (|c| c.limits.max_connections = Some(0), "--max-connections"),
+            (
+                |c| c.ack_timeout = Duration::from_millis(1),
+                "--ack-timeout",
+            ),
+            (|c| c.listen.clear(), "listen"),
+        ];
+        for (change, flag) in refused {
+            let err = with(change).unwrap_err();
+            assert!(err.contains(flag), "{err}");
+        }
+        assert_eq!(with(|c| c.workers = MAX_WORKERS), Ok(()));
+        assert_eq!(with(|c| c.limits.max_rss = Some(MIN_MAX_RSS)), Ok(()));
+    }
+
+    #[test]
+    fn a_worker_stalls_after_a_fiftieth_of_the_ack_timeout_within_bounds() {
+        let mut config = Config::default();
+        assert_eq!(config.ack_stall(), Duration::from_millis(100));
+        config.ack_timeout = Duration::from_secs(1);
+        assert_eq!(config.ack_stall(), Duration::from_millis(20));
+        config.ack_timeout = Duration::from_millis(100);
+        assert_eq!(config.ack_stall(), Duration::from_millis(10));
     }
 
     #[test]

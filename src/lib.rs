@@ -47,6 +47,7 @@ pub mod config;
 pub mod demo;
 pub mod ipc;
 pub mod master;
+mod signals;
 pub mod supervise;
 pub mod sys;
 pub mod worker;
@@ -177,6 +178,13 @@ impl Builder {
     /// workers send a heartbeat at least every quarter of it.
     pub fn worker_timeout(mut self, timeout: Duration) -> Self {
         self.config.worker_timeout = timeout;
+        self
+    }
+
+    /// A worker holding connections unacknowledged this long without acknowledging any is
+    /// replaced like a silent one, and its connections go to other workers (default 5 s).
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.config.ack_timeout = timeout;
         self
     }
 

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// is replaced.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     worker_timeout: Duration,
+    /// A worker that holds connections unacknowledged this long without acknowledging any
+    /// is replaced like a silent one, and its connections go to other workers.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    ack_timeout: Duration,
     /// Demo worker: CPU microseconds burned per request.
     #[arg(long, value_name = "N", default_value_t = 0)]
     work_us: u64,
@@ -97,6 +101,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     config.drain_timeout = args.drain_timeout;
     config.restart_batch = args.restart_batch;
     config.worker_timeout = args.worker_timeout;
+    config.ack_timeout = args.ack_timeout;
     let server = Server::from_config(config);
     if args.command.is_empty() {
         let cost = Cost {

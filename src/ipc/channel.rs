@@ -1,6 +1,7 @@
 //! One end of a master–worker channel, registered with tokio. Receiving checks what the
 //! peer controls: truncation, the frame itself, and that the fds which arrived are exactly
-//! the fds the frame declares.
+//! the fds the frame declares (or, for CONNECTIONS to a receiver whose fd table is full,
+//! the first of them).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -138,9 +139,6 @@ fn check(received: scm::Received, buf: &[u8]) -> Result<(Frame, Vec<OwnedFd>), C
     if received.len == 0 && received.fds.is_empty() {
         return Err(ChannelError::Closed);
     }
-    if received.fds_truncated {
-        return Err(ChannelError::FdsTruncated);
-    }
     if received.truncated || received.len > MAX_FRAME_LEN {
         return Err(FrameError::TooLong.into());
     }
@@ -149,11 +147,18 @@ fn check(received: scm::Received, buf: &[u8]) -> Result<(Frame, Vec<OwnedFd>), C
         Frame::Connections(entries) | Frame::Listeners(entries) => entries.len(),
         _ => 0,
     };
-    if declared != received.fds.len() {
-        return Err(ChannelError::FdCount {
-            declared,
-            arrived: received.fds.len(),
-        });
+    let arrived = received.fds.len();
+    if received.fds_truncated {
+        // The receiver's fd table is full: the kernel installed the first fds and dropped
+        // the rest. Only CONNECTIONS may arrive so, and its receiver refuses what is
+        // missing (REFUSED); anything else is broken.
+        return match frame {
+            Frame::Connections(_) if arrived < declared => Ok((frame, received.fds)),
+            _ => Err(ChannelError::FdsTruncated),
+        };
+    }
+    if declared != arrived {
+        return Err(ChannelError::FdCount { declared, arrived });
     }
     Ok((frame, received.fds))
 }

@@ -23,6 +23,7 @@ const KIND_READY: u8 = 2;
 const KIND_STATUS: u8 = 3;
 const KIND_LISTENERS: u8 = 4;
 const KIND_DRAINING: u8 = 5;
+const KIND_REFUSED: u8 = 6;
 
 /// One handed-off connection, as described next to its fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,17 @@ pub enum Frame {
     /// Its status is final for receiving: every connection it has not acknowledged by this
     /// frame goes back to the master.
     Draining(Status),
+    /// worker → master: the worker could not take the last `count` connections of the
+    /// CONNECTIONS frame it just received (its fd table is full: the kernel dropped their
+    /// fds, `MSG_CTRUNC`). The status applies first; then the `count` oldest connections the
+    /// master still holds unacknowledged for it go back to the master, which hands them to
+    /// another worker.
+    Refused {
+        /// The worker's totals, as in STATUS.
+        status: Status,
+        /// Connections refused, 1 to 253.
+        count: u16,
+    },
 }
 
 impl Frame {
@@ -73,6 +85,7 @@ impl Frame {
             Frame::Status(_) => "status",
             Frame::Listeners(_) => "listeners",
             Frame::Draining(_) => "draining",
+            Frame::Refused { .. } => "refused",
         }
     }
 }
@@ -187,8 +200,18 @@ pub fn encode_draining(out: &mut Vec<u8>, status: Status) {
     encode_status_kind(out, KIND_DRAINING, status);
 }
 
+/// Writes a [`Frame::Refused`] frame into `out` (cleared first).
+pub fn encode_refused(out: &mut Vec<u8>, status: Status, count: u16) {
+    header(out, KIND_REFUSED, count, STATUS_BODY_LEN);
+    encode_status_body(out, status);
+}
+
 fn encode_status_kind(out: &mut Vec<u8>, kind: u8, status: Status) {
     header(out, kind, 0, STATUS_BODY_LEN);
+    encode_status_body(out, status);
+}
+
+fn encode_status_body(out: &mut Vec<u8>, status: Status) {
     out.extend_from_slice(&status.received_total.to_le_bytes());
     out.extend_from_slice(&status.closed_total.to_le_bytes());
 }
@@ -242,19 +265,30 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
         KIND_READY if count == 0 && body.is_empty() => Ok(Frame::Ready),
         KIND_READY => Err(shape("ready")),
         KIND_STATUS | KIND_DRAINING if count == 0 && body.len() == STATUS_BODY_LEN => {
-            let status = Status {
-                received_total: u64::from_le_bytes(body[0..8].try_into().expect("8 bytes")),
-                closed_total: u64::from_le_bytes(body[8..16].try_into().expect("8 bytes")),
-            };
+            let status = decode_status(body);
             Ok(if kind == KIND_STATUS {
                 Frame::Status(status)
             } else {
                 Frame::Draining(status)
             })
         }
+        KIND_REFUSED if (1..=MAX_FDS).contains(&count) && body.len() == STATUS_BODY_LEN => {
+            Ok(Frame::Refused {
+                status: decode_status(body),
+                count: count as u16,
+            })
+        }
         KIND_STATUS => Err(shape("status")),
         KIND_DRAINING => Err(shape("draining")),
+        KIND_REFUSED => Err(shape("refused")),
         other => Err(FrameError::UnknownKind(other)),
+    }
+}
+
+fn decode_status(body: &[u8]) -> Status {
+    Status {
+        received_total: u64::from_le_bytes(body[0..8].try_into().expect("8 bytes")),
+        closed_total: u64::from_le_bytes(body[8..16].try_into().expect("8 bytes")),
     }
 }
 
@@ -324,6 +358,30 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn refused_round_trips_and_needs_a_count_of_1_to_253() {
+        let mut buf = Vec::new();
+        let status = Status {
+            received_total: 5,
+            closed_total: 2,
+        };
+        encode_refused(&mut buf, status, 3);
+        assert_eq!(decode(&buf), Ok(Frame::Refused { status, count: 3 }));
+        for bad in [0u16, MAX_FDS as u16 + 1] {
+            buf[2..4].copy_from_slice(&bad.to_le_bytes());
+            assert!(
+                matches!(
+                    decode(&buf),
+                    Err(FrameError::Shape {
+                        kind: "refused",
+                        ..
+                    })
+                ),
+                "count {bad}"
+            );
+        }
     }
 
     #[test]

@@ -2,59 +2,276 @@
 //! returns the worker table and counters as one line of JSON (what `handoff ctl status`
 //! prints): per slot its process, a starting successor, crash-loop state; the processes
 //! draining; the counters. Runs in the master; never on the accept path.
+//!
+//! Only the master's own user (or root) is answered: the socket file is made 0600 and each
+//! peer's `SO_PEERCRED` uid is checked. At most [`MAX_CONNECTIONS`] are served at once, so
+//! no number of clients can spend the master's fds; a peer gets [`COMMAND_TIMEOUT`] to send
+//! its line, and while others wait in the kernel's queue the one that has waited longest
+//! for its line is closed, so idle connections cannot keep `status` out for long.
 
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io;
-use std::path::Path;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixListener;
+use tokio::net::UnixStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::table::{Phase, Process, Table};
 use super::Ctx;
+use crate::config::{Config, ListenAddr};
 use crate::supervise::Reason;
+use crate::sys;
 
 /// The longest command line read.
 const MAX_COMMAND: u64 = 256;
+/// Control connections served at once, at most; more wait in the kernel's queue.
+const MAX_CONNECTIONS: usize = 16;
+/// The kernel's queue of control connections not yet accepted.
+const BACKLOG: i32 = 1024;
+/// How long a peer has to send its command line.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a whole answer may take, reading the command included.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one log line about refused peers per this long.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
-pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        }
+/// Binds the control socket at `path` (see `sys::socket::unix_listener`: a live socket there
+/// is an error, a stale one is replaced) and makes it 0600 whatever the umask. Until the
+/// chmod the mode is the umask's, which is safe because every peer's uid is checked.
+pub(crate) fn bind(path: &Path) -> io::Result<AsyncFd<OwnedFd>> {
+    let fd = sys::socket::unix_listener(path, BACKLOG)?;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
     }
-    UnixListener::bind(path)
+    sys::async_fd(fd)
 }
 
-pub(crate) async fn serve(ctx: Rc<Ctx>, listener: UnixListener) {
+/// Refuses socket paths that would collide: `--control` equal to a `unix:` listen path, or
+/// one `unix:` listen path given twice (each bind would replace the other's socket file).
+/// Paths are compared made absolute, without resolving symlinks.
+pub(crate) fn check_paths(config: &Config) -> Result<(), String> {
+    let absolute = |path: &Path| {
+        std::path::absolute(path).map_err(|e| format!("the socket path {path:?}: {e}"))
+    };
+    let mut listening: Vec<PathBuf> = Vec::new();
+    for addr in &config.listen {
+        if let ListenAddr::Unix(path) = addr {
+            let path = absolute(path)?;
+            if listening.contains(&path) {
+                return Err(format!("--listen unix:{} is given twice", path.display()));
+            }
+            listening.push(path);
+        }
+    }
+    if let Some(control) = &config.control {
+        let control = absolute(control)?;
+        if listening.contains(&control) {
+            return Err(format!(
+                "--control {} is also a unix: listen path; give the control socket a path of \
+                 its own",
+                control.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn serve(ctx: Rc<Ctx>, listener: AsyncFd<OwnedFd>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let waiting = Rc::new(Waiting::default());
+    let master_uid = sys::socket::effective_uid();
+    let mut refusals = Refusals::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let Some(permit) = free_permit(&permits, &listener, &waiting).await else {
+            return;
+        };
+        let stream = match accept(&listener).await {
+            Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "control socket accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let peer = stream.peer_cred();
+        if !peer.as_ref().is_ok_and(|p| allowed(p.uid(), master_uid)) {
+            if let Some(refused) = refusals.refuse(Instant::now()) {
+                match peer {
+                    Ok(peer) => tracing::warn!(
+                        uid = peer.uid(),
+                        pid = peer.pid(),
+                        refused,
+                        "control connection refused: the peer runs as another user"
+                    ),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        refused,
+                        "control connection refused: its credentials cannot be read"
+                    ),
+                }
+            }
+            continue;
+        }
+        // In line from the accept on, before its task first runs: a burst of accepts can
+        // then make room by closing the oldest of them.
+        let turn = Waiting::enter(&waiting);
         let ctx = ctx.clone();
         tokio::task::spawn_local(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(&ctx, stream)).await;
+            let _permit = permit;
+            let _ = tokio::time::timeout(ANSWER_TIMEOUT, answer(&ctx, stream, turn)).await;
         });
     }
 }
 
-async fn answer(ctx: &Ctx, stream: tokio::net::UnixStream) -> io::Result<()> {
+/// Whether a peer running as `peer_uid` may use the control socket of a master running as
+/// `master_uid`: the same user, or root.
+fn allowed(peer_uid: u32, master_uid: u32) -> bool {
+    peer_uid == master_uid || peer_uid == 0
+}
+
+/// A permit to serve one more connection. While all are taken and another connection waits
+/// in the kernel's queue, the connection that has waited longest for its command line is
+/// closed to make room. `None` only if the semaphore were closed (it never is).
+async fn free_permit(
+    permits: &Arc<Semaphore>,
+    listener: &AsyncFd<OwnedFd>,
+    waiting: &Waiting,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        biased;
+        permit = permits.clone().acquire_owned() => permit.ok(),
+        () = queued(listener) => {
+            waiting.evict_oldest();
+            permits.clone().acquire_owned().await.ok()
+        }
+    }
+}
+
+/// Returns once a connection waits in the listener's queue (tokio's readiness may be stale:
+/// `poll(2)` confirms it).
+async fn queued(listener: &AsyncFd<OwnedFd>) {
+    loop {
+        let Ok(mut guard) = listener.readable().await else {
+            // The accept that follows reports it.
+            return std::future::pending().await;
+        };
+        if sys::socket::wait_readable(listener.get_ref(), 0).unwrap_or(true) {
+            return;
+        }
+        guard.clear_ready();
+    }
+}
+
+async fn accept(listener: &AsyncFd<OwnedFd>) -> io::Result<UnixStream> {
+    loop {
+        let mut guard = listener.readable().await?;
+        if let Ok(accepted) = guard.try_io(|fd| sys::socket::accept(fd.get_ref())) {
+            let (fd, _) = accepted?;
+            return UnixStream::from_std(std::os::unix::net::UnixStream::from(fd));
+        }
+    }
+}
+
+async fn answer(ctx: &Ctx, stream: UnixStream, turn: Turn) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(AsyncReadExt::take(read, MAX_COMMAND))
-        .read_line(&mut line)
-        .await?;
+    {
+        let mut reader = BufReader::new(AsyncReadExt::take(read, MAX_COMMAND));
+        let read_line = reader.read_line(&mut line);
+        // A line already there is read even if the connection is also told to close.
+        tokio::select! {
+            biased;
+            read = tokio::time::timeout(COMMAND_TIMEOUT, read_line) => match read {
+                Ok(read) => read?,
+                Err(_) => return Ok(()),
+            },
+            () = turn.evicted.notified() => return Ok(()),
+        };
+        drop(turn);
+    }
     let reply = respond(ctx, line.trim());
     write.write_all(reply.as_bytes()).await?;
     write.write_all(b"\n").await?;
     write.shutdown().await
+}
+
+/// Accepted connections still waiting for their command line, oldest first.
+#[derive(Debug, Default)]
+struct Waiting {
+    queue: RefCell<VecDeque<(u64, Rc<Notify>)>>,
+    next: Cell<u64>,
+}
+
+/// One connection's place in [`Waiting`]; leaves it when dropped.
+struct Turn {
+    waiting: Rc<Waiting>,
+    id: u64,
+    /// Notified when the connection is to be closed to make room.
+    evicted: Rc<Notify>,
+}
+
+impl Waiting {
+    fn enter(waiting: &Rc<Waiting>) -> Turn {
+        let id = waiting.next.get();
+        waiting.next.set(id + 1);
+        let evicted = Rc::new(Notify::new());
+        waiting.queue.borrow_mut().push_back((id, evicted.clone()));
+        Turn {
+            waiting: waiting.clone(),
+            id,
+            evicted,
+        }
+    }
+
+    /// Tells the connection that has waited longest to close; returns its id.
+    fn evict_oldest(&self) -> Option<u64> {
+        let (id, evicted) = self.queue.borrow_mut().pop_front()?;
+        evicted.notify_one();
+        tracing::debug!("control connection idle while others wait: closed");
+        Some(id)
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.waiting
+            .queue
+            .borrow_mut()
+            .retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// Refused peers, logged at most once per [`REFUSAL_LOG_EVERY`]: each line counts the
+/// refusals since the one before (a flood of refused peers writes no flood of lines).
+#[derive(Debug, Default)]
+struct Refusals {
+    last_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    /// Counts one refusal at `now`; returns how many refusals a line written now reports
+    /// (this one included), or `None` while the last line is too recent.
+    fn refuse(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        if self
+            .last_line
+            .is_some_and(|last| now.saturating_duration_since(last) < REFUSAL_LOG_EVERY)
+        {
+            return None;
+        }
+        self.last_line = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 fn respond(ctx: &Ctx, command: &str) -> String {
@@ -69,6 +286,8 @@ fn respond(ctx: &Ctx, command: &str) -> String {
                 "stopping": table.stopping,
                 "max_pending": table.config.max_pending,
                 "awaiting_redispatch": table.retry_len(),
+                "held": table.held(),
+                "max_held": table.max_held(),
                 "counters": table.counters,
                 "crash_looping": table.slots[..table.workers]
                     .iter()
@@ -161,4 +380,85 @@ fn draining(table: &Table) -> Vec<DrainingReport> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_same_user_or_root_is_allowed() {
+        assert!(allowed(1000, 1000));
+        assert!(allowed(0, 1000));
+        assert!(allowed(0, 0));
+        assert!(!allowed(65534, 1000));
+        assert!(!allowed(1000, 0));
+    }
+
+    #[test]
+    fn refusals_log_one_line_a_second_counting_the_silent_ones() {
+        let mut refusals = Refusals::default();
+        let start = Instant::now();
+        assert_eq!(refusals.refuse(start), Some(1));
+        for ms in [1, 200, 999] {
+            assert_eq!(refusals.refuse(start + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(
+            refusals.refuse(start + Duration::from_millis(1000)),
+            Some(4)
+        );
+        assert_eq!(
+            refusals.refuse(start + Duration::from_millis(5000)),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn eviction_takes_the_oldest_connection_still_waiting() {
+        let waiting = Rc::new(Waiting::default());
+        let first = Waiting::enter(&waiting);
+        let second = Waiting::enter(&waiting);
+        let third = Waiting::enter(&waiting);
+        drop(first);
+        assert_eq!(waiting.evict_oldest(), Some(second.id));
+        drop(second);
+        assert_eq!(waiting.evict_oldest(), Some(third.id));
+        assert_eq!(waiting.evict_oldest(), None);
+    }
+
+    fn config(listen: &[&str], control: Option<&str>) -> Config {
+        Config {
+            listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
+            control: control.map(PathBuf::from),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn control_path_equal_to_a_unix_listen_path_is_refused() {
+        let here = std::env::current_dir().unwrap();
+        let absolute = here.join("x.sock");
+        let error = check_paths(&config(&["unix:./x.sock"], absolute.to_str())).unwrap_err();
+        assert!(error.contains("--control"), "{error}");
+        assert!(check_paths(&config(&["unix:/a.sock"], Some("/a.sock"))).is_err());
+    }
+
+    #[test]
+    fn a_unix_listen_path_given_twice_is_refused() {
+        let here = std::env::current_dir().unwrap().join("y.sock");
+        let twice = [format!("unix:{}", here.display()), "unix:y.sock".into()];
+        let twice: Vec<&str> = twice.iter().map(String::as_str).collect();
+        let error = check_paths(&config(&twice, None)).unwrap_err();
+        assert!(error.contains("twice"), "{error}");
+    }
+
+    #[test]
+    fn distinct_socket_paths_pass() {
+        let ok = config(
+            &["127.0.0.1:0", "127.0.0.1:0", "unix:/a.sock", "unix:/b.sock"],
+            Some("/c.sock"),
+        );
+        assert_eq!(check_paths(&ok), Ok(()));
+        assert_eq!(check_paths(&config(&["unix:/a.sock"], None)), Ok(()));
+    }
 }

@@ -7,9 +7,13 @@
 //!   is checked on the dispatch path);
 //! - SIGHUP: a rolling restart, a batch of workers at a time;
 //! - SIGTTIN / SIGTTOU: one worker slot more / less (never fewer than one);
-//! - a worker sent nothing for the worker timeout: it gets SIGABRT (a core dump to look at),
-//!   SIGKILL after a short grace, its unacknowledged connections go to other workers and its
-//!   slot gets a new process;
+//! - a worker sent nothing for the worker timeout, or held connections for the ack timeout
+//!   without acknowledging any: it gets SIGABRT (a core dump to look at), SIGKILL after a
+//!   short grace, its unacknowledged connections go to other workers and its slot gets a
+//!   new process;
+//! - a worker that refused connections for lack of fds gets connections again after a
+//!   pause (or as soon as it reports one finished), and held connections whose client has
+//!   gone are closed;
 //! - a draining worker outlived the drain timeout: SIGKILL.
 
 use std::io;
@@ -22,6 +26,7 @@ use tokio::time::MissedTickBehavior;
 use super::table::{Fate, Lost, Phase, Role, Table};
 use super::workers::{after_failure, start_worker};
 use super::{flush, Ctx};
+use crate::config::MAX_WORKERS;
 use crate::supervise::recycle::read_rss;
 use crate::supervise::Reason;
 use crate::sys;
@@ -50,6 +55,10 @@ fn tick_period(worker_timeout: Duration) -> Duration {
     (worker_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
+/// How long a worker that refused connections for lack of fds gets none, unless it reports
+/// one finished first.
+const FULL_PAUSE: Duration = Duration::from_secs(1);
+
 /// How long an unresponsive worker has between SIGABRT and SIGKILL.
 fn abort_grace(worker_timeout: Duration) -> Duration {
     (worker_timeout / 4).clamp(Duration::from_millis(500), Duration::from_secs(5))
@@ -60,7 +69,7 @@ pub(crate) async fn run(ctx: Rc<Ctx>, mut signals: Signals) {
         let table = ctx.table.borrow();
         let config = &table.config;
         (
-            tick_period(config.worker_timeout),
+            tick_period(config.worker_timeout.min(config.ack_timeout)),
             config.rss_interval,
             config.limits.max_rss.is_some(),
             table.wake.clone(),
@@ -147,6 +156,7 @@ fn check_memory(ctx: &Rc<Ctx>) {
 /// The periodic checks: silent workers, drain deadlines, kill graces, age limits, and
 /// clearing the failure count of slots whose worker has stayed up.
 async fn check_health(ctx: &Rc<Ctx>) {
+    check_held(ctx);
     if silent_workers(ctx).is_empty() {
         return check_deadlines(ctx);
     }
@@ -155,18 +165,43 @@ async fn check_health(ctx: &Rc<Ctx>) {
     for _ in 0..2 {
         tokio::task::yield_now().await;
     }
-    for (index, pid, silent) in silent_workers(ctx) {
-        abort_unresponsive(ctx, index, pid, silent);
+    for (index, pid, why) in silent_workers(ctx) {
+        abort_unresponsive(ctx, index, pid, why);
     }
     check_deadlines(ctx);
 }
 
-/// Processes that sent nothing for the worker timeout, or started and did not say READY
-/// within it: (slot, pid, silence).
-fn silent_workers(ctx: &Ctx) -> Vec<(usize, u32, Duration)> {
+/// The connections the master holds: those whose client left are closed, and workers that
+/// refused connections for lack of fds get some again after [`FULL_PAUSE`].
+fn check_held(ctx: &Rc<Ctx>) {
+    let (abandoned, resumed) = {
+        let mut table = ctx.table.borrow_mut();
+        let abandoned = table.drop_abandoned();
+        let resumed = match Instant::now().checked_sub(FULL_PAUSE) {
+            Some(cutoff) => table.end_full_pauses(cutoff),
+            None => false,
+        };
+        (abandoned, resumed)
+    };
+    if abandoned > 0 {
+        tracing::info!(
+            connections = abandoned,
+            "closed held connections whose client had gone"
+        );
+    }
+    if resumed || abandoned > 0 {
+        flush(ctx);
+    }
+}
+
+/// Processes to give up on: those that sent nothing for the worker timeout, started and did
+/// not say READY within it, or held connections for the ack timeout without acknowledging
+/// any.
+fn silent_workers(ctx: &Ctx) -> Vec<(usize, u32, Lost)> {
     let table = ctx.table.borrow();
     let now = Instant::now();
-    let timeout = table.config.worker_timeout;
+    let (timeout, ack_timeout) = (table.config.worker_timeout, table.config.ack_timeout);
+    let stopping = table.stopping;
     table
         .slots
         .iter()
@@ -180,7 +215,20 @@ fn silent_workers(ctx: &Ctx) -> Vec<(usize, u32, Duration)> {
                 _ => p.last_heard,
             };
             let silent = now.saturating_duration_since(since);
-            (silent >= timeout).then_some((index, p.pid, silent))
+            if silent >= timeout {
+                return Some((index, p.pid, Lost::Unresponsive(silent.as_millis() as u64)));
+            }
+            // While the master stops, nobody could take its connections: the shutdown
+            // timeout rules.
+            let waiting = p
+                .ack_wait_since()
+                .filter(|_| !stopping)
+                .map(|since| now.saturating_duration_since(since))?;
+            (waiting >= ack_timeout).then_some((
+                index,
+                p.pid,
+                Lost::Unacknowledged(waiting.as_millis() as u64),
+            ))
         })
         .collect()
 }
@@ -248,9 +296,10 @@ fn check_deadlines(ctx: &Rc<Ctx>) {
     }
 }
 
-/// Gives up on a worker that sent nothing for the worker timeout: its connections go to
-/// others, it gets SIGABRT now and SIGKILL after a grace, and its slot gets a new process.
-fn abort_unresponsive(ctx: &Rc<Ctx>, index: usize, pid: u32, silent: Duration) {
+/// Gives up on a worker that sent nothing for the worker timeout (or acknowledged nothing
+/// for the ack timeout): its connections go to others, it gets SIGABRT now and SIGKILL
+/// after a grace, and its slot gets a new process.
+fn abort_unresponsive(ctx: &Rc<Ctx>, index: usize, pid: u32, why: Lost) {
     let now = Instant::now();
     let (role, uptime, grace) = {
         let mut table = ctx.table.borrow_mut();
@@ -258,8 +307,7 @@ fn abort_unresponsive(ctx: &Rc<Ctx>, index: usize, pid: u32, silent: Duration) {
             .processes()
             .find(|p| p.pid == pid)
             .map(|p| now.saturating_duration_since(p.started));
-        let silent_ms = silent.as_millis() as u64;
-        let Some(role) = table.lose(index, pid, &Lost::Unresponsive(silent_ms)) else {
+        let Some(role) = table.lose(index, pid, &why) else {
             return;
         };
         let grace = abort_grace(table.config.worker_timeout);
@@ -268,12 +316,15 @@ fn abort_unresponsive(ctx: &Rc<Ctx>, index: usize, pid: u32, silent: Duration) {
             live.kill_at = Some(now + grace);
         }
         table.counters.unresponsive += 1;
+        if matches!(why, Lost::Unacknowledged(_)) {
+            table.counters.unacknowledged += 1;
+        }
         (role, uptime.unwrap_or_default(), grace)
     };
     tracing::error!(
         worker = index,
         pid,
-        silent_ms = silent.as_millis() as u64,
+        reason = %why,
         grace_ms = grace.as_millis() as u64,
         "worker not responding: SIGABRT, SIGKILL after the grace"
     );
@@ -347,6 +398,21 @@ fn scale_up(ctx: &Rc<Ctx>) {
     let index = {
         let mut table = ctx.table.borrow_mut();
         if table.stopping {
+            return;
+        }
+        let workers = table.workers + 1;
+        if workers > MAX_WORKERS {
+            tracing::warn!(
+                workers = table.workers,
+                "SIGTTIN: already at the most workers ({MAX_WORKERS}); keeping them"
+            );
+            return;
+        }
+        if table.max_held_with(workers) == 0 {
+            tracing::warn!(
+                workers = table.workers,
+                "SIGTTIN: the fd limit leaves no room for another worker; keeping them"
+            );
             return;
         }
         let index = table.add_slot();

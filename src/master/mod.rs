@@ -21,12 +21,12 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::{spawn_local, JoinHandle};
 
 use crate::balance::Strategy;
 use crate::config::{Config, ListenAddr};
-use crate::supervise::Program;
+use crate::supervise::{Launcher, Program, SpawnError};
 use crate::sys;
 use crate::sys::socket::Peer;
 use kernel::Handout;
@@ -60,6 +60,9 @@ pub enum MasterError {
         #[source]
         source: io::Error,
     },
+    /// The worker program cannot be started.
+    #[error("the worker program cannot be started")]
+    Program(#[source] SpawnError),
     /// Signal handlers could not be installed.
     #[error("installing signal handlers failed")]
     Signals(#[source] io::Error),
@@ -69,50 +72,22 @@ pub enum MasterError {
 #[derive(Debug)]
 pub(crate) struct Ctx {
     pub table: RefCell<Table>,
-    pub program: Program,
+    pub launcher: Launcher,
     pub listening: Vec<String>,
     pub handout: Handout,
 }
 
-/// Runs a master until SIGTERM or SIGINT; returns once every worker has exited.
+/// Runs a master until SIGTERM, SIGINT or SIGQUIT; returns once every worker has exited.
 pub fn run(config: Config, program: Program) -> Result<(), MasterError> {
-    if config.workers == 0 {
-        return Err(MasterError::Config("--workers must be at least 1".into()));
-    }
-    if config.max_pending == 0 {
-        return Err(MasterError::Config(
-            "--max-pending must be at least 1".into(),
-        ));
-    }
-    if config.listen.is_empty() {
-        return Err(MasterError::Config("no listen address".into()));
-    }
-    if !(0.0..=90.0).contains(&config.jitter_percent) {
-        return Err(MasterError::Config(
-            "--jitter must be a percentage from 0 to 90".into(),
-        ));
-    }
-    if config.worker_timeout < Duration::from_millis(100) {
-        return Err(MasterError::Config(
-            "--worker-timeout must be at least 100ms".into(),
-        ));
-    }
-    if config.rss_interval.is_zero() {
-        return Err(MasterError::Config(
-            "--rss-interval must be longer than 0".into(),
-        ));
-    }
-    if config.limits.max_connections == Some(0) || config.limits.max_rss == Some(0) {
-        return Err(MasterError::Config(
-            "--max-connections and --max-rss must be at least 1".into(),
-        ));
-    }
+    config.validate().map_err(MasterError::Config)?;
+    control::check_paths(&config).map_err(MasterError::Config)?;
+    let launcher = Launcher::new(program).map_err(MasterError::Program)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(MasterError::Runtime)?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, master(config, program))
+    local.block_on(&runtime, master(config, launcher))
 }
 
 /// Binds every listen address: listening sockets, or, for `kernel-reuseport`, bound
@@ -150,10 +125,61 @@ fn bind(config: &Config) -> Result<Vec<(String, Peer, OwnedFd)>, MasterError> {
         .collect()
 }
 
-async fn master(config: Config, program: Program) -> Result<(), MasterError> {
-    let mut sigterm = signal(SignalKind::terminate()).map_err(MasterError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(MasterError::Signals)?;
+/// The signals that stop the master: SIGTERM, SIGINT (Ctrl-C) and SIGQUIT (nginx's
+/// graceful stop) all drain; a second one kills what is left.
+struct StopSignals([(Signal, &'static str); 3]);
+
+impl StopSignals {
+    fn install() -> io::Result<StopSignals> {
+        Ok(StopSignals([
+            (signal(SignalKind::terminate())?, "SIGTERM"),
+            (signal(SignalKind::interrupt())?, "SIGINT"),
+            (signal(SignalKind::quit())?, "SIGQUIT"),
+        ]))
+    }
+
+    /// Waits for the next stop signal; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        let [(term, a), (int, b), (quit, c)] = &mut self.0;
+        tokio::select! {
+            _ = term.recv() => a,
+            _ = int.recv() => b,
+            _ = quit.recv() => c,
+        }
+    }
+}
+
+/// Fds the master keeps for itself beyond those it has open once its sockets are bound:
+/// control connections (at most 16), and a spawn's scratch (socketpair, exec-error pipe,
+/// /dev/null), with room to spare.
+const OWN_FDS: usize = 32;
+
+/// Raises the master's fd limit to the hard limit (its workers inherit it) and returns the
+/// fds it may spend on worker slots and held connections: the limit less what is open now
+/// and [`OWN_FDS`]. Refuses a limit that leaves no room for a connection.
+fn fd_room(workers: usize) -> Result<usize, MasterError> {
+    let limit = sys::process::raise_fd_limit()
+        .or_else(|_| sys::process::fd_limit().map(|(soft, _)| soft))
+        .map_err(MasterError::Runtime)?;
+    let open = sys::process::open_fds().map_err(MasterError::Runtime)?;
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let room = limit.saturating_sub(open + OWN_FDS);
+    let needed = table::FDS_PER_SLOT * workers + 1;
+    if room < needed {
+        return Err(MasterError::Config(format!(
+            "the fd limit (RLIMIT_NOFILE) of {limit} is too low for {workers} workers: \
+             it needs at least {}; raise it (ulimit -n) or run fewer workers",
+            open + OWN_FDS + needed
+        )));
+    }
+    tracing::debug!(limit, open, room, "fd budget");
+    Ok(room)
+}
+
+async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
+    let mut stop_signals = StopSignals::install().map_err(MasterError::Signals)?;
     let lifecycle_signals = lifecycle::Signals::install().map_err(MasterError::Signals)?;
+    crate::signals::ignore_stray("master");
     let bound = bind(&config)?;
     let control = match &config.control {
         Some(path) => Some(control::bind(path).map_err(|source| MasterError::Control {
@@ -171,10 +197,13 @@ async fn master(config: Config, program: Program) -> Result<(), MasterError> {
         bound.into_iter().map(|(_, peer, fd)| (peer, fd)).collect(),
         config.backlog,
     );
+    let room = fd_room(config.workers)?;
     let config = Rc::new(config);
+    let mut table = Table::new(config.clone());
+    table.set_fd_room(room);
     let ctx = Rc::new(Ctx {
-        table: RefCell::new(Table::new(config.clone())),
-        program,
+        table: RefCell::new(table),
+        launcher,
         listening,
         handout,
     });
@@ -188,6 +217,7 @@ async fn master(config: Config, program: Program) -> Result<(), MasterError> {
         max_age_ms = config.limits.max_age.map(|a| a.as_millis() as u64),
         max_connections = config.limits.max_connections,
         max_rss_kib = config.limits.max_rss.map(|b| b / 1024),
+        max_held = ctx.table.borrow().max_held(),
         "master starting"
     );
     let listeners = accept_fds
@@ -208,15 +238,12 @@ async fn master(config: Config, program: Program) -> Result<(), MasterError> {
         .collect();
     let control_task = control.map(|listener| spawn_local(control::serve(ctx.clone(), listener)));
 
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = sigint.recv() => tracing::info!("SIGINT: stopping"),
-    }
+    let first = stop_signals.recv().await;
+    tracing::info!("{first}: stopping");
     let stop = stop(&ctx, listeners, accepting);
     tokio::select! {
         _ = stop => {}
-        _ = sigterm.recv() => kill_all(&ctx, "second SIGTERM"),
-        _ = sigint.recv() => kill_all(&ctx, "second SIGINT"),
+        second = stop_signals.recv() => kill_all(&ctx, &format!("second stop signal ({second})")),
     }
     wait_all_exited(&ctx, Duration::from_secs(5)).await;
     lifecycle_task.abort();
@@ -264,13 +291,15 @@ async fn stop(ctx: &Rc<Ctx>, listeners: Vec<Rc<AsyncFd<OwnedFd>>>, accepting: Ve
     // Close the listeners now: new clients are refused instead of waiting in a dead queue.
     // (The accept tasks have ended, so these are the last references.)
     drop(listeners);
-    // Hand out what lost workers left behind before the survivors stop taking connections.
+    // Hand out what lost workers left behind before the survivors stop taking connections,
+    // as long as some worker is there to take them.
     let capacity = ctx.table.borrow().capacity.clone();
-    while ctx.table.borrow().retry_len() > 0 && Instant::now() < deadline {
+    let waiting = |table: &Table| table.retry_len() > 0 && table.any_ready();
+    while waiting(&ctx.table.borrow()) && Instant::now() < deadline {
         let notified = capacity.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if ctx.table.borrow().retry_len() == 0 {
+        if !waiting(&ctx.table.borrow()) {
             break;
         }
         let _ = tokio::time::timeout_at(deadline.into(), notified).await;

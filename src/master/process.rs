@@ -4,6 +4,7 @@
 //! outbox in `sendmsg` batches and applying its STATUS reports happen here; the
 //! [`Table`](super::table::Table) decides who gets what.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -19,6 +20,9 @@ use crate::supervise::recycle::{Limits, Reason, Usage};
 use crate::sys::scm::MAX_FDS;
 use crate::sys::socket::Peer;
 
+/// How often a worker that keeps refusing connections is logged, at most.
+const REFUSAL_LOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An accepted connection the master still holds.
 #[derive(Debug)]
 pub(crate) struct Pending {
@@ -26,6 +30,35 @@ pub(crate) struct Pending {
     pub listener: u16,
     pub peer: Peer,
     pub fd: OwnedFd,
+    /// Counts it among the connections the master holds, while it lives.
+    pub _held: Held,
+}
+
+/// How many connections (fds) the master holds, wherever they are: one [`Held`] token per
+/// live [`Pending`], so no path that drops a connection can forget to count it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HeldCount(Rc<Cell<usize>>);
+
+impl HeldCount {
+    pub fn get(&self) -> usize {
+        self.0.get()
+    }
+
+    /// A token counted until it is dropped.
+    pub fn token(&self) -> Held {
+        self.0.set(self.0.get() + 1);
+        Held(self.0.clone())
+    }
+}
+
+/// One connection counted in a [`HeldCount`].
+#[derive(Debug)]
+pub(crate) struct Held(Rc<Cell<usize>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 impl Pending {
@@ -67,6 +100,14 @@ pub(crate) struct Process {
     pub drain_deadline: Option<Instant>,
     /// Its resident set in bytes, when last read.
     pub rss: Option<u64>,
+    /// Since when it has held connections unacknowledged without acknowledging any.
+    pub(super) ack_wait_since: Option<Instant>,
+    /// It refused connections for lack of fds: it gets none until it reports one finished
+    /// (or the lifecycle task's pause is over).
+    pub(super) full_since: Option<Instant>,
+    /// Connections it refused since the last log line about it, and when that was.
+    refused_unlogged: u64,
+    refusal_logged: Option<Instant>,
     /// Accepted for this worker, not yet sent.
     pub(super) outbox: VecDeque<Pending>,
     /// Sent, not yet acknowledged; the master's copy keeps the connection alive.
@@ -121,6 +162,10 @@ impl Process {
             retire: None,
             drain_deadline: None,
             rss: None,
+            ack_wait_since: None,
+            full_since: None,
+            refused_unlogged: 0,
+            refusal_logged: None,
             outbox: VecDeque::new(),
             unacked: VecDeque::new(),
             assigned: 0,
@@ -159,6 +204,11 @@ impl Process {
         self.closed
     }
 
+    /// Its acknowledged and finished totals, as last reported.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.received, self.closed)
+    }
+
     /// What the recycling limits are checked against.
     pub fn usage(&self, now: Instant) -> Usage {
         Usage {
@@ -187,6 +237,9 @@ impl Process {
             fds.extend(self.outbox.iter().take(batch).map(|c| c.fd.as_raw_fd()));
             match self.channel.try_send(frame, fds) {
                 Ok(()) => {
+                    if self.unacked.is_empty() {
+                        self.ack_wait_since = Some(Instant::now());
+                    }
                     self.unacked.extend(self.outbox.drain(..batch));
                     self.sent += batch as u64;
                 }
@@ -215,7 +268,12 @@ impl Process {
     /// Checks a report against what it was sent and releases acknowledged copies. In the
     /// kernel modes the worker accepts itself, so its count of received connections is what
     /// it was "sent".
-    pub fn apply_status(&mut self, status: Status, worker_accepts: bool) -> Result<(), Lost> {
+    pub fn apply_status(
+        &mut self,
+        status: Status,
+        worker_accepts: bool,
+        now: Instant,
+    ) -> Result<(), Lost> {
         if worker_accepts && status.received_total >= self.sent {
             self.sent = status.received_total;
             self.assigned = status.received_total;
@@ -236,13 +294,88 @@ impl Process {
         // the kernel modes). Dropping them closes the master's fds.
         let newly = (status.received_total - self.received) as usize;
         self.unacked.drain(..newly.min(self.unacked.len()));
+        if newly > 0 {
+            self.ack_wait_since = (!self.unacked.is_empty()).then_some(now);
+        }
+        if status.closed_total > self.closed {
+            // Something finished: it has an fd to spare again.
+            self.full_since = None;
+        }
         self.received = status.received_total;
         self.closed = status.closed_total;
         Ok(())
     }
 
+    /// Takes back the `count` oldest connections it has not acknowledged: it refused them
+    /// (REFUSED, after its status was applied). It counts as full from `now`.
+    pub fn refuse(&mut self, count: usize, now: Instant) -> Result<Vec<Pending>, Lost> {
+        if count > self.unacked.len() {
+            return Err(Lost::Protocol(format!(
+                "refused {count} connections; {} were unacknowledged",
+                self.unacked.len()
+            )));
+        }
+        let refused: Vec<Pending> = self.unacked.drain(..count).collect();
+        self.sent -= count as u64;
+        self.assigned -= count as u64;
+        self.ack_wait_since = (!self.unacked.is_empty()).then_some(now);
+        self.full_since = Some(now);
+        self.refused_unlogged += count as u64;
+        Ok(refused)
+    }
+
+    /// The connections refused since the last log line, if one is due (the first refusal,
+    /// then at most one line per [`REFUSAL_LOG_PERIOD`]).
+    pub fn refusals_to_log(&mut self, now: Instant) -> Option<u64> {
+        let due = self
+            .refusal_logged
+            .is_none_or(|at| now.saturating_duration_since(at) >= REFUSAL_LOG_PERIOD);
+        if !due {
+            return None;
+        }
+        self.refusal_logged = Some(now);
+        Some(std::mem::take(&mut self.refused_unlogged))
+    }
+
+    /// Whether it may be given connections: ready, below `max_pending`, not out of fds.
+    pub fn eligible(&self, max_pending: usize) -> bool {
+        self.phase == Phase::Ready && self.pending() < max_pending && self.full_since.is_none()
+    }
+
+    /// Whether it has held connections unacknowledged since before `cutoff`.
+    pub fn stalled(&self, cutoff: Option<Instant>) -> bool {
+        match (self.ack_wait_since, cutoff) {
+            (Some(since), Some(cutoff)) => since < cutoff,
+            _ => false,
+        }
+    }
+
+    /// Since when it holds connections unacknowledged without acknowledging any.
+    pub fn ack_wait_since(&self) -> Option<Instant> {
+        self.ack_wait_since
+    }
+
+    /// Ends a full pause that began before `cutoff`; true if it did.
+    pub fn end_full_pause(&mut self, cutoff: Instant) -> bool {
+        let over = self.full_since.is_some_and(|since| since <= cutoff);
+        if over {
+            self.full_since = None;
+        }
+        over
+    }
+
+    /// Closes held connections whose client has gone (only those not yet sent: a sent one
+    /// is the worker's to read); returns how many.
+    pub fn drop_abandoned(&mut self) -> usize {
+        let before = self.outbox.len();
+        self.outbox
+            .retain(|c| !crate::sys::socket::peer_gone(&c.fd));
+        before - self.outbox.len()
+    }
+
     /// Every connection the master still holds for it, oldest first (it is being lost).
     pub fn take_orphans(&mut self) -> Vec<Pending> {
+        self.ack_wait_since = None;
         let mut orphaned: Vec<Pending> = self
             .unacked
             .drain(..)

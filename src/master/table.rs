@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-pub(crate) use super::process::{Flush, Pending, Phase, Process};
+pub(crate) use super::process::{Flush, HeldCount, Pending, Phase, Process};
 use crate::balance::{Balance, Candidate};
 use crate::config::Config;
 use crate::ipc::frame::{self, Frame};
@@ -22,6 +22,10 @@ use crate::ipc::ChannelError;
 use crate::supervise::{Backoff, Reason};
 use crate::sys::scm::MAX_FDS;
 use crate::sys::socket::Peer;
+
+/// Fds the master keeps per worker slot: the channel and pidfd of its process, of a
+/// successor and of a retiring one, with room to spare.
+pub(crate) const FDS_PER_SLOT: usize = 8;
 
 /// One worker slot.
 #[derive(Debug)]
@@ -61,12 +65,16 @@ impl Slot {
             .chain(&self.retiring)
     }
 
-    fn find_mut(&mut self, pid: u32) -> Option<&mut Process> {
+    /// Every process of the slot, to change: current, successor, retiring.
+    pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut Process> {
         self.process
             .iter_mut()
             .chain(&mut self.successor)
             .chain(&mut self.retiring)
-            .find(|p| p.pid == pid)
+    }
+
+    fn find_mut(&mut self, pid: u32) -> Option<&mut Process> {
+        self.processes_mut().find(|p| p.pid == pid)
     }
 }
 
@@ -118,6 +126,21 @@ pub(crate) struct Counters {
     /// Connections lost workers had acknowledged and not reported finished (an upper bound
     /// on the connections that died with them: reports lag).
     pub lost_with_worker: u64,
+    /// Connections workers refused for lack of fds (each went to another worker).
+    pub refused: u64,
+    /// Held connections closed because their client had gone before a worker got them.
+    pub abandoned: u64,
+    /// Workers given up on for not acknowledging a connection within the ack timeout.
+    pub unacknowledged: u64,
+}
+
+/// What a frame from a worker told the master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Heard {
+    /// Something changed: acknowledgements, finished connections, its phase.
+    News,
+    /// Nothing new: a heartbeat, or a report repeating the last one.
+    Repeat,
 }
 
 /// Why a worker is being given up on.
@@ -131,6 +154,8 @@ pub(crate) enum Lost {
     Protocol(String),
     #[error("it sent nothing (or no READY) for {0} ms")]
     Unresponsive(u64),
+    #[error("it acknowledged no connection for {0} ms while it had some to acknowledge")]
+    Unacknowledged(u64),
     #[error("it exited")]
     Exited,
 }
@@ -168,6 +193,14 @@ pub(crate) struct Table {
     pub restart: VecDeque<(usize, u32)>,
     pub restart_batch: usize,
     pub restarting: bool,
+    /// Connections the master holds (accepted, not yet acknowledged by a worker).
+    held: HeldCount,
+    /// Fds the master may spend on its worker slots and held connections (its fd limit less
+    /// what it needs for itself; see `master::fd_room`).
+    fd_room: usize,
+    /// The most connections it may hold: [`Table::fd_room`] less [`FDS_PER_SLOT`] for each
+    /// slot. At it, the master stops accepting and the kernel backlog waits.
+    max_held: usize,
     /// `None` in the kernel modes, where workers accept for themselves.
     balancer: Option<Box<dyn Balance>>,
     candidates: Vec<Candidate>,
@@ -197,6 +230,9 @@ impl Table {
             restart: VecDeque::new(),
             restart_batch: 1,
             restarting: false,
+            held: HeldCount::default(),
+            fd_room: usize::MAX,
+            max_held: usize::MAX,
             retry: VecDeque::new(),
             next_id: 0,
             frame: Vec::with_capacity(frame::MAX_FRAME_LEN),
@@ -205,15 +241,16 @@ impl Table {
         }
     }
 
-    fn eligible(&self, process: &Process) -> bool {
-        process.phase == Phase::Ready && process.pending() < self.config.max_pending
-    }
-
+    /// The balancer's view of each slot. A worker that has left connections unacknowledged
+    /// for [`Config::ack_stall`] is busy or stuck: it gets nothing new until it acknowledges,
+    /// so a stuck one holds only what it got before the stall showed, not `--max-pending`.
     fn refresh_candidates(&mut self) {
+        let max_pending = self.config.max_pending;
+        let stalled_before = Instant::now().checked_sub(self.config.ack_stall());
         for (candidate, slot) in self.candidates.iter_mut().zip(&self.slots) {
             *candidate = match &slot.process {
                 Some(p) => Candidate {
-                    eligible: p.phase == Phase::Ready && p.pending() < self.config.max_pending,
+                    eligible: p.eligible(max_pending) && !p.stalled(stalled_before),
                     load: p.active(),
                 },
                 None => Candidate::default(),
@@ -222,16 +259,46 @@ impl Table {
     }
 
     /// Whether a new connection may be accepted now: running, nothing waiting for
-    /// re-dispatch, and some worker below its pending limit.
+    /// re-dispatch, room under the fd budget, and some worker that can take it.
     pub fn can_accept(&self) -> bool {
         !self.stopping
             && self.balancer.is_some()
             && self.retry.is_empty()
+            && self.held.get() < self.max_held
             && self
                 .slots
                 .iter()
                 .filter_map(|s| s.process.as_ref())
-                .any(|p| self.eligible(p))
+                .any(|p| p.eligible(self.config.max_pending))
+    }
+
+    /// Whether some slot's process is ready (could take a connection once it has room).
+    pub fn any_ready(&self) -> bool {
+        self.slots[..self.workers]
+            .iter()
+            .filter_map(|s| s.process.as_ref())
+            .any(|p| p.phase == Phase::Ready)
+    }
+
+    /// Connections the master holds right now.
+    pub fn held(&self) -> usize {
+        self.held.get()
+    }
+
+    /// The most connections the master may hold.
+    pub fn max_held(&self) -> usize {
+        self.max_held
+    }
+
+    /// Sets the fds the master may spend on worker slots and held connections.
+    pub fn set_fd_room(&mut self, room: usize) {
+        self.fd_room = room;
+        self.max_held = self.max_held_with(self.workers);
+    }
+
+    /// How many connections the master could hold with `workers` slots (0: none).
+    pub fn max_held_with(&self, workers: usize) -> usize {
+        self.fd_room.saturating_sub(FDS_PER_SLOT * workers)
     }
 
     /// Takes a freshly accepted connection and assigns it to a worker.
@@ -244,6 +311,7 @@ impl Table {
             listener,
             peer,
             fd,
+            _held: self.held.token(),
         };
         if let Err(conn) = self.assign(conn) {
             self.retry.push_back(conn);
@@ -294,12 +362,7 @@ impl Table {
         } = self;
         let mut broken = Vec::new();
         for (index, slot) in slots.iter_mut().enumerate() {
-            let processes = slot
-                .process
-                .iter_mut()
-                .chain(&mut slot.successor)
-                .chain(&mut slot.retiring);
-            for process in processes.filter(|p| p.wants_flush()) {
+            for process in slot.processes_mut().filter(|p| p.wants_flush()) {
                 if let Flush::Broken(e) = process.flush(frame, fds) {
                     broken.push((index, process.pid, e));
                 }
@@ -320,14 +383,25 @@ impl Table {
     }
 
     /// Applies a frame from worker `pid` of slot `index`.
-    pub fn on_frame(&mut self, index: usize, pid: u32, frame: Frame) -> Result<(), Lost> {
+    pub fn on_frame(&mut self, index: usize, pid: u32, frame: Frame) -> Result<Heard, Lost> {
+        let at_budget = self.held.get() >= self.max_held;
+        let heard = self.apply_frame(index, pid, frame);
+        if at_budget && self.held.get() < self.max_held {
+            // Acknowledged copies were closed: there is room to accept again.
+            self.capacity.notify_waiters();
+        }
+        heard
+    }
+
+    fn apply_frame(&mut self, index: usize, pid: u32, frame: Frame) -> Result<Heard, Lost> {
         let max_pending = self.config.max_pending;
         let worker_accepts = self.balancer.is_none();
         let Some(process) = self.slots[index].find_mut(pid) else {
-            return Ok(());
+            return Ok(Heard::Repeat);
         };
-        process.last_heard = Instant::now();
-        let was_full = process.pending() >= max_pending;
+        let now = Instant::now();
+        process.last_heard = now;
+        let was_eligible = process.eligible(max_pending);
         match frame {
             Frame::Ready => {
                 if process.phase == Phase::Starting {
@@ -342,21 +416,48 @@ impl Table {
                     }
                     self.redispatch();
                     self.capacity.notify_waiters();
+                    return Ok(Heard::News);
                 }
-                Ok(())
+                Ok(Heard::Repeat)
             }
             Frame::Status(status) => {
-                process.apply_status(status, worker_accepts)?;
-                if was_full && process.pending() < max_pending || !self.retry.is_empty() {
+                let before = process.totals();
+                process.apply_status(status, worker_accepts, now)?;
+                let heard = if process.totals() == before {
+                    Heard::Repeat
+                } else {
+                    Heard::News
+                };
+                if !was_eligible && process.eligible(max_pending) || !self.retry.is_empty() {
                     self.redispatch();
                     self.capacity.notify_waiters();
                 }
-                Ok(())
+                Ok(heard)
             }
             Frame::Draining(status) => {
-                process.apply_status(status, worker_accepts)?;
+                process.apply_status(status, worker_accepts, now)?;
                 self.worker_draining(index, pid);
-                Ok(())
+                Ok(Heard::News)
+            }
+            Frame::Refused { status, count } => {
+                process.apply_status(status, worker_accepts, now)?;
+                let refused = process.refuse(usize::from(count), now)?;
+                if let Some(total) = process.refusals_to_log(now) {
+                    tracing::warn!(
+                        worker = index,
+                        pid,
+                        refused = total,
+                        active = process.active(),
+                        "worker out of file descriptors: its connections go to others"
+                    );
+                }
+                self.counters.refused += refused.len() as u64;
+                for conn in refused.into_iter().rev() {
+                    self.retry.push_front(conn);
+                }
+                self.redispatch();
+                self.capacity.notify_waiters();
+                Ok(Heard::News)
             }
             other => Err(Lost::Protocol(format!(
                 "a worker sent a {} frame",
@@ -556,6 +657,7 @@ impl Table {
     pub fn add_slot(&mut self) -> usize {
         let index = self.workers;
         self.workers += 1;
+        self.max_held = self.max_held_with(self.workers);
         if self.slots.len() < self.workers {
             self.slots.push(Slot::new(self.config.backoff.clone()));
             self.candidates.push(Candidate::default());
@@ -570,6 +672,7 @@ impl Table {
             return None;
         }
         self.workers -= 1;
+        self.max_held = self.max_held_with(self.workers);
         let index = self.workers;
         let slot = &mut self.slots[index];
         slot.respawn_at = None;
@@ -603,17 +706,48 @@ impl Table {
         self.retry.len()
     }
 
+    /// Closes the held connections whose client has gone before any worker got them (those
+    /// waiting for re-dispatch, and outboxes not sent yet); returns how many.
+    pub fn drop_abandoned(&mut self) -> usize {
+        let before = self.retry.len();
+        self.retry.retain(|c| !crate::sys::socket::peer_gone(&c.fd));
+        let mut dropped = before - self.retry.len();
+        for slot in &mut self.slots {
+            dropped += slot
+                .processes_mut()
+                .map(Process::drop_abandoned)
+                .sum::<usize>();
+        }
+        self.counters.abandoned += dropped as u64;
+        if dropped > 0 {
+            self.redispatch();
+            self.capacity.notify_waiters();
+        }
+        dropped
+    }
+
+    /// Lets workers that refused connections before `cutoff` have connections again; true
+    /// if any may (the caller re-dispatches and wakes the accept loops).
+    pub fn end_full_pauses(&mut self, cutoff: Instant) -> bool {
+        let mut any = false;
+        for slot in &mut self.slots {
+            if let Some(p) = slot.process.as_mut() {
+                any |= p.end_full_pause(cutoff);
+            }
+        }
+        if any {
+            self.redispatch();
+            self.capacity.notify_waiters();
+        }
+        any
+    }
+
     /// Marks every process draining (the master is stopping): no new connections; the
     /// channel's sending side is closed once its outbox is sent. The shutdown timeout, not
     /// the drain timeout, bounds them now.
     pub fn drain_all(&mut self) {
         for slot in &mut self.slots {
-            let processes = slot
-                .process
-                .iter_mut()
-                .chain(&mut slot.successor)
-                .chain(&mut slot.retiring);
-            for p in processes {
+            for p in slot.processes_mut() {
                 p.phase = Phase::Draining;
                 p.retire.get_or_insert(Reason::Shutdown);
                 p.drain_deadline = None;

@@ -392,3 +392,208 @@ fn resource_shortages_on_send_are_not_the_worker_s_fault() {
     assert!(!is_shortage(&err(libc::EPIPE)));
     assert!(!is_shortage(&err(libc::EBADF)));
 }
+
+fn refused(t: &mut Table, pid: u32, received: u64, closed: u64, count: u16) -> Result<Heard, Lost> {
+    t.on_frame(
+        0,
+        pid,
+        Frame::Refused {
+            status: Status {
+                received_total: received,
+                closed_total: closed,
+            },
+            count,
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_worker_out_of_fds_hands_back_what_it_refused_and_gets_nothing_until_it_frees_one() {
+    let (mut t, _ends) = table(2, 100);
+    for _ in 0..6 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    assert!(t.flush_all().is_empty());
+    // Worker 0 got 3 (ids 0, 2, 4), took the first and refused the other two.
+    refused(&mut t, 1000, 1, 0, 2).unwrap();
+    let p = t.slots[0].process.as_ref().unwrap();
+    assert_eq!((p.pending(), p.active(), p.totals()), (0, 1, (1, 0)));
+    assert_eq!(t.counters.refused, 2);
+    let p1 = t.slots[1].process.as_ref().unwrap();
+    assert_eq!(p1.pending(), 5, "both refused went to worker 1");
+    let ids: Vec<u64> = p1.outbox.iter().map(|c| c.id).collect();
+    assert_eq!(ids, [2, 4], "oldest first");
+    assert_eq!(t.held(), 5, "nothing closed, nothing lost");
+    // Full: new connections go elsewhere, until it reports one finished.
+    for _ in 0..4 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    assert_eq!(t.slots[0].process.as_ref().unwrap().pending(), 0);
+    ack(&mut t, 0, 1000, 1, 1);
+    t.accepted(connection(), 0, Peer::Unix);
+    t.accepted(connection(), 0, Peer::Unix);
+    assert!(
+        t.slots[0].process.as_ref().unwrap().pending() > 0,
+        "it has room again"
+    );
+}
+
+#[tokio::test]
+async fn a_lone_full_worker_gets_connections_again_after_the_pause() {
+    let (mut t, _ends) = table(1, 100);
+    t.accepted(connection(), 0, Peer::Unix);
+    assert!(t.flush_all().is_empty());
+    refused(&mut t, 1000, 0, 0, 1).unwrap();
+    assert_eq!(t.retry_len(), 1, "nobody else can take it: it waits");
+    assert!(
+        !t.can_accept(),
+        "the kernel backlog holds the rest meanwhile"
+    );
+    assert!(!t.end_full_pauses(Instant::now() - std::time::Duration::from_secs(1)));
+    assert!(t.end_full_pauses(Instant::now()));
+    assert_eq!(
+        (
+            t.retry_len(),
+            t.slots[0].process.as_ref().unwrap().pending()
+        ),
+        (0, 1)
+    );
+}
+
+#[tokio::test]
+async fn refusing_more_than_it_holds_unacknowledged_is_a_protocol_error() {
+    let (mut t, _ends) = table(1, 100);
+    t.accepted(connection(), 0, Peer::Unix);
+    assert!(t.flush_all().is_empty());
+    assert!(matches!(
+        refused(&mut t, 1000, 1, 0, 1),
+        Err(Lost::Protocol(_))
+    ));
+}
+
+#[tokio::test]
+async fn the_ack_clock_runs_only_while_connections_wait_unacknowledged() {
+    let (mut t, _ends) = table(1, 100);
+    let waiting = |t: &Table| t.slots[0].process.as_ref().unwrap().ack_wait_since();
+    assert_eq!(waiting(&t), None);
+    t.accepted(connection(), 0, Peer::Unix);
+    assert_eq!(waiting(&t), None, "accepted, not sent yet");
+    assert!(t.flush_all().is_empty());
+    let since = waiting(&t).expect("sent and unacknowledged");
+    t.accepted(connection(), 0, Peer::Unix);
+    assert!(t.flush_all().is_empty());
+    assert_eq!(
+        waiting(&t),
+        Some(since),
+        "more sent: the oldest wait counts"
+    );
+    ack(&mut t, 0, 1000, 1, 0);
+    assert!(waiting(&t).unwrap() >= since, "progress restarts the clock");
+    ack(&mut t, 0, 1000, 2, 0);
+    assert_eq!(waiting(&t), None, "all acknowledged");
+}
+
+#[tokio::test]
+async fn heartbeats_and_repeated_reports_are_told_from_news() {
+    let (mut t, _ends) = table(1, 100);
+    t.accepted(connection(), 0, Peer::Unix);
+    assert!(t.flush_all().is_empty());
+    let status = |r, c| {
+        Frame::Status(Status {
+            received_total: r,
+            closed_total: c,
+        })
+    };
+    assert_eq!(t.on_frame(0, 1000, status(0, 0)).unwrap(), Heard::Repeat);
+    assert_eq!(t.on_frame(0, 1000, status(1, 0)).unwrap(), Heard::News);
+    assert_eq!(t.on_frame(0, 1000, status(1, 0)).unwrap(), Heard::Repeat);
+    assert_eq!(t.on_frame(0, 1000, status(1, 1)).unwrap(), Heard::News);
+    assert_eq!(
+        t.on_frame(0, 1000, Frame::Ready).unwrap(),
+        Heard::Repeat,
+        "already ready"
+    );
+}
+
+#[tokio::test]
+async fn at_the_fd_budget_the_master_stops_accepting_and_resumes_as_connections_leave() {
+    let (mut t, _ends) = table(2, 100);
+    t.set_fd_room(FDS_PER_SLOT * 2 + 3);
+    assert_eq!(t.max_held(), 3);
+    for _ in 0..3 {
+        assert!(t.can_accept());
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    assert!(!t.can_accept(), "3 held of 3");
+    assert!(t.flush_all().is_empty());
+    ack(&mut t, 0, 1000, 2, 0);
+    assert_eq!(t.held(), 1, "acknowledged copies are closed");
+    assert!(t.can_accept());
+    assert_eq!(t.max_held_with(3), 0, "a third worker would leave no room");
+}
+
+#[tokio::test]
+async fn held_connections_whose_client_left_are_closed_before_any_worker_gets_them() {
+    use std::io::Write;
+    let (mut t, _ends) = table(1, 100);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gone = std::net::TcpStream::connect(addr).unwrap();
+    let mut talking = std::net::TcpStream::connect(addr).unwrap();
+    let _idle = std::net::TcpStream::connect(addr).unwrap();
+    talking.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    drop(gone);
+    drop(talking);
+    // Nobody is ready: all three wait for re-dispatch.
+    t.slots[0].process.as_mut().unwrap().phase = Phase::Starting;
+    for _ in 0..3 {
+        let (stream, _) = listener.accept().unwrap();
+        t.accepted(OwnedFd::from(stream), 0, Peer::Unix);
+    }
+    assert_eq!(t.retry_len(), 3);
+    assert!(
+        wait_until_dropped(&mut t, 1),
+        "the silent client that left is closed"
+    );
+    assert_eq!((t.retry_len(), t.held(), t.counters.abandoned), (2, 2, 1));
+}
+
+/// Sweeps until `count` connections were dropped (the peer's FIN takes a moment to land).
+fn wait_until_dropped(t: &mut Table, count: usize) -> bool {
+    let mut dropped = 0;
+    for _ in 0..500 {
+        dropped += t.drop_abandoned();
+        if dropped >= count {
+            return dropped == count;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_worker_that_leaves_connections_unacknowledged_gets_nothing_new_until_it_acknowledges() {
+    let (mut t, _ends) = table(2, 100);
+    t.accepted(connection(), 0, Peer::Unix);
+    assert!(t.flush_all().is_empty());
+    // Worker 0 got one and has not acknowledged it for longer than the stall.
+    let stall = t.config.ack_stall();
+    t.slots[0].process.as_mut().unwrap().ack_wait_since = Some(Instant::now() - stall * 2);
+    for _ in 0..4 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    assert_eq!(
+        t.slots[0].process.as_ref().unwrap().pending(),
+        1,
+        "nothing new for it"
+    );
+    assert_eq!(t.slots[1].process.as_ref().unwrap().pending(), 4);
+    ack(&mut t, 0, 1000, 1, 0);
+    t.accepted(connection(), 0, Peer::Unix);
+    t.accepted(connection(), 0, Peer::Unix);
+    assert_eq!(
+        t.slots[0].process.as_ref().unwrap().pending(),
+        1,
+        "it takes its share again"
+    );
+}

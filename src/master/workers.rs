@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::spawn_local;
 
-use super::table::{Fate, Flush, Live, Lost, Process};
+use super::table::{Fate, Flush, Heard, Live, Lost, Process};
 use super::{flush, give_up, Ctx};
 use crate::ipc::channel::frame_buffer;
 use crate::ipc::{Channel, ChannelError};
@@ -37,7 +37,7 @@ pub(crate) fn start_worker(ctx: &Rc<Ctx>, index: usize) {
     // kills it at its own deadline anyway).
     let drain = config.drain_timeout.max(config.shutdown_timeout);
     let heartbeat = config.worker_heartbeat();
-    match supervise::spawn(&ctx.program, index, spawn_count, heartbeat, drain) {
+    match supervise::spawn(&ctx.launcher, index, spawn_count, heartbeat, drain) {
         Ok(spawned) => {
             let pid = spawned.pid;
             match replacing {
@@ -255,6 +255,7 @@ pub(super) fn read_last_frames(ctx: &Ctx, index: usize, pid: u32) {
 
 async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>) {
     let mut buf = frame_buffer();
+    let mut repeats = RepeatBudget::default();
     loop {
         // One recvmsg per frame; the one that finds the queue empty clears the readiness
         // (a raw read past it would cost a second empty recvmsg per wake-up).
@@ -262,12 +263,63 @@ async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>
             Ok((frame, _no_fds)) => ctx.table.borrow_mut().on_frame(index, pid, frame),
             Err(e) => Err(Lost::channel(e)),
         };
-        if let Err(lost) = verdict {
-            give_up(&ctx, index, pid, lost);
-            flush(&ctx);
-            return;
+        match verdict {
+            Ok(Heard::News) => flush(&ctx),
+            Ok(Heard::Repeat) => {
+                flush(&ctx);
+                if let Some(pause) = repeats.spend(Instant::now()) {
+                    if repeats.warn() {
+                        tracing::warn!(
+                            worker = index,
+                            pid,
+                            budget = MAX_REPEATS,
+                            "worker floods the channel with reports that say nothing new: \
+                             reading it only once a second"
+                        );
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            Err(lost) => {
+                give_up(&ctx, index, pid, lost);
+                flush(&ctx);
+                return;
+            }
         }
-        flush(&ctx);
+    }
+}
+
+/// Frames that say nothing new (heartbeats, repeated reports) read from one worker per
+/// [`REPEAT_WINDOW`]; a worker sends a few (one heartbeat a period). Past the budget the
+/// master stops reading that channel until the window ends: the flooding worker's sends
+/// block and the master's thread stays free for the others.
+const MAX_REPEATS: u32 = 256;
+const REPEAT_WINDOW: Duration = Duration::from_secs(1);
+
+/// A worker's budget of frames with nothing new, per window.
+#[derive(Debug, Default)]
+struct RepeatBudget {
+    window: Option<Instant>,
+    spent: u32,
+    warned: bool,
+}
+
+impl RepeatBudget {
+    /// Counts one repeat at `now`; past the budget, how long to stop reading.
+    fn spend(&mut self, now: Instant) -> Option<Duration> {
+        let start = *self.window.get_or_insert(now);
+        if now.saturating_duration_since(start) >= REPEAT_WINDOW {
+            self.window = Some(now);
+            self.spent = 0;
+        }
+        self.spent += 1;
+        let end = self.window.expect("set above") + REPEAT_WINDOW;
+        (self.spent > MAX_REPEATS).then(|| end.saturating_duration_since(now))
+    }
+
+    /// True the first time only: the flood is logged once per worker.
+    fn warn(&mut self) -> bool {
+        !std::mem::replace(&mut self.warned, true)
     }
 }
 
@@ -311,5 +363,29 @@ async fn write_channel(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeats_past_the_budget_pause_reading_until_the_window_ends() {
+        let mut budget = RepeatBudget::default();
+        let start = Instant::now();
+        for _ in 0..MAX_REPEATS {
+            assert_eq!(budget.spend(start), None);
+        }
+        let later = start + Duration::from_millis(300);
+        assert_eq!(budget.spend(later), Some(Duration::from_millis(700)));
+        assert!(budget.warn());
+        assert!(!budget.warn(), "logged once");
+        let next_window = start + REPEAT_WINDOW;
+        assert_eq!(
+            budget.spend(next_window),
+            None,
+            "a new window, a new budget"
+        );
     }
 }

@@ -8,7 +8,7 @@ mod spawn;
 
 pub use backoff::{Backoff, CRASH_LOOP_FAILURES};
 pub use recycle::{Limits, Reason};
-pub use spawn::{spawn, Program, SpawnError, Spawned};
+pub use spawn::{spawn, Launcher, Program, SpawnError, Spawned};
 
 /// Environment variable naming the worker's channel fd (always 3).
 pub const ENV_FD: &str = "HANDOFF_FD";

@@ -1,8 +1,17 @@
 //! Starting one worker process: a fresh channel socketpair, the worker's end at fd 3, the
-//! slot and spawn count in its environment, death tied to the master's.
+//! slot and spawn count in its environment, death tied to the master's. What runs is
+//! settled once, when the master starts ([`Launcher`]): the master's own executable is
+//! opened then and every worker is started from that open file, so a deploy that replaces
+//! or deletes the binary on disk never stops respawns; a COMMAND that cannot be executed
+//! is refused at start instead of crash-looping.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -31,6 +40,14 @@ pub enum SpawnError {
     /// The command is empty.
     #[error("the worker command is empty")]
     EmptyCommand,
+    /// The command names no executable file.
+    #[error("the worker command {program:?} cannot be executed: {reason}")]
+    NotExecutable {
+        /// As given.
+        program: OsString,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// fork/exec failed.
     #[error("starting {program:?} failed")]
     Exec {
@@ -40,6 +57,96 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+}
+
+/// What a master starts as each worker, settled when it starts.
+#[derive(Debug)]
+pub struct Launcher {
+    program: Program,
+    /// The master's own executable, open since its start (for [`Program::CurrentExe`]).
+    exe: Option<File>,
+    /// The master's own `argv[0]`, kept for its workers.
+    arg0: OsString,
+}
+
+impl Launcher {
+    /// Opens the master's executable (`/proc/self/exe`) for [`Program::CurrentExe`], or
+    /// checks that a [`Program::Command`] names an executable file (through `PATH` when it
+    /// has no `/`).
+    pub fn new(program: Program) -> Result<Launcher, SpawnError> {
+        let arg0 = std::env::args_os().next().unwrap_or_default();
+        let exe = match &program {
+            Program::CurrentExe => {
+                // Above fd 3, which each worker's channel takes before the exec.
+                let exe = File::open("/proc/self/exe")
+                    .and_then(|file| sys::process::dup_above_channel(&file))
+                    .map_err(SpawnError::CurrentExe)?;
+                Some(File::from(exe))
+            }
+            Program::Command(argv) => {
+                let program = argv.first().ok_or(SpawnError::EmptyCommand)?;
+                find_executable(program).map_err(|reason| SpawnError::NotExecutable {
+                    program: program.clone(),
+                    reason,
+                })?;
+                None
+            }
+        };
+        Ok(Launcher { program, exe, arg0 })
+    }
+
+    fn command(&self) -> Result<tokio::process::Command, SpawnError> {
+        match (&self.program, &self.exe) {
+            (Program::Command(argv), _) => {
+                let (program, args) = argv.split_first().ok_or(SpawnError::EmptyCommand)?;
+                let mut cmd = tokio::process::Command::new(program);
+                cmd.args(args);
+                Ok(cmd)
+            }
+            (Program::CurrentExe, Some(exe)) => {
+                // execve of /proc/self/fd/N runs the file the master opened at its start,
+                // whatever is at its path now (the fd is close-on-exec, but still open
+                // while execve reads it: this is how fexecve(3) works).
+                let mut cmd =
+                    tokio::process::Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
+                cmd.arg0(&self.arg0).args(std::env::args_os().skip(1));
+                Ok(cmd)
+            }
+            (Program::CurrentExe, None) => {
+                let exe = std::env::current_exe().map_err(SpawnError::CurrentExe)?;
+                let mut cmd = tokio::process::Command::new(exe);
+                cmd.args(std::env::args_os().skip(1));
+                Ok(cmd)
+            }
+        }
+    }
+}
+
+/// Where `program` is, if it names an executable regular file: as a path when it has a `/`,
+/// else the first match in `PATH`.
+fn find_executable(program: &OsStr) -> Result<PathBuf, String> {
+    let check = |path: &Path| -> Result<(), String> {
+        let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+        if !meta.is_file() {
+            return Err("not a regular file".into());
+        }
+        if meta.permissions().mode() & 0o111 == 0 {
+            return Err("not executable (no x permission)".into());
+        }
+        Ok(())
+    };
+    if program.is_empty() {
+        return Err("empty program name".into());
+    }
+    if program.as_bytes().contains(&b'/') {
+        let path = PathBuf::from(program);
+        return check(&path).map(|()| path);
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(program))
+        .find(|path| check(path).is_ok())
+        .ok_or_else(|| "not found in PATH".into())
 }
 
 /// A started worker: its process and the master's end of its channel.
@@ -56,7 +163,7 @@ pub struct Spawned {
 /// Starts the worker for `slot` (its `spawn`-th process). `heartbeat` and `drain` are passed
 /// in the environment for the worker runtime.
 pub fn spawn(
-    program: &Program,
+    launcher: &Launcher,
     slot: usize,
     spawn: u64,
     heartbeat: Duration,
@@ -64,20 +171,7 @@ pub fn spawn(
 ) -> Result<Spawned, SpawnError> {
     let (master_end, worker_end) =
         sys::socket::seqpacket_pair().map_err(SpawnError::CreateChannel)?;
-    let mut cmd = match program {
-        Program::CurrentExe => {
-            let exe = std::env::current_exe().map_err(SpawnError::CurrentExe)?;
-            let mut cmd = tokio::process::Command::new(exe);
-            cmd.args(std::env::args_os().skip(1));
-            cmd
-        }
-        Program::Command(argv) => {
-            let (program, args) = argv.split_first().ok_or(SpawnError::EmptyCommand)?;
-            let mut cmd = tokio::process::Command::new(program);
-            cmd.args(args);
-            cmd
-        }
-    };
+    let mut cmd = launcher.command()?;
     cmd.env(super::ENV_FD, sys::process::CHANNEL_FD.to_string())
         .env(super::ENV_WORKER, slot.to_string())
         .env(super::ENV_SPAWN, spawn.to_string())
@@ -98,4 +192,34 @@ pub fn spawn(
         pid,
         channel,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_is_found_in_path_or_refused_with_the_reason() {
+        assert!(find_executable(OsStr::new("sh")).is_ok());
+        assert!(find_executable(OsStr::new("/bin/sh")).is_ok());
+        let missing = find_executable(OsStr::new("/nonexistent/worker")).unwrap_err();
+        assert!(missing.contains("No such file"), "{missing}");
+        let unknown = find_executable(OsStr::new("no-such-handoff-worker")).unwrap_err();
+        assert_eq!(unknown, "not found in PATH");
+        let dir = find_executable(OsStr::new("/tmp")).unwrap_err();
+        assert_eq!(dir, "not a regular file");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let plain = find_executable(file.path().as_os_str()).unwrap_err();
+        assert!(plain.contains("not executable"), "{plain}");
+    }
+
+    #[test]
+    fn an_unusable_command_is_refused_before_any_worker_starts() {
+        let err = Launcher::new(Program::Command(vec!["/nonexistent/worker".into()])).unwrap_err();
+        assert!(err.to_string().contains("cannot be executed"), "{err}");
+        assert!(matches!(
+            Launcher::new(Program::Command(Vec::new())),
+            Err(SpawnError::EmptyCommand)
+        ));
+    }
 }

@@ -64,6 +64,14 @@ pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, deat
     }
 }
 
+/// `fcntl(F_DUPFD_CLOEXEC)`: a close-on-exec copy of `fd` numbered above [`CHANNEL_FD`],
+/// where a worker's exec cannot find it replaced by its channel.
+pub fn dup_above_channel(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
+    let raw = syscall!(fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, CHANNEL_FD + 1))?;
+    // SAFETY: fcntl just returned this new fd and nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
 /// `kill(2)`. `ESRCH` (already gone) is reported as `Ok(false)`.
 pub fn signal(pid: u32, signal: i32) -> io::Result<bool> {
     match syscall!(kill(pid as libc::pid_t, signal)) {
@@ -167,4 +175,40 @@ pub fn die_with_parent(cmd: &mut std::process::Command) {
     unsafe {
         cmd.pre_exec(hook);
     }
+}
+
+/// `getrlimit(RLIMIT_NOFILE)`: the (soft, hard) limit on open fds.
+pub fn fd_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a live, writable rlimit.
+    syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut limit))?;
+    Ok((limit.rlim_cur, limit.rlim_max))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (`setrlimit(2)`), as Go's runtime and
+/// most servers do: the soft default (often 1024) exists for `select(2)` users. Returns the
+/// soft limit in force afterwards.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let (soft, hard) = fd_limit()?;
+    if soft >= hard {
+        return Ok(soft);
+    }
+    let limit = libc::rlimit {
+        rlim_cur: hard as libc::rlim_t,
+        rlim_max: hard as libc::rlim_t,
+    };
+    // SAFETY: `limit` is a live rlimit; the call only reads it.
+    syscall!(setrlimit(libc::RLIMIT_NOFILE, &limit))?;
+    Ok(hard)
+}
+
+/// How many fds this process has open now (the entries of `/proc/self/fd`, less the one
+/// the listing itself uses).
+pub fn open_fds() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/fd")?
+        .count()
+        .saturating_sub(1))
 }

@@ -64,20 +64,126 @@ pub fn tcp_bound(addr: SocketAddr, reuseport: bool) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Binds a Unix stream listener at `path` (removing a stale socket file first) and sets its
-/// backlog with `listen(2)`. Non-blocking and close-on-exec.
+/// Binds a Unix stream listener at `path` and sets its backlog with `listen(2)`. Non-blocking
+/// and close-on-exec. A socket file already at `path` is replaced only when it is stale (see
+/// [`remove_stale_socket`]); a live one, or a file that is not a socket, makes binding fail
+/// with `AddrInUse` and a message that says which.
 pub fn unix_listener(path: &Path, backlog: i32) -> io::Result<OwnedFd> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        }
-    }
-    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    remove_stale_socket(path)?;
+    let listener =
+        std::os::unix::net::UnixListener::bind(path).map_err(|e| explain_unix_bind(path, e))?;
     listener.set_nonblocking(true)?;
     let fd = OwnedFd::from(listener);
     syscall!(listen(fd.as_raw_fd(), backlog))?;
     Ok(fd)
+}
+
+/// Removes the socket file at `path` if no process listens on it any more: a connect to it
+/// ([`probe_unix`]) is refused. A socket that answers is in use (`AddrInUse`); a path that is
+/// not a socket, or not there, is left as it is. Anything that cannot be told apart (say,
+/// `EACCES`) is an error rather than a removal.
+pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {}
+        _ => return Ok(()),
+    }
+    match probe_unix(path) {
+        Ok(()) => Err(socket_in_use(path)),
+        // A listener whose accept queue is full: very much alive.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(socket_in_use(path)),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!(
+                "{} is a socket that could not be probed ({e}); not replacing it",
+                path.display()
+            ),
+        )),
+    }
+}
+
+fn socket_in_use(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!(
+            "{} is in use by a live process (a socket there answers)",
+            path.display()
+        ),
+    )
+}
+
+/// Says why `bind(2)` on a Unix path failed when the path is taken.
+fn explain_unix_bind(path: &Path, error: io::Error) -> io::Error {
+    use std::os::unix::fs::FileTypeExt;
+    if error.kind() != io::ErrorKind::AddrInUse {
+        return error;
+    }
+    let what = match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            "a file that is not a socket is there; remove it or choose another path"
+        }
+        _ => "another process bound a socket there just now",
+    };
+    io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("{} is in use: {what}", path.display()),
+    )
+}
+
+/// `socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK)` + `connect(2)` to `path`, then closes the
+/// connection. `Ok`: a listener took it into its queue; `WouldBlock` (`EAGAIN`): a listener
+/// whose queue is full; `ECONNREFUSED`: nobody listens. Non-blocking because a blocking
+/// connect to a full queue waits until the listener accepts, which may be never.
+pub fn probe_unix(path: &Path) -> io::Result<()> {
+    let (addr, len) = sockaddr_un_from(path)?;
+    let raw = syscall!(socket(
+        libc::AF_UNIX,
+        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        0
+    ))?;
+    // SAFETY: `socket` just returned this fd and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    syscall!(connect(
+        fd.as_raw_fd(),
+        &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+        len
+    ))?;
+    Ok(())
+}
+
+fn sockaddr_un_from(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: an all-zero sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let bytes = path.as_os_str().as_bytes();
+    // One byte stays zero: the terminator.
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} cannot be a Unix socket path", path.display()),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, from) in addr.sun_path.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    Ok((addr, len as libc::socklen_t))
+}
+
+/// `geteuid(2)`: the user this process acts as, which a Unix peer's `SO_PEERCRED` uid is
+/// compared with.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
+    unsafe { libc::geteuid() }
 }
 
 /// The local address of a bound IP socket (`getsockname(2)`), e.g. to learn the port that
@@ -263,6 +369,28 @@ fn sockaddr_to(storage: &libc::sockaddr_storage) -> Peer {
     }
 }
 
+/// Whether a connected stream's peer has gone: `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte
+/// reads the end of the stream (it closed without sending anything still unread) or an error
+/// (reset). A peer that sent data, or nothing yet, is still there.
+pub fn peer_gone(fd: &impl AsRawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is one live, writable byte and the length says so.
+    let read = syscall!(recv(
+        fd.as_raw_fd(),
+        &mut byte as *mut u8 as *mut libc::c_void,
+        1,
+        libc::MSG_PEEK | libc::MSG_DONTWAIT
+    ));
+    match read {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ),
+    }
+}
+
 /// `poll(2)` for readability: true if `fd` became readable within `timeout_ms`.
 pub fn wait_readable(fd: &impl AsRawFd, timeout_ms: i32) -> io::Result<bool> {
     let mut pollfd = libc::pollfd {
@@ -295,6 +423,24 @@ mod tests {
         let fd = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
         let err = accept(&fd).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn a_peer_is_gone_once_it_closed_with_nothing_unread() {
+        use std::io::Write;
+        let fd = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        let addr = local_addr(&fd).unwrap().unwrap();
+        let mut talker = std::net::TcpStream::connect(addr).unwrap();
+        let (talking, _) = accept(&fd).unwrap();
+        let quiet = std::net::TcpStream::connect(addr).unwrap();
+        let (waiting, _) = accept(&fd).unwrap();
+        assert!(!peer_gone(&waiting), "connected and silent");
+        talker.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        drop(talker);
+        assert!(!peer_gone(&talking), "its request is still unread");
+        drop(quiet);
+        assert!(wait_readable(&waiting, 5000).unwrap());
+        assert!(peer_gone(&waiting), "closed with nothing sent");
     }
 
     #[test]

@@ -88,11 +88,15 @@ impl Shared {
     /// before the send, with no await between, so reports leave in the order of their
     /// figures (never a smaller count after a larger one).
     fn try_send_status(&self) -> std::io::Result<()> {
-        self.try_send_report(frame::encode_status)
+        self.try_send_report(&frame::encode_status)
     }
 
-    /// Like [`Shared::try_send_status`], as the frame `encode` writes (STATUS or DRAINING).
-    fn try_send_report(&self, encode: fn(&mut Vec<u8>, Status)) -> std::io::Result<()> {
+    /// Like [`Shared::try_send_status`], as the frame `encode` writes (STATUS, DRAINING or
+    /// REFUSED).
+    fn try_send_report(
+        &self,
+        encode: &(dyn Fn(&mut Vec<u8>, Status) + Sync),
+    ) -> std::io::Result<()> {
         let status = self.status();
         let mut bytes = Vec::with_capacity(frame::HEADER_LEN + frame::STATUS_BODY_LEN);
         encode(&mut bytes, status);
@@ -104,7 +108,10 @@ impl Shared {
     /// Sends the current figures as the frame `encode` writes, waiting while the channel is
     /// full; the figures are read when the send can happen, so they are never older than
     /// what was already sent.
-    async fn send_report(&self, encode: fn(&mut Vec<u8>, Status)) -> std::io::Result<()> {
+    async fn send_report(
+        &self,
+        encode: &(dyn Fn(&mut Vec<u8>, Status) + Sync),
+    ) -> std::io::Result<()> {
         loop {
             let mut guard = self.channel.writable().await?;
             match guard.try_io(|_| self.try_send_report(encode)) {
@@ -116,7 +123,7 @@ impl Shared {
 
     /// Sends the current status, waiting while the channel is full.
     async fn send_status(&self) -> std::io::Result<()> {
-        self.send_report(frame::encode_status).await
+        self.send_report(&frame::encode_status).await
     }
 
     /// Starts draining on this worker's own initiative (SIGTERM, or the service returned)
@@ -130,7 +137,7 @@ impl Shared {
         if self.drain.send_replace(true) {
             return;
         }
-        if let Err(e) = self.send_report(frame::encode_draining).await {
+        if let Err(e) = self.send_report(&frame::encode_draining).await {
             self.fail(ChannelError::Io(e));
         }
     }
@@ -238,11 +245,28 @@ impl Incoming {
                     drop(fds);
                 }
                 Ok((Frame::Connections(headers), fds)) => {
+                    let refused = headers.len() - fds.len();
                     self.take(headers, fds);
                     // Acknowledge before the service sees any of them: a handler that keeps
                     // this thread busy must not hold the ack back, or the master would hand
                     // a connection this worker may already have read to another one.
-                    if let Err(e) = self.shared.send_status().await {
+                    let acknowledged = if refused == 0 {
+                        self.shared.send_status().await
+                    } else {
+                        // Our fd table is full: the kernel dropped the last fds. The master
+                        // still holds them and gives them to another worker.
+                        tracing::debug!(
+                            refused,
+                            active = self.shared.active.load(Ordering::Acquire),
+                            "out of file descriptors: refusing connections"
+                        );
+                        let count = refused as u16;
+                        let encode = move |out: &mut Vec<u8>, status| {
+                            frame::encode_refused(out, status, count)
+                        };
+                        self.shared.send_report(&encode).await
+                    };
+                    if let Err(e) = acknowledged {
                         self.shared.fail(e.into());
                     }
                 }
@@ -263,8 +287,9 @@ impl Incoming {
         self.drain.clone()
     }
 
+    /// Takes the connections whose fds arrived (the first `fds.len()` of `headers`).
     fn take(&mut self, headers: Vec<crate::ipc::ConnectionHeader>, fds: Vec<std::os::fd::OwnedFd>) {
-        let count = headers.len() as u64;
+        let count = fds.len() as u64;
         for (header, fd) in headers.into_iter().zip(fds) {
             match Connection::new(header, fd, &self.shared) {
                 Ok(conn) => self.queue.push_back(conn),
@@ -300,6 +325,9 @@ where
         .ok()
         .and_then(|v| v.parse().ok())
         .ok_or(WorkerError::NoChannel)?;
+    // A worker's connections are its fds: take all the kernel allows (the soft limit is
+    // often 1024 where the hard one is far higher).
+    let _ = sys::process::raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -394,11 +422,23 @@ async fn report(shared: Arc<Shared>, heartbeat: Duration) {
     }
 }
 
+/// Drains on SIGTERM, SIGINT or SIGQUIT, as the master does; other signals a user may send
+/// by habit (SIGUSR1, ...) are logged and ignored instead of killing the worker.
 async fn drain_on_sigterm(shared: Arc<Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
-    if let Ok(mut sigterm) = signal(SignalKind::terminate()) {
-        sigterm.recv().await;
-        tracing::info!(pid = std::process::id(), "SIGTERM: draining");
-        shared.announce_draining().await;
-    }
+    crate::signals::ignore_stray("worker");
+    let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
+    ) else {
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = quit.recv() => "SIGQUIT",
+    };
+    tracing::info!(pid = std::process::id(), signal = name, "draining");
+    shared.announce_draining().await;
 }

@@ -1,0 +1,90 @@
+//! Signals nobody asked handoff to act on, in the master and in Rust workers. Their default
+//! action would end the process without a word (`kill -USR1`, the "reopen your logs" of
+//! nginx and gunicorn, leaves a master defunct and its workers gone); handoff catches each
+//! one a user may send, logs it and carries on. The signals that do act are handled where
+//! they act: SIGTERM/SIGINT/SIGQUIT stop (`master::run`, the worker runtime), SIGHUP,
+//! SIGTTIN and SIGTTOU drive the lifecycle (`master::lifecycle`).
+
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Signals whose default action ends the process and that handoff does not otherwise use,
+/// with their names. Real-time signals (SIGRTMIN..SIGRTMAX) are added by [`stray_signals`].
+const STRAY: &[(libc::c_int, &str)] = &[
+    (libc::SIGUSR1, "SIGUSR1"),
+    (libc::SIGUSR2, "SIGUSR2"),
+    (libc::SIGALRM, "SIGALRM"),
+    (libc::SIGVTALRM, "SIGVTALRM"),
+    (libc::SIGPROF, "SIGPROF"),
+    (libc::SIGIO, "SIGIO"),
+    (libc::SIGPWR, "SIGPWR"),
+    (libc::SIGSTKFLT, "SIGSTKFLT"),
+    (libc::SIGXCPU, "SIGXCPU"),
+    (libc::SIGXFSZ, "SIGXFSZ"),
+];
+
+/// Every signal [`ignore_stray`] catches, with its name.
+fn stray_signals() -> Vec<(libc::c_int, String)> {
+    let realtime = (libc::SIGRTMIN()..=libc::SIGRTMAX())
+        .map(|n| (n, format!("SIGRTMIN+{}", n - libc::SIGRTMIN())));
+    STRAY
+        .iter()
+        .map(|&(n, name)| (n, name.to_owned()))
+        .chain(realtime)
+        .collect()
+}
+
+/// What a stray signal means to whoever receives it, for its log line.
+fn meaning(signal: libc::c_int) -> &'static str {
+    match signal {
+        libc::SIGUSR1 => "handoff logs to stderr and has no log file to reopen: ignored",
+        libc::SIGUSR2 => {
+            "reserved for the live binary upgrade, which this version does not have: ignored"
+        }
+        _ => "ignored",
+    }
+}
+
+/// Catches every stray signal on tasks of the current runtime, logging each as `role`
+/// ("master" or "worker") receives it. A signal the runtime cannot register (tokio stops at
+/// SIGRTMAX - 1) keeps its default action.
+pub(crate) fn ignore_stray(role: &'static str) {
+    for (number, name) in stray_signals() {
+        let Ok(mut stream) = signal(SignalKind::from_raw(number)) else {
+            continue;
+        };
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                tracing::warn!(signal = %name, pid = std::process::id(), role, "{}", meaning(number));
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stray_list_holds_the_habitual_signals_and_none_that_act() {
+        let numbers: Vec<_> = stray_signals().into_iter().map(|(n, _)| n).collect();
+        for habitual in [
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGALRM,
+            libc::SIGRTMIN(),
+        ] {
+            assert!(numbers.contains(&habitual), "{habitual}");
+        }
+        for acting in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGQUIT,
+            libc::SIGHUP,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+            libc::SIGCHLD,
+        ] {
+            assert!(!numbers.contains(&acting), "{acting}");
+        }
+    }
+}
