@@ -1,6 +1,7 @@
 //! A connection handed to this worker: a tokio stream plus what the master said about it.
 //! Dropping it shuts down the write side (so the client sees FIN even while the master still
-//! holds its copy of the fd) and reports the connection finished.
+//! holds its copy of the fd), reports the connection finished, and leaves the fd to
+//! `linger` for its close.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -54,6 +55,8 @@ pub struct Connection {
     stream: Option<Stream>,
     header: ConnectionHeader,
     guard: Option<ActiveGuard>,
+    /// The master may still hold a copy of the fd: the close waits (see `linger`).
+    from_master: bool,
 }
 
 impl Connection {
@@ -71,7 +74,9 @@ impl Connection {
                 std::os::unix::net::UnixStream::from(fd),
             )?),
         };
-        Ok(Connection::accepted(header, stream, shared))
+        let mut conn = Connection::accepted(header, stream, shared);
+        conn.from_master = true;
+        Ok(conn)
     }
 
     /// A connection this worker accepted itself (kernel baseline modes).
@@ -80,6 +85,7 @@ impl Connection {
             stream: Some(stream),
             header,
             guard: Some(ActiveGuard::new(shared.clone())),
+            from_master: false,
         }
     }
 
@@ -119,14 +125,25 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if let Some(stream) = &self.stream {
-            let fd = match stream {
-                Stream::Tcp(s) => s.as_raw_fd(),
-                Stream::Unix(s) => s.as_raw_fd(),
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        let fd = match &stream {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        };
+        // The peer must see FIN now, not when the last copy of the fd closes.
+        let _ = sys::socket::shutdown_write(&fd);
+        let shared = self.guard.as_ref().map(|g| &g.shared);
+        if let (true, Some(shared)) = (self.from_master, shared) {
+            // Out of the reactor now; closed after the linger (see `linger`).
+            let owned = match stream {
+                Stream::Tcp(s) => s.into_std().map(OwnedFd::from),
+                Stream::Unix(s) => s.into_std().map(OwnedFd::from),
             };
-            // The fd is still open here (the stream drops after this body), and the peer
-            // must see FIN now, not when the master closes its copy.
-            let _ = sys::socket::shutdown_write(&fd);
+            if let Ok(fd) = owned {
+                shared.lingering.keep(fd, std::time::Instant::now());
+            }
         }
     }
 }

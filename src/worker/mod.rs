@@ -4,6 +4,7 @@
 //! balances on) and a heartbeat, and drains on the master's word or on SIGTERM.
 
 mod connection;
+mod linger;
 mod own;
 
 use std::collections::VecDeque;
@@ -72,6 +73,8 @@ pub(crate) struct Shared {
     announcing: tokio::sync::Mutex<()>,
     /// READY was sent: the master may count on this worker.
     ready: std::sync::atomic::AtomicBool,
+    /// Finished connections whose fds close a little later.
+    lingering: linger::Lingering,
 }
 
 impl Shared {
@@ -254,7 +257,9 @@ impl Incoming {
                         self.shared.send_status().await
                     } else {
                         // Our fd table is full: the kernel dropped the last fds. The master
-                        // still holds them and gives them to another worker.
+                        // still holds them and gives them to another worker; the fds of
+                        // finished connections close now, to make room.
+                        self.shared.lingering.close_all();
                         tracing::debug!(
                             refused,
                             active = self.shared.active.load(Ordering::Acquire),
@@ -349,9 +354,14 @@ where
             last_sent: Mutex::new(None),
             announcing: tokio::sync::Mutex::new(()),
             ready: std::sync::atomic::AtomicBool::new(false),
+            lingering: linger::Lingering::default(),
         });
         let heartbeat = env_duration(ENV_HEARTBEAT_MS, Duration::from_secs(1));
         let reporter = tokio::spawn(report(shared.clone(), heartbeat));
+        let closer = {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.lingering.run().await })
+        };
         tokio::spawn(drain_on_sigterm(shared.clone()));
 
         let incoming = Incoming {
@@ -389,6 +399,8 @@ where
             );
         }
         reporter.abort();
+        closer.abort();
+        shared.lingering.close_all();
         let _ = shared.try_send_status();
 
         served.map_err(WorkerError::Service)?;
