@@ -1,6 +1,7 @@
 //! A plain tokio echo server behind handoff: the master accepts on 127.0.0.1:7000 (or the
 //! address given as the first argument) and hands each connection to one of 4 worker
-//! processes (this same binary, re-executed with the same arguments).
+//! processes (this same binary, re-executed with the same arguments). `main` is an ordinary
+//! `#[tokio::main]`: `run` steps off the caller's runtime onto a thread of its own.
 //!
 //! Run with: cargo run --example echo [ADDR]
 //! Then:     printf 'hello\n' | nc -q1 127.0.0.1 7000
@@ -8,7 +9,8 @@
 use handoff::{Server, Strategy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn main() -> Result<(), handoff::Error> {
+#[tokio::main]
+async fn main() -> Result<(), handoff::Error> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

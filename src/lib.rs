@@ -208,26 +208,52 @@ impl Server {
     }
 
     /// In the master: binds, starts the workers (this binary re-executed with the same
-    /// arguments) and supervises them until SIGTERM/SIGINT. In a worker: runs `serve` on the
-    /// connections the master hands over.
+    /// arguments) and supervises them until SIGTERM/SIGINT/SIGQUIT. In a worker: runs
+    /// `serve` on the connections the master hands over.
+    ///
+    /// Each role runs its own single-threaded tokio runtime. Called from inside a runtime
+    /// (`#[tokio::main]`), it runs on a thread of its own and blocks the caller until done,
+    /// so the caller's runtime is never nested; call it from `main` either way. Workers are
+    /// started by fork + exec of the binary, never by a bare fork of a process with threads.
     pub fn run<F, Fut>(self, serve: F) -> Result<(), Error>
     where
-        F: FnOnce(Incoming) -> Fut,
+        F: FnOnce(Incoming) -> Fut + Send,
         Fut: Future<Output = Result<(), BoxError>>,
     {
-        if worker::is_worker() {
-            Ok(worker::run(serve)?)
-        } else {
-            Ok(master::run(self.config, supervise::Program::CurrentExe)?)
-        }
+        off_any_runtime(move || {
+            if worker::is_worker() {
+                Ok(worker::run(serve)?)
+            } else {
+                Ok(master::run(self.config, supervise::Program::CurrentExe)?)
+            }
+        })
     }
 
     /// Runs the master with `command` as each worker: a program in any language that speaks
     /// the worker protocol.
     pub fn run_command(self, command: Vec<OsString>) -> Result<(), Error> {
-        Ok(master::run(
-            self.config,
-            supervise::Program::Command(command),
-        )?)
+        off_any_runtime(move || {
+            Ok(master::run(
+                self.config,
+                supervise::Program::Command(command),
+            )?)
+        })
     }
+}
+
+/// Runs `role` here, or on a thread of its own when this thread is inside a tokio runtime
+/// (which cannot start another one); waits for it either way.
+fn off_any_runtime<T: Send>(role: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return role();
+    }
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("handoff".into())
+            .spawn_scoped(scope, role)
+            .expect("spawning the handoff thread");
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
