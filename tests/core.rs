@@ -526,3 +526,29 @@ fn a_worker_sigtermed_during_the_master_s_stop_keeps_the_shutdown_timeout() {
     assert!(status.success(), "{}", master.log());
     assert!(!master.log().contains("drain timeout"), "{}", master.log());
 }
+
+#[test]
+fn json_logs_are_one_object_a_line_and_worker_lines_name_their_worker() {
+    let master = Master::launch(&["--workers", "1"], |cmd| {
+        cmd.arg("--log-format").arg("json");
+    });
+    let pid = master.wait_all_ready()[0];
+    send_signal(pid, "USR1");
+    let names_worker = |line: &serde_json::Value| {
+        line["span"]["slot"] == "0" && line["span"]["pid"] == u64::from(pid)
+    };
+    assert!(
+        wait_until(PATIENCE, || master
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|l| names_worker(&l))),
+        "no worker line naming slot 0 and pid {pid}:\n{}",
+        master.log()
+    );
+    for line in master.log().lines() {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(parsed["level"].is_string() && parsed["fields"]["message"].is_string());
+    }
+}

@@ -21,7 +21,7 @@ use own::OwnListeners;
 use crate::ipc::channel::frame_buffer;
 use crate::ipc::frame::{self, Frame, Status};
 use crate::ipc::{Channel, ChannelError};
-use crate::supervise::{ENV_DRAIN_MS, ENV_FD, ENV_HEARTBEAT_MS};
+use crate::supervise::{ENV_DRAIN_MS, ENV_FD, ENV_HEARTBEAT_MS, ENV_WORKER};
 use crate::sys;
 
 /// An error a worker's own code may return.
@@ -337,6 +337,10 @@ where
         .enable_all()
         .build()
         .map_err(WorkerError::Runtime)?;
+    // Every line this worker logs names it: its slot and pid (the runtime polls all of its
+    // tasks on this thread, inside the span).
+    let slot = std::env::var(ENV_WORKER).unwrap_or_default();
+    let _span = tracing::info_span!("worker", slot = %slot, pid = std::process::id()).entered();
     runtime.block_on(async move {
         let channel = sys::process::inherited_channel(fd).map_err(WorkerError::TakeChannel)?;
         let channel = Channel::new(channel).map_err(WorkerError::TakeChannel)?;
