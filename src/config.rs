@@ -43,7 +43,14 @@ impl FromStr for ListenAddr {
         let (host, port) = s
             .rsplit_once(':')
             .ok_or_else(|| ParseListenAddrError(s.to_owned()))?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
+        // A host name has a letter and nothing but letters, digits, dots and dashes: "0",
+        // "127.1" or "::1" are not names (the resolver would read "0" as 0.0.0.0, every
+        // interface), and an address must be written in full.
+        let is_name = host.bytes().any(|b| b.is_ascii_alphabetic())
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if !is_name || port.parse::<u16>().is_err() {
             return Err(ParseListenAddrError(s.to_owned()));
         }
         std::net::ToSocketAddrs::to_socket_addrs(s)
@@ -101,8 +108,8 @@ pub struct Config {
     pub restart_batch: Option<usize>,
     /// A worker silent for this long (no frame at all) is aborted and replaced.
     pub worker_timeout: Duration,
-    /// A worker that holds connections unacknowledged this long without acknowledging any
-    /// is given up on like a silent one: its connections go to other workers.
+    /// A worker that holds connections unacknowledged this long without acknowledging or
+    /// finishing any is given up on like a silent one: its connections go to other workers.
     pub ack_timeout: Duration,
 }
 
@@ -245,6 +252,11 @@ mod tests {
             "",
             ":80",
             "localhost:http",
+            "0:8000",
+            "127.1:80",
+            "::1:80",
+            "10:80",
+            "local host:80",
         ] {
             let err = bad.parse::<ListenAddr>().unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");

@@ -181,8 +181,9 @@ impl Builder {
         self
     }
 
-    /// A worker holding connections unacknowledged this long without acknowledging any is
-    /// replaced like a silent one, and its connections go to other workers (default 5 s).
+    /// A worker holding connections unacknowledged this long without acknowledging or
+    /// finishing any is replaced like a silent one, and its connections go to other workers
+    /// (default 5 s).
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
         self.config.ack_timeout = timeout;
         self
@@ -220,6 +221,9 @@ impl Server {
         F: FnOnce(Incoming) -> Fut + Send,
         Fut: Future<Output = Result<(), BoxError>>,
     {
+        if worker::is_worker() {
+            worker::take_program_name();
+        }
         off_any_runtime(move || {
             if worker::is_worker() {
                 Ok(worker::run(serve)?)

@@ -22,12 +22,33 @@ const STRAY: &[(libc::c_int, &str)] = &[
     (libc::SIGXFSZ, "SIGXFSZ"),
 ];
 
-/// Every signal [`ignore_stray`] catches, with its name.
-fn stray_signals() -> Vec<(libc::c_int, String)> {
+/// Signals the master acts on that would stop or end a worker: `pkill -HUP app` (gunicorn's
+/// habit) or `pkill -TTIN app` reach the workers too.
+const MASTER_ONLY: &[(libc::c_int, &str)] = &[
+    (libc::SIGHUP, "SIGHUP"),
+    (libc::SIGTTIN, "SIGTTIN"),
+    (libc::SIGTTOU, "SIGTTOU"),
+];
+
+/// Who catches the stray signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Master,
+    Worker,
+}
+
+/// Every signal [`ignore_stray`] catches for `role`, with its name. Signals 32 and 33, below
+/// SIGRTMIN, belong to the C library's threads and are left alone.
+fn stray_signals(role: Role) -> Vec<(libc::c_int, String)> {
     let realtime = (libc::SIGRTMIN()..=libc::SIGRTMAX())
         .map(|n| (n, format!("SIGRTMIN+{}", n - libc::SIGRTMIN())));
+    let master_only = match role {
+        Role::Master => &[][..],
+        Role::Worker => MASTER_ONLY,
+    };
     STRAY
         .iter()
+        .chain(master_only)
         .map(|&(n, name)| (n, name.to_owned()))
         .chain(realtime)
         .collect()
@@ -45,16 +66,20 @@ fn meaning(signal: libc::c_int) -> &'static str {
 }
 
 /// Catches every stray signal on tasks of the current runtime, logging each as `role`
-/// ("master" or "worker") receives it. A signal the runtime cannot register (tokio stops at
-/// SIGRTMAX - 1) keeps its default action.
-pub(crate) fn ignore_stray(role: &'static str) {
-    for (number, name) in stray_signals() {
+/// receives it. A signal the runtime cannot register (tokio stops at SIGRTMAX - 1) keeps its
+/// default action.
+pub(crate) fn ignore_stray(role: Role) {
+    let role_name = match role {
+        Role::Master => "master",
+        Role::Worker => "worker",
+    };
+    for (number, name) in stray_signals(role) {
         let Ok(mut stream) = signal(SignalKind::from_raw(number)) else {
             continue;
         };
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
-                tracing::warn!(signal = %name, pid = std::process::id(), role, "{}", meaning(number));
+                tracing::warn!(signal = %name, pid = std::process::id(), role = role_name, "{}", meaning(number));
             }
         });
     }
@@ -66,7 +91,10 @@ mod tests {
 
     #[test]
     fn the_stray_list_holds_the_habitual_signals_and_none_that_act() {
-        let numbers: Vec<_> = stray_signals().into_iter().map(|(n, _)| n).collect();
+        let numbers: Vec<_> = stray_signals(Role::Master)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         for habitual in [
             libc::SIGUSR1,
             libc::SIGUSR2,
@@ -86,5 +114,16 @@ mod tests {
         ] {
             assert!(!numbers.contains(&acting), "{acting}");
         }
+        let worker: Vec<_> = stray_signals(Role::Worker)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for meant_for_the_master in [libc::SIGHUP, libc::SIGTTIN, libc::SIGTTOU] {
+            assert!(worker.contains(&meant_for_the_master));
+        }
+        assert!(
+            !worker.contains(&32) && !worker.contains(&33),
+            "the C library's own"
+        );
     }
 }

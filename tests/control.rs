@@ -358,3 +358,55 @@ fn control_path_equal_to_a_unix_listen_path_clobbered_the_listener() {
     );
     assert!(!path.exists(), "nothing was bound");
 }
+
+/// Regression: while control connections churned (opened and dropped by the hundred), the
+/// master made room by closing `handoff ctl`'s own connection with its command unread, and
+/// `ctl` printed nothing and exited 0.
+#[test]
+fn handoff_ctl_answers_while_control_connections_churn() {
+    allow_fds(4096);
+    let master = Master::start(&["--workers", "1"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churners: Vec<_> = (0..2)
+        .map(|_| {
+            let (path, stop) = (master.control.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut held = std::collections::VecDeque::new();
+                let deadline = Instant::now() + PATIENCE;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
+                {
+                    if let Ok(stream) = UnixStream::connect(&path) {
+                        held.push_back(stream);
+                    }
+                    if held.len() > 1_000 {
+                        held.pop_front();
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for _ in 0..20 {
+        let out = Command::new(BIN)
+            .args(["ctl", "--control"])
+            .arg(&master.control)
+            .output()
+            .unwrap();
+        let reply = String::from_utf8_lossy(&out.stdout);
+        let answered = out.status.success()
+            && serde_json::from_str::<serde_json::Value>(&reply).is_ok_and(|s| s["pid"].is_u64());
+        if !answered {
+            failures.push((
+                out.status,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    churners.into_iter().for_each(|c| c.join().unwrap());
+    assert!(
+        failures.is_empty(),
+        "{} of 20 failed: {failures:?}",
+        failures.len()
+    );
+}

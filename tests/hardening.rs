@@ -158,6 +158,34 @@ fn a_worker_that_heartbeats_but_never_acknowledges_is_replaced_and_every_client_
     assert!(master.log().contains("acknowledged no connection for"));
 }
 
+/// Regression: a worker whose runtime was busy with CPU-heavy requests acknowledged late and
+/// was killed as stuck, cutting the connections it was serving.
+#[test]
+fn busy_workers_are_not_taken_for_stuck_ones() {
+    let master = Master::start(&[
+        "--workers",
+        "2",
+        "--work-us",
+        "150000",
+        "--ack-timeout",
+        "1s",
+    ]);
+    let pids = master.wait_all_ready();
+    // 32 in flight on 2 workers at 150 ms of CPU each: acknowledgements wait seconds behind
+    // the work.
+    let report = Load::start(master.addr, 40, 48).finish();
+    assert_eq!(
+        (report.ok, report.failures.len()),
+        (48, 0),
+        "{:?}\n{}",
+        report.failure_kinds(),
+        master.log()
+    );
+    let status = master.status();
+    assert_eq!(status["counters"]["unacknowledged"], 0, "{status}");
+    assert_eq!(master.wait_all_ready(), pids, "no worker was replaced");
+}
+
 #[test]
 fn a_worker_flooding_reports_that_say_nothing_only_slows_itself() {
     let script = crate_path("tests/fixtures/status_flood_worker.py");
@@ -202,7 +230,29 @@ fn signals_sent_by_habit_leave_the_master_and_its_workers_serving() {
     assert!(wait_until(PATIENCE, || master.log().lines().any(|l| l
         .contains("role=\"worker\"")
         || l.contains("role=worker"))));
+    // `pkill -HUP app`, `pkill -TTIN app`: meant for the master, they reach workers too.
+    for signal in ["HUP", "TTIN", "TTOU"] {
+        send_signal(pids[1], signal);
+        let name = format!("signal=SIG{signal}");
+        assert!(
+            wait_until(PATIENCE, || master.log().lines().any(
+                |l| l.contains(&name) && l.contains(&format!("pid={}", pids[1]))
+            )),
+            "the worker did not log SIG{signal}:\n{}",
+            master.log()
+        );
+    }
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", pids[1])).unwrap();
+    let state = state
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert_ne!(state, "T", "the worker was stopped");
     assert_eq!(master.wait_all_ready(), pids, "every worker still runs");
+    assert_eq!(master.get().status, 200);
     assert!(master.log().contains("no log file to reopen"));
     // SIGQUIT is nginx's graceful stop: the master drains and exits 0.
     master.signal("QUIT");
@@ -221,6 +271,12 @@ fn a_replaced_binary_still_respawns_workers_and_restarts_them() {
     std::fs::copy(util::BIN, &app).unwrap();
     let master = Master::start_via(Command::new(&app), &["--workers", "2"]);
     let before = master.wait_all_ready();
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(
+        comm(before[0]),
+        "app\n",
+        "ps and pgrep see the program's name"
+    );
     // A deploy: a new file renamed over the old path, then deleted altogether.
     let next = dir.path().join("app.tmp");
     std::fs::write(&next, b"#!/bin/sh\nexit 42\n").unwrap();

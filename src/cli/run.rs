@@ -63,8 +63,8 @@ pub struct RunArgs {
     /// is replaced.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     worker_timeout: Duration,
-    /// A worker that holds connections unacknowledged this long without acknowledging any
-    /// is replaced like a silent one, and its connections go to other workers.
+    /// A worker that holds connections unacknowledged this long without acknowledging or
+    /// finishing any is replaced like a silent one, and its connections go to other workers.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     ack_timeout: Duration,
     /// Demo worker: CPU microseconds burned per request.

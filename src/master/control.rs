@@ -38,6 +38,8 @@ const MAX_CONNECTIONS: usize = 16;
 const BACKLOG: i32 = 1024;
 /// How long a peer has to send its command line.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection told to make room may still take to deliver a line it has begun.
+const EVICTED_GRACE: Duration = Duration::from_millis(200);
 /// How long a whole answer may take, reading the command included.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most one log line about refused peers per this long.
@@ -182,19 +184,30 @@ async fn accept(listener: &AsyncFd<OwnedFd>) -> io::Result<UnixStream> {
 }
 
 async fn answer(ctx: &Ctx, stream: UnixStream, turn: Turn) -> io::Result<()> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     {
         let mut reader = BufReader::new(AsyncReadExt::take(read, MAX_COMMAND));
         let read_line = reader.read_line(&mut line);
-        // A line already there is read even if the connection is also told to close.
-        tokio::select! {
+        tokio::pin!(read_line);
+        let read = tokio::select! {
             biased;
-            read = tokio::time::timeout(COMMAND_TIMEOUT, read_line) => match read {
-                Ok(read) => read?,
-                Err(_) => return Ok(()),
-            },
-            () = turn.evicted.notified() => return Ok(()),
+            read = tokio::time::timeout(COMMAND_TIMEOUT, &mut read_line) => Some(read),
+            () = turn.evicted.notified() => None,
+        };
+        let read = match read {
+            Some(read) => read,
+            // Told to make room: a line already in the socket (which the reactor may not
+            // have reported yet) is still answered; an idle connection is closed.
+            None if sys::socket::wait_readable(&fd, 0).unwrap_or(false) => {
+                tokio::time::timeout(EVICTED_GRACE, &mut read_line).await
+            }
+            None => return Ok(()),
+        };
+        match read {
+            Ok(read) => read?,
+            Err(_) => return Ok(()),
         };
         drop(turn);
     }

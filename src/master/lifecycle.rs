@@ -8,9 +8,9 @@
 //! - SIGHUP: a rolling restart, a batch of workers at a time;
 //! - SIGTTIN / SIGTTOU: one worker slot more / less (never fewer than one);
 //! - a worker sent nothing for the worker timeout, or held connections for the ack timeout
-//!   without acknowledging any: it gets SIGABRT (a core dump to look at), SIGKILL after a
-//!   short grace, its unacknowledged connections go to other workers and its slot gets a
-//!   new process;
+//!   without acknowledging or finishing any: it gets SIGABRT (a core dump to look at),
+//!   SIGKILL after a short grace, its unacknowledged connections go to other workers and its
+//!   slot gets a new process;
 //! - a worker that refused connections for lack of fds gets connections again after a
 //!   pause (or as soon as it reports one finished), and held connections whose client has
 //!   gone are closed;
@@ -195,8 +195,8 @@ fn check_held(ctx: &Rc<Ctx>) {
 }
 
 /// Processes to give up on: those that sent nothing for the worker timeout, started and did
-/// not say READY within it, or held connections for the ack timeout without acknowledging
-/// any.
+/// not say READY within it, or kept reporting for the ack timeout while holding connections
+/// and neither acknowledging nor finishing any.
 fn silent_workers(ctx: &Ctx) -> Vec<(usize, u32, Lost)> {
     let table = ctx.table.borrow();
     let now = Instant::now();
@@ -218,12 +218,14 @@ fn silent_workers(ctx: &Ctx) -> Vec<(usize, u32, Lost)> {
             if silent >= timeout {
                 return Some((index, p.pid, Lost::Unresponsive(silent.as_millis() as u64)));
             }
-            // While the master stops, nobody could take its connections: the shutdown
-            // timeout rules.
-            let waiting = p
+            // Stuck, not busy: it keeps talking (a heartbeat thread) while its receive loop
+            // takes nothing and nothing finishes. A worker whose runtime is busy says nothing
+            // at all until it catches up, and the worker timeout bounds that. While the
+            // master stops, nobody could take its connections: the shutdown timeout rules.
+            let since = p
                 .ack_wait_since()
-                .filter(|_| !stopping)
-                .map(|since| now.saturating_duration_since(since))?;
+                .filter(|&since| !stopping && p.last_heard > since)?;
+            let waiting = now.saturating_duration_since(since);
             (waiting >= ack_timeout).then_some((
                 index,
                 p.pid,
@@ -408,7 +410,7 @@ fn scale_up(ctx: &Rc<Ctx>) {
             );
             return;
         }
-        if table.max_held_with(workers) == 0 {
+        if table.max_held_with(workers) < workers {
             tracing::warn!(
                 workers = table.workers,
                 "SIGTTIN: the fd limit leaves no room for another worker; keeping them"

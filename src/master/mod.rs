@@ -164,7 +164,8 @@ fn fd_room(workers: usize) -> Result<usize, MasterError> {
     let open = sys::process::open_fds().map_err(MasterError::Runtime)?;
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let room = limit.saturating_sub(open + OWN_FDS);
-    let needed = table::FDS_PER_SLOT * workers + 1;
+    // At least a connection in hand per worker.
+    let needed = (table::FDS_PER_SLOT + 1) * workers;
     if room < needed {
         return Err(MasterError::Config(format!(
             "the fd limit (RLIMIT_NOFILE) of {limit} is too low for {workers} workers: \
@@ -179,7 +180,7 @@ fn fd_room(workers: usize) -> Result<usize, MasterError> {
 async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
     let mut stop_signals = StopSignals::install().map_err(MasterError::Signals)?;
     let lifecycle_signals = lifecycle::Signals::install().map_err(MasterError::Signals)?;
-    crate::signals::ignore_stray("master");
+    crate::signals::ignore_stray(crate::signals::Role::Master);
     let bound = bind(&config)?;
     let control = match &config.control {
         Some(path) => Some(control::bind(path).map_err(|source| MasterError::Control {

@@ -100,7 +100,8 @@ pub(crate) struct Process {
     pub drain_deadline: Option<Instant>,
     /// Its resident set in bytes, when last read.
     pub rss: Option<u64>,
-    /// Since when it has held connections unacknowledged without acknowledging any.
+    /// Since when it has held connections unacknowledged without making progress
+    /// (acknowledging or finishing any).
     pub(super) ack_wait_since: Option<Instant>,
     /// It refused connections for lack of fds: it gets none until it reports one finished
     /// (or the lifecycle task's pause is over).
@@ -294,10 +295,13 @@ impl Process {
         // the kernel modes). Dropping them closes the master's fds.
         let newly = (status.received_total - self.received) as usize;
         self.unacked.drain(..newly.min(self.unacked.len()));
-        if newly > 0 {
+        let finished = status.closed_total > self.closed;
+        if newly > 0 || finished {
+            // Progress: a worker that finishes connections is busy, not stuck, even while
+            // its acknowledgements wait behind its work.
             self.ack_wait_since = (!self.unacked.is_empty()).then_some(now);
         }
-        if status.closed_total > self.closed {
+        if finished {
             // Something finished: it has an fd to spare again.
             self.full_since = None;
         }
@@ -350,7 +354,7 @@ impl Process {
         }
     }
 
-    /// Since when it holds connections unacknowledged without acknowledging any.
+    /// Since when it holds connections unacknowledged without acknowledging or finishing any.
     pub fn ack_wait_since(&self) -> Option<Instant> {
         self.ack_wait_since
     }
@@ -370,7 +374,10 @@ impl Process {
         let before = self.outbox.len();
         self.outbox
             .retain(|c| !crate::sys::socket::peer_gone(&c.fd));
-        before - self.outbox.len()
+        let dropped = before - self.outbox.len();
+        // Never sent, so never its load.
+        self.assigned -= dropped as u64;
+        dropped
     }
 
     /// Every connection the master still holds for it, oldest first (it is being lost).

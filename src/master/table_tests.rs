@@ -597,3 +597,22 @@ async fn a_worker_that_leaves_connections_unacknowledged_gets_nothing_new_until_
         "it takes its share again"
     );
 }
+
+#[tokio::test]
+async fn an_abandoned_connection_in_an_outbox_is_no_longer_its_worker_s_load() {
+    let (mut t, _ends) = table(1, 100);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    drop(gone);
+    t.accepted(OwnedFd::from(stream), 0, Peer::Unix);
+    let p = t.slots[0].process.as_ref().unwrap();
+    assert_eq!(
+        (p.outbox.len(), p.active()),
+        (1, 1),
+        "assigned, not sent yet"
+    );
+    assert!(wait_until_dropped(&mut t, 1));
+    let p = t.slots[0].process.as_ref().unwrap();
+    assert_eq!((p.pending(), p.active(), p.assigned()), (0, 0, 0));
+}

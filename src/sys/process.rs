@@ -72,6 +72,25 @@ pub fn dup_above_channel(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
 }
 
+/// `prctl(PR_SET_NAME)`: the calling thread's name, which for the main thread is the
+/// process's `comm` (what `ps`, `top` and `pgrep` show); the kernel keeps 15 bytes.
+pub fn set_thread_name(name: &std::ffi::OsStr) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut bytes = [0u8; 16];
+    let name = name.as_bytes();
+    let len = name.len().min(15);
+    bytes[..len].copy_from_slice(&name[..len]);
+    // SAFETY: `bytes` is a live, NUL-terminated buffer of 16 bytes, as PR_SET_NAME reads.
+    syscall!(prctl(
+        libc::PR_SET_NAME,
+        bytes.as_ptr() as libc::c_ulong,
+        0,
+        0,
+        0
+    ))?;
+    Ok(())
+}
+
 /// `kill(2)`. `ESRCH` (already gone) is reported as `Ok(false)`.
 pub fn signal(pid: u32, signal: i32) -> io::Result<bool> {
     match syscall!(kill(pid as libc::pid_t, signal)) {

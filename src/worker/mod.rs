@@ -48,6 +48,16 @@ pub enum WorkerError {
     Service(#[source] BoxError),
 }
 
+/// Names this process after its program (`argv[0]`'s file name) in `ps`, `top` and
+/// `pgrep`: the master starts it from an fd (`/proc/self/fd/N`), which the kernel would
+/// otherwise show as "N". Call on the main thread.
+pub(crate) fn take_program_name() {
+    let arg0 = std::env::args_os().next().unwrap_or_default();
+    if let Some(name) = std::path::Path::new(&arg0).file_name() {
+        let _ = sys::process::set_thread_name(name);
+    }
+}
+
 /// Whether this process was started by a handoff master as a worker.
 pub fn is_worker() -> bool {
     std::env::var_os(ENV_FD).is_some()
@@ -442,7 +452,7 @@ async fn report(shared: Arc<Shared>, heartbeat: Duration) {
 /// by habit (SIGUSR1, ...) are logged and ignored instead of killing the worker.
 async fn drain_on_sigterm(shared: Arc<Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
-    crate::signals::ignore_stray("worker");
+    crate::signals::ignore_stray(crate::signals::Role::Worker);
     let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
