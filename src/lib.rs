@@ -60,6 +60,7 @@ use std::time::Duration;
 pub use balance::Strategy;
 pub use config::{Config, ListenAddr};
 pub use master::MasterError;
+pub use sys::socket::Peer;
 pub use worker::{BoxError, Connection, Drain, Incoming, Stream, WorkerError};
 
 /// Why [`Server::run`] failed.

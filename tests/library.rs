@@ -1,19 +1,18 @@
-//! The library used as a user would: `examples/echo.rs` (a plain tokio echo server on
-//! `Server::builder().run`) started as its own binary, which the master re-executes as its
-//! workers.
+//! The library used as a user would: the examples (a tokio echo server, a hyper server, an
+//! axum app) started as their own binaries, which the master re-executes as its workers.
 
 mod util;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
+use std::time::Duration;
 
-use util::{send_signal, PATIENCE};
+use util::{read_response, wait_until, Spawned, PATIENCE};
 
-/// target/debug/examples/echo: `cargo test` builds the examples before it runs any test
+/// target/debug/examples/NAME: `cargo test` builds the examples before it runs any test
 /// (`cargo test --test library` alone does not: build them with `cargo build --examples`).
-fn echo_example() -> std::path::PathBuf {
+fn example(name: &str) -> Command {
     let deps = std::env::current_exe().unwrap();
     let path = deps
         .parent()
@@ -21,43 +20,64 @@ fn echo_example() -> std::path::PathBuf {
         .parent()
         .unwrap()
         .join("examples")
-        .join("echo");
+        .join(name);
     assert!(
         path.exists(),
         "{path:?} is missing: run `cargo test` or `cargo build --examples`"
     );
-    path
+    Command::new(path)
+}
+
+/// Starts an example and waits until its master logged its address and `workers` workers
+/// are ready; returns it with the address.
+fn start(mut cmd: Command, workers: usize) -> (Spawned, SocketAddr) {
+    cmd.env_remove("HANDOFF_LOG");
+    let example = Spawned::start(cmd);
+    let mut addr = None;
+    let up = wait_until(PATIENCE, || {
+        let log = example.log();
+        addr = log
+            .split("address=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.trim_matches(|c: char| c.is_control()).parse().ok());
+        addr.is_some() && log.matches("worker ready").count() >= workers
+    });
+    assert!(up, "not up in time:\n{}", example.log());
+    (example, addr.unwrap())
+}
+
+/// SIGTERM, then a clean exit within the patience.
+fn stop(mut example: Spawned) {
+    util::send_signal(example.pid(), "TERM");
+    let status = example.wait_exit(PATIENCE);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        example.log()
+    );
+}
+
+fn get(addr: SocketAddr, keep_alive: bool) -> (util::Response, BufReader<TcpStream>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nhost: test\r\nconnection: {connection}\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    (read_response(&mut reader).unwrap(), reader)
 }
 
 #[test]
 fn the_echo_example_serves_through_its_workers_and_stops_cleanly() {
-    let mut child = Command::new(echo_example())
-        .arg("127.0.0.1:0")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the echo example is built by cargo test");
-    let (lines_tx, lines) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let mut addr: Option<SocketAddr> = None;
-    let mut ready = 0;
-    while addr.is_none() || ready < 4 {
-        let line = lines
-            .recv_timeout(PATIENCE)
-            .expect("the master logs its address and 4 ready workers");
-        let plain: String = line.chars().filter(|c| !c.is_control()).collect();
-        if let Some(rest) = plain.split("address=").nth(1) {
-            addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
-        }
-        ready += usize::from(plain.contains("worker ready"));
-    }
+    let mut cmd = example("echo");
+    cmd.arg("127.0.0.1:0");
+    let (echo, addr) = start(cmd, 4);
     for i in 0..8 {
-        let mut stream = TcpStream::connect(addr.unwrap()).unwrap();
+        let mut stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         let message = format!("hello {i}\n");
         stream.write_all(message.as_bytes()).unwrap();
@@ -66,11 +86,57 @@ fn the_echo_example_serves_through_its_workers_and_stops_cleanly() {
         stream.read_to_string(&mut echoed).unwrap();
         assert_eq!(echoed, message);
     }
-    send_signal(child.id(), "TERM");
-    let mut status = None;
-    assert!(util::wait_until(PATIENCE, || {
-        status = child.try_wait().unwrap();
-        status.is_some()
-    }));
-    assert!(status.unwrap().success());
+    stop(echo);
+}
+
+#[test]
+fn the_axum_example_serves_with_connect_info_and_drains_keep_alive_on_stop() {
+    let mut cmd = example("axum");
+    cmd.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let (axum, addr) = start(cmd, 2);
+    let (response, _) = get(addr, false);
+    assert_eq!(response.status, 200);
+    assert!(
+        response.body.starts_with("hello from worker ") && response.body.contains("Ip(127.0.0.1:"),
+        "ConnectInfo<Peer> carries the client: {:?}",
+        response.body
+    );
+    // A keep-alive client during the stop: axum's graceful shutdown closes it cleanly.
+    let (_, mut idle) = get(addr, true);
+    util::send_signal(axum.pid(), "TERM");
+    let mut rest = Vec::new();
+    idle.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(
+        idle.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed, nothing more"
+    );
+    stop(axum);
+}
+
+#[test]
+fn the_hyper_example_serves_and_stops_cleanly() {
+    let mut cmd = example("hyper");
+    cmd.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let (hyper, addr) = start(cmd, 2);
+    for _ in 0..4 {
+        let (response, _) = get(addr, false);
+        assert_eq!(response.status, 200);
+        assert!(
+            response.body.starts_with("hello from worker "),
+            "{:?}",
+            response.body
+        );
+    }
+    let (_, mut idle) = get(addr, true);
+    util::send_signal(hyper.pid(), "TERM");
+    let mut rest = Vec::new();
+    assert_eq!(
+        idle.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed, nothing more"
+    );
+    stop(hyper);
 }

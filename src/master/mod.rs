@@ -177,7 +177,7 @@ fn fd_room(workers: usize) -> Result<usize, MasterError> {
     Ok(room)
 }
 
-async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
+async fn master(config: Config, mut launcher: Launcher) -> Result<(), MasterError> {
     let mut stop_signals = StopSignals::install().map_err(MasterError::Signals)?;
     let lifecycle_signals = lifecycle::Signals::install().map_err(MasterError::Signals)?;
     crate::signals::ignore_stray(crate::signals::Role::Master);
@@ -198,6 +198,7 @@ async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
         bound.into_iter().map(|(_, peer, fd)| (peer, fd)).collect(),
         config.backlog,
     );
+    launcher.env(crate::supervise::ENV_LISTEN, listening.join(","));
     let room = fd_room(config.workers)?;
     let config = Rc::new(config);
     let mut table = Table::new(config.clone());

@@ -20,3 +20,6 @@ pub const ENV_SPAWN: &str = "HANDOFF_SPAWN";
 pub const ENV_HEARTBEAT_MS: &str = "HANDOFF_HEARTBEAT_MS";
 /// Environment variable: how long a draining worker waits for its connections, in ms.
 pub const ENV_DRAIN_MS: &str = "HANDOFF_DRAIN_TIMEOUT_MS";
+/// Environment variable: the master's listening addresses, comma-separated, in `--listen`
+/// order (`127.0.0.1:8000,unix:/run/app.sock`), as bound (port 0 resolved).
+pub const ENV_LISTEN: &str = "HANDOFF_LISTEN";

@@ -67,6 +67,8 @@ pub struct Launcher {
     exe: Option<File>,
     /// The master's own `argv[0]`, kept for its workers.
     arg0: OsString,
+    /// Environment every worker gets beyond handoff's own variables.
+    env: Vec<(&'static str, OsString)>,
 }
 
 impl Launcher {
@@ -92,7 +94,17 @@ impl Launcher {
                 None
             }
         };
-        Ok(Launcher { program, exe, arg0 })
+        Ok(Launcher {
+            program,
+            exe,
+            arg0,
+            env: Vec::new(),
+        })
+    }
+
+    /// Sets `key` to `value` in every worker's environment.
+    pub fn env(&mut self, key: &'static str, value: impl Into<OsString>) {
+        self.env.push((key, value.into()));
     }
 
     fn command(&self) -> Result<tokio::process::Command, SpawnError> {
@@ -172,6 +184,7 @@ pub fn spawn(
     let (master_end, worker_end) =
         sys::socket::seqpacket_pair().map_err(SpawnError::CreateChannel)?;
     let mut cmd = launcher.command()?;
+    cmd.envs(launcher.env.iter().map(|(k, v)| (k, v)));
     cmd.env(super::ENV_FD, sys::process::CHANNEL_FD.to_string())
         .env(super::ENV_WORKER, slot.to_string())
         .env(super::ENV_SPAWN, spawn.to_string())

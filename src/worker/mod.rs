@@ -3,6 +3,8 @@
 //! [`Connection`], acknowledges receipt, reports finished connections (the load the master
 //! balances on) and a heartbeat, and drains on the master's word or on SIGTERM.
 
+#[cfg(feature = "axum")]
+mod axum;
 mod connection;
 mod linger;
 mod own;
@@ -21,8 +23,9 @@ use own::OwnListeners;
 use crate::ipc::channel::frame_buffer;
 use crate::ipc::frame::{self, Frame, Status};
 use crate::ipc::{Channel, ChannelError};
-use crate::supervise::{ENV_DRAIN_MS, ENV_FD, ENV_HEARTBEAT_MS, ENV_WORKER};
+use crate::supervise::{ENV_DRAIN_MS, ENV_FD, ENV_HEARTBEAT_MS, ENV_LISTEN, ENV_WORKER};
 use crate::sys;
+use crate::sys::socket::Peer;
 
 /// An error a worker's own code may return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -300,6 +303,30 @@ impl Incoming {
     /// A handle that completes when this worker starts draining.
     pub fn drain_signal(&self) -> Drain {
         self.drain.clone()
+    }
+
+    /// A future that completes when this worker starts draining: what a server's graceful
+    /// shutdown waits for (`axum::serve(incoming, app).with_graceful_shutdown(signal)`,
+    /// hyper-util's `GracefulShutdown`).
+    pub fn shutdown_signal(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut drain = self.drain.clone();
+        async move { drain.wait().await }
+    }
+
+    /// The first of the master's listening addresses, in `--listen` order, as bound (port 0
+    /// resolved): `Peer::Unix` for a unix listener.
+    pub fn local_addr(&self) -> std::io::Result<Peer> {
+        let listening = std::env::var(ENV_LISTEN).unwrap_or_default();
+        let first = listening.split(',').next().unwrap_or_default();
+        if first.starts_with("unix:") {
+            return Ok(Peer::Unix);
+        }
+        first.parse().map(Peer::Ip).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{ENV_LISTEN} names no listening address ({listening:?})"),
+            )
+        })
     }
 
     /// Takes the connections whose fds arrived (the first `fds.len()` of `headers`).
