@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -113,6 +113,36 @@ pub struct Config {
     pub ack_timeout: Duration,
 }
 
+/// Refuses socket paths that would collide: `--control` equal to a `unix:` listen path, or
+/// one `unix:` listen path given twice (each bind would replace the other's socket file).
+/// Paths are compared made absolute, without resolving symlinks.
+fn check_paths(config: &Config) -> Result<(), String> {
+    let absolute = |path: &Path| {
+        std::path::absolute(path).map_err(|e| format!("the socket path {path:?}: {e}"))
+    };
+    let mut listening: Vec<PathBuf> = Vec::new();
+    for addr in &config.listen {
+        if let ListenAddr::Unix(path) = addr {
+            let path = absolute(path)?;
+            if listening.contains(&path) {
+                return Err(format!("--listen unix:{} is given twice", path.display()));
+            }
+            listening.push(path);
+        }
+    }
+    if let Some(control) = &config.control {
+        let control = absolute(control)?;
+        if listening.contains(&control) {
+            return Err(format!(
+                "--control {} is also a unix: listen path; give the control socket a path of \
+                 its own",
+                control.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The most worker processes a master runs (`--workers`, SIGTTIN).
 pub const MAX_WORKERS: usize = 1024;
 /// The smallest `--max-rss`: a worker's runtime alone takes a few MiB.
@@ -165,6 +195,12 @@ impl Config {
                 MIN_MAX_RSS >> 20
             ));
         }
+        if self.control.is_some() && !cfg!(feature = "control") {
+            return Err(
+                "--control: this build has no control socket (the `control` feature)".into(),
+            );
+        }
+        check_paths(self)?;
         if self.limits.max_age.is_some_and(|age| age < MIN_MAX_AGE) {
             return Err(format!(
                 "--max-age must be at least {} s",
@@ -362,6 +398,42 @@ mod size_tests {
         assert_eq!(config.worker_heartbeat(), Duration::from_secs(1));
         config.worker_timeout = Duration::from_secs(2);
         assert_eq!(config.worker_heartbeat(), Duration::from_millis(500));
+    }
+
+    fn config(listen: &[&str], control: Option<&str>) -> Config {
+        Config {
+            listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
+            control: control.map(PathBuf::from),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn control_path_equal_to_a_unix_listen_path_is_refused() {
+        let here = std::env::current_dir().unwrap();
+        let absolute = here.join("x.sock");
+        let error = check_paths(&config(&["unix:./x.sock"], absolute.to_str())).unwrap_err();
+        assert!(error.contains("--control"), "{error}");
+        assert!(check_paths(&config(&["unix:/a.sock"], Some("/a.sock"))).is_err());
+    }
+
+    #[test]
+    fn a_unix_listen_path_given_twice_is_refused() {
+        let here = std::env::current_dir().unwrap().join("y.sock");
+        let twice = [format!("unix:{}", here.display()), "unix:y.sock".into()];
+        let twice: Vec<&str> = twice.iter().map(String::as_str).collect();
+        let error = check_paths(&config(&twice, None)).unwrap_err();
+        assert!(error.contains("twice"), "{error}");
+    }
+
+    #[test]
+    fn distinct_socket_paths_pass() {
+        let ok = config(
+            &["127.0.0.1:0", "127.0.0.1:0", "unix:/a.sock", "unix:/b.sock"],
+            Some("/c.sock"),
+        );
+        assert_eq!(check_paths(&ok), Ok(()));
+        assert_eq!(check_paths(&config(&["unix:/a.sock"], None)), Ok(()));
     }
 
     #[test]

@@ -42,8 +42,10 @@
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
 
 pub mod balance;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod ipc;
 pub mod master;

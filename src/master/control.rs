@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +26,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::table::{Phase, Process, Table};
 use super::Ctx;
-use crate::config::{Config, ListenAddr};
 use crate::supervise::Reason;
 use crate::sys;
 
@@ -55,36 +54,6 @@ pub(crate) fn bind(path: &Path) -> io::Result<AsyncFd<OwnedFd>> {
         return Err(e);
     }
     sys::async_fd(fd)
-}
-
-/// Refuses socket paths that would collide: `--control` equal to a `unix:` listen path, or
-/// one `unix:` listen path given twice (each bind would replace the other's socket file).
-/// Paths are compared made absolute, without resolving symlinks.
-pub(crate) fn check_paths(config: &Config) -> Result<(), String> {
-    let absolute = |path: &Path| {
-        std::path::absolute(path).map_err(|e| format!("the socket path {path:?}: {e}"))
-    };
-    let mut listening: Vec<PathBuf> = Vec::new();
-    for addr in &config.listen {
-        if let ListenAddr::Unix(path) = addr {
-            let path = absolute(path)?;
-            if listening.contains(&path) {
-                return Err(format!("--listen unix:{} is given twice", path.display()));
-            }
-            listening.push(path);
-        }
-    }
-    if let Some(control) = &config.control {
-        let control = absolute(control)?;
-        if listening.contains(&control) {
-            return Err(format!(
-                "--control {} is also a unix: listen path; give the control socket a path of \
-                 its own",
-                control.display()
-            ));
-        }
-    }
-    Ok(())
 }
 
 pub(crate) async fn serve(ctx: Rc<Ctx>, listener: AsyncFd<OwnedFd>) {
@@ -437,41 +406,5 @@ mod tests {
         drop(second);
         assert_eq!(waiting.evict_oldest(), Some(third.id));
         assert_eq!(waiting.evict_oldest(), None);
-    }
-
-    fn config(listen: &[&str], control: Option<&str>) -> Config {
-        Config {
-            listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
-            control: control.map(PathBuf::from),
-            ..Config::default()
-        }
-    }
-
-    #[test]
-    fn control_path_equal_to_a_unix_listen_path_is_refused() {
-        let here = std::env::current_dir().unwrap();
-        let absolute = here.join("x.sock");
-        let error = check_paths(&config(&["unix:./x.sock"], absolute.to_str())).unwrap_err();
-        assert!(error.contains("--control"), "{error}");
-        assert!(check_paths(&config(&["unix:/a.sock"], Some("/a.sock"))).is_err());
-    }
-
-    #[test]
-    fn a_unix_listen_path_given_twice_is_refused() {
-        let here = std::env::current_dir().unwrap().join("y.sock");
-        let twice = [format!("unix:{}", here.display()), "unix:y.sock".into()];
-        let twice: Vec<&str> = twice.iter().map(String::as_str).collect();
-        let error = check_paths(&config(&twice, None)).unwrap_err();
-        assert!(error.contains("twice"), "{error}");
-    }
-
-    #[test]
-    fn distinct_socket_paths_pass() {
-        let ok = config(
-            &["127.0.0.1:0", "127.0.0.1:0", "unix:/a.sock", "unix:/b.sock"],
-            Some("/c.sock"),
-        );
-        assert_eq!(check_paths(&ok), Ok(()));
-        assert_eq!(check_paths(&config(&["unix:/a.sock"], None)), Ok(()));
     }
 }

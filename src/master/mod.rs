@@ -6,6 +6,7 @@
 //! exits with none left behind.
 
 mod accept;
+#[cfg(feature = "control")]
 mod control;
 mod kernel;
 mod lifecycle;
@@ -73,6 +74,7 @@ pub enum MasterError {
 pub(crate) struct Ctx {
     pub table: RefCell<Table>,
     pub launcher: Launcher,
+    #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub listening: Vec<String>,
     pub handout: Handout,
 }
@@ -80,7 +82,6 @@ pub(crate) struct Ctx {
 /// Runs a master until SIGTERM, SIGINT or SIGQUIT; returns once every worker has exited.
 pub fn run(config: Config, program: Program) -> Result<(), MasterError> {
     config.validate().map_err(MasterError::Config)?;
-    control::check_paths(&config).map_err(MasterError::Config)?;
     let launcher = Launcher::new(program).map_err(MasterError::Program)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -182,6 +183,7 @@ async fn master(config: Config, mut launcher: Launcher) -> Result<(), MasterErro
     let lifecycle_signals = lifecycle::Signals::install().map_err(MasterError::Signals)?;
     crate::signals::ignore_stray(crate::signals::Role::Master);
     let bound = bind(&config)?;
+    #[cfg(feature = "control")]
     let control = match &config.control {
         Some(path) => Some(control::bind(path).map_err(|source| MasterError::Control {
             path: path.clone(),
@@ -238,7 +240,10 @@ async fn master(config: Config, mut launcher: Launcher) -> Result<(), MasterErro
             spawn_local(accept::run(ctx.clone(), listener.clone(), index as u16))
         })
         .collect();
+    #[cfg(feature = "control")]
     let control_task = control.map(|listener| spawn_local(control::serve(ctx.clone(), listener)));
+    #[cfg(not(feature = "control"))]
+    let control_task: Option<JoinHandle<()>> = None;
 
     let first = stop_signals.recv().await;
     tracing::info!("{first}: stopping");

@@ -196,11 +196,13 @@ impl Process {
     }
 
     /// Connections handed to it so far.
+    #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub fn assigned(&self) -> u64 {
         self.assigned
     }
 
     /// Connections it reported finished.
+    #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub fn finished(&self) -> u64 {
         self.closed
     }

@@ -281,6 +281,7 @@ impl Table {
     }
 
     /// Connections the master holds right now.
+    #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub fn held(&self) -> usize {
         self.held.get()
     }
