@@ -40,7 +40,7 @@ impl Lingering {
         closed.len()
     }
 
-    /// Closes the fds kept since before `cutoff`; returns when the next one is due.
+    /// Closes the fds whose linger is over at `now`; returns when the next one is due.
     fn close_due(&self, now: Instant) -> Option<Instant> {
         let mut queue = self.lock();
         while queue.front().is_some_and(|(at, _)| *at + LINGER <= now) {
