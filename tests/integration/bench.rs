@@ -5,11 +5,11 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+use crate::util::BIN;
 /// The longest a whole bench run may take here.
-const PATIENCE: Duration = Duration::from_secs(180);
+const BENCH_PATIENCE: Duration = Duration::from_secs(180);
 
-/// Runs `handoff bench ARGS`, killing it if it outlives [`PATIENCE`].
+/// Runs `handoff bench ARGS`, killing it if it outlives [`BENCH_PATIENCE`].
 fn bench(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.arg("bench")
@@ -19,13 +19,13 @@ fn bench(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Output {
         .stderr(Stdio::piped());
     adjust(&mut cmd);
     let mut child = cmd.spawn().expect("spawn handoff bench");
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + BENCH_PATIENCE;
     while child.try_wait().expect("try_wait").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let output = child.wait_with_output().expect("wait");
             panic!(
-                "handoff bench ran past {PATIENCE:?}; stderr:\n{}",
+                "handoff bench ran past {BENCH_PATIENCE:?}; stderr:\n{}",
                 String::from_utf8_lossy(&output.stderr)
             );
         }

@@ -4,15 +4,13 @@
 //! master still held. One master at a time: the figures are timing-sensitive on 2 cores.
 //!
 //! The chaos figures in docs/reliability.md come from
-//! `cargo test --test lifecycle -- --nocapture chaos`.
-
-mod util;
+//! `cargo test --test integration lifecycle::chaos -- --nocapture`.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use util::{
+use crate::util::{
     cpu_ticks, log_field, log_lines, process_exists, read_response, ready_workers, send_request,
     send_signal, wait_until, worker_pids, Load, Master, PATIENCE,
 };
@@ -376,7 +374,7 @@ fn a_crash_looping_worker_is_reported_loudly_while_the_master_serves_with_the_ot
     // Slot 0 runs the demo worker; slot 1 exits at once, every time.
     let script = r#"test "$HANDOFF_WORKER" = 0 || exit 3; exec "$0" run"#;
     let master = Master::launch(
-        &["--workers", "2", "--", "sh", "-c", script, util::BIN],
+        &["--workers", "2", "--", "sh", "-c", script, crate::util::BIN],
         |_| {},
     );
     let crash_looping = wait_until(PATIENCE, || {

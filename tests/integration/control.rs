@@ -2,8 +2,6 @@
 //! own user is answered, idle control connections cannot spend the master's fds, and a
 //! socket path a live process answers on is never taken over.
 
-mod util;
-
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -13,7 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use util::{log_lines, read_response, status_at, wait_until, Master, Spawned, BIN, PATIENCE};
+use crate::util::{
+    log_lines, read_response, status_at, wait_until, Master, Spawned, BIN, PATIENCE,
+};
 
 /// One `GET /` over the Unix listener at `path`; the status code.
 fn unix_get(path: &Path) -> std::io::Result<u16> {

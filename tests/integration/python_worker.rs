@@ -3,14 +3,12 @@
 //! modes, and Python workers that break the protocol (fixtures in `tests/fixtures/`) are
 //! killed and replaced while every request is still answered.
 
-mod util;
-
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use util::{read_response, wait_until, Held, Master, PATIENCE};
+use crate::util::{read_response, wait_until, Held, Master, PATIENCE};
 
 /// A path inside the crate, whatever the current directory.
 fn crate_path(relative: &str) -> String {
@@ -209,7 +207,7 @@ fn a_misbehaving_worker_is_replaced(fixture: &str, logged: &str) {
     }
     assert!(replaced, "slot 0 was not replaced; log:\n{}", master.log());
     assert!(
-        wait_until(PATIENCE, || !util::process_exists(bad)),
+        wait_until(PATIENCE, || !crate::util::process_exists(bad)),
         "the misbehaving worker {bad} still runs"
     );
 
@@ -292,7 +290,7 @@ fn a_worker_that_heartbeats_but_never_says_ready_is_replaced() {
     assert!(
         wait_until(PATIENCE, || {
             let status = master.status();
-            util::ready_workers(&status) == 2 && status["workers"][0]["pid"] != stuck
+            crate::util::ready_workers(&status) == 2 && status["workers"][0]["pid"] != stuck
         }),
         "slot 0 should be replaced after the worker timeout: {}\n{}",
         master.status(),
@@ -340,15 +338,15 @@ fn acknowledgements_behind_a_connection_reset_still_count() {
             "stage {name} not reached"
         );
     };
-    let mut a = util::send_request(master.addr);
+    let mut a = crate::util::send_request(master.addr);
     stage("read-a");
-    let mut b = util::send_request(master.addr);
+    let mut b = crate::util::send_request(master.addr);
     stage("b-queued");
     // Hold the master still while the worker acknowledges A and dies, so that both the
     // reset and the ack wait for it.
     master.signal("STOP");
-    util::send_signal(victim, "USR1");
-    let gone = wait_until(PATIENCE, || !util::process_exists(victim));
+    crate::util::send_signal(victim, "USR1");
+    let gone = wait_until(PATIENCE, || !crate::util::process_exists(victim));
     master.signal("CONT");
     assert!(gone, "the fixture did not exit");
 
@@ -376,16 +374,18 @@ fn acknowledgements_behind_a_connection_reset_still_count() {
 fn a_python_worker_sent_sigterm_announces_draining_and_its_slot_is_refilled() {
     let master = start("examples/worker.py");
     let victim = wait_for_pid(&master, 0);
-    util::send_signal(victim, "TERM");
+    crate::util::send_signal(victim, "TERM");
     assert!(
         wait_until(PATIENCE, || {
             let status = master.status();
-            util::ready_workers(&status) == 2 && status["workers"][0]["pid"] != victim
+            crate::util::ready_workers(&status) == 2 && status["workers"][0]["pid"] != victim
         }),
         "{}",
         master.log()
     );
-    assert!(wait_until(PATIENCE, || !util::process_exists(victim)));
+    assert!(wait_until(PATIENCE, || !crate::util::process_exists(
+        victim
+    )));
     let log = master.log();
     assert!(
         log.lines()
@@ -409,18 +409,18 @@ fn a_slot_is_refilled_when_draining_is_read_behind_a_connection_reset() {
         cmd.env("STAGE_DIR", stages.path());
     });
     let victim = wait_for_pid(&master, 0);
-    let mut waiting = util::send_request(master.addr);
+    let mut waiting = crate::util::send_request(master.addr);
     let queued = stages.path().join("queued");
     assert!(wait_until(PATIENCE, || queued.exists()));
     master.signal("STOP");
-    util::send_signal(victim, "USR1");
-    let gone = wait_until(PATIENCE, || !util::process_exists(victim));
+    crate::util::send_signal(victim, "USR1");
+    let gone = wait_until(PATIENCE, || !crate::util::process_exists(victim));
     master.signal("CONT");
     assert!(gone);
     let response = read_response(&mut waiting).expect("served by the refilled slot");
     assert_eq!(response.status, 200);
     assert_ne!(response.pid, victim);
-    assert!(wait_until(PATIENCE, || util::ready_workers(
+    assert!(wait_until(PATIENCE, || crate::util::ready_workers(
         &master.status()
     ) == 1));
 }

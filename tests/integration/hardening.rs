@@ -3,13 +3,11 @@
 //! itself, signals sent by habit change nothing, a replaced binary still respawns, limits
 //! that cannot work are refused at start, and a master with no worker left stops at once.
 
-mod util;
-
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use util::{http_get, send_signal, wait_until, Load, Master, Spawned, PATIENCE};
+use crate::util::{http_get, send_signal, wait_until, Load, Master, Spawned, PATIENCE};
 
 /// A path inside the crate, whatever the current directory.
 fn crate_path(relative: &str) -> String {
@@ -19,7 +17,8 @@ fn crate_path(relative: &str) -> String {
 /// The master binary under `prlimit --nofile=N:N`: it and its workers get N fds at most.
 fn with_fd_limit(limit: u32) -> Command {
     let mut cmd = Command::new("prlimit");
-    cmd.arg(format!("--nofile={limit}:{limit}")).arg(util::BIN);
+    cmd.arg(format!("--nofile={limit}:{limit}"))
+        .arg(crate::util::BIN);
     cmd
 }
 
@@ -152,7 +151,7 @@ fn a_worker_that_heartbeats_but_never_acknowledges_is_replaced_and_every_client_
         "{status}"
     );
     assert!(
-        wait_until(PATIENCE, || !util::process_exists(stuck)),
+        wait_until(PATIENCE, || !crate::util::process_exists(stuck)),
         "the stuck worker was not killed"
     );
     assert!(master.log().contains("acknowledged no connection for"));
@@ -268,7 +267,7 @@ fn signals_sent_by_habit_leave_the_master_and_its_workers_serving() {
 fn a_replaced_binary_still_respawns_workers_and_restarts_them() {
     let dir = tempfile::tempdir().unwrap();
     let app = dir.path().join("app");
-    std::fs::copy(util::BIN, &app).unwrap();
+    std::fs::copy(crate::util::BIN, &app).unwrap();
     let master = Master::start_via(Command::new(&app), &["--workers", "2"]);
     let before = master.wait_all_ready();
     let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
@@ -286,7 +285,7 @@ fn a_replaced_binary_still_respawns_workers_and_restarts_them() {
     assert!(
         wait_until(PATIENCE, || {
             let status = master.status();
-            util::ready_workers(&status) == 2 && status["workers"][0]["pid"] != before[0]
+            crate::util::ready_workers(&status) == 2 && status["workers"][0]["pid"] != before[0]
         }),
         "the killed worker was not replaced:\n{}",
         master.log()
@@ -295,8 +294,8 @@ fn a_replaced_binary_still_respawns_workers_and_restarts_them() {
     assert!(
         wait_until(PATIENCE, || {
             let status = master.status();
-            let now = util::worker_pids(&status);
-            util::ready_workers(&status) == 2
+            let now = crate::util::worker_pids(&status);
+            crate::util::ready_workers(&status) == 2
                 && status["restarting"] == false
                 && now.iter().flatten().all(|pid| !before.contains(pid))
         }),
@@ -334,7 +333,7 @@ fn limits_that_cannot_work_are_refused_at_start_with_one_line() {
     ];
     for (args, message) in cases {
         let started = Instant::now();
-        let mut cmd = Command::new(util::BIN);
+        let mut cmd = Command::new(crate::util::BIN);
         cmd.args(["run", "--listen", "127.0.0.1:0"]).args(args);
         let (status, stderr) = refused_at_start(cmd);
         let took = started.elapsed();
@@ -370,14 +369,14 @@ fn a_stop_with_no_worker_left_to_take_held_connections_is_prompt() {
         ],
         |_| {},
     );
-    assert!(wait_until(PATIENCE, || util::ready_workers(
+    assert!(wait_until(PATIENCE, || crate::util::ready_workers(
         &master.status()
     ) == 1));
     let _client = TcpStream::connect(master.addr).unwrap();
     assert!(
         wait_until(PATIENCE, || {
             let status = master.status();
-            status["awaiting_redispatch"] == 1 && util::ready_workers(&status) == 0
+            status["awaiting_redispatch"] == 1 && crate::util::ready_workers(&status) == 0
         }),
         "{}\n{}",
         master.status(),

@@ -1,6 +1,5 @@
 //! Shared helpers for the integration tests: start the real `handoff` binary on port 0 with
 //! a control socket, wait (bounded) for its workers, talk HTTP to it, signal it, read /proc.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -536,12 +535,6 @@ impl Load {
 
     /// Sends the rest of the schedule and waits for every answer.
     pub fn finish(mut self) -> LoadReport {
-        self.dispatcher.take().unwrap().join().unwrap()
-    }
-
-    /// Stops starting requests and waits for the answers of those started.
-    pub fn stop(mut self) -> LoadReport {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.dispatcher.take().unwrap().join().unwrap()
     }
 }

@@ -1,17 +1,15 @@
 //! The library used as a user would: the examples (a tokio echo server, a hyper server, an
 //! axum app) started as their own binaries, which the master re-executes as its workers.
 
-mod util;
-
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use util::{read_response, wait_until, Spawned, PATIENCE};
+use crate::util::{read_response, wait_until, Spawned, PATIENCE};
 
 /// target/debug/examples/NAME: `cargo test` builds the examples before it runs any test
-/// (`cargo test --test library` alone does not: build them with `cargo build --examples`).
+/// (`cargo test --test integration library::` alone does not: build them with `cargo build --examples`).
 fn example(name: &str) -> Command {
     let deps = std::env::current_exe().unwrap();
     let path = deps
@@ -49,7 +47,7 @@ fn start(mut cmd: Command, workers: usize) -> (Spawned, SocketAddr) {
 
 /// SIGTERM, then a clean exit within the patience.
 fn stop(mut example: Spawned) {
-    util::send_signal(example.pid(), "TERM");
+    crate::util::send_signal(example.pid(), "TERM");
     let status = example.wait_exit(PATIENCE);
     assert!(
         status.is_some_and(|s| s.success()),
@@ -58,7 +56,7 @@ fn stop(mut example: Spawned) {
     );
 }
 
-fn get(addr: SocketAddr, keep_alive: bool) -> (util::Response, BufReader<TcpStream>) {
+fn get(addr: SocketAddr, keep_alive: bool) -> (crate::util::Response, BufReader<TcpStream>) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     let connection = if keep_alive { "keep-alive" } else { "close" };
@@ -103,7 +101,7 @@ fn the_axum_example_serves_with_connect_info_and_drains_keep_alive_on_stop() {
     );
     // A keep-alive client during the stop: axum's graceful shutdown closes it cleanly.
     let (_, mut idle) = get(addr, true);
-    util::send_signal(axum.pid(), "TERM");
+    crate::util::send_signal(axum.pid(), "TERM");
     let mut rest = Vec::new();
     idle.get_mut()
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -131,7 +129,7 @@ fn the_hyper_example_serves_and_stops_cleanly() {
         );
     }
     let (_, mut idle) = get(addr, true);
-    util::send_signal(hyper.pid(), "TERM");
+    crate::util::send_signal(hyper.pid(), "TERM");
     let mut rest = Vec::new();
     assert_eq!(
         idle.read_to_end(&mut rest).unwrap(),

@@ -2,14 +2,12 @@
 //! a worker by the chosen strategy, loses none when a worker dies or stalls, and stops
 //! cleanly.
 
-mod util;
-
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 
-use util::{
+use crate::util::{
     cpu_ticks, fd_count, http_get, process_exists, read_response, rss_kib, send_request,
     send_signal, wait_until, Held, Master, PATIENCE,
 };
@@ -367,7 +365,7 @@ fn a_worker_command_that_exits_at_once_backs_off_and_the_master_stays_up() {
 #[test]
 fn wrong_flags_and_unbindable_addresses_get_clear_errors() {
     let run = |args: &[&str]| {
-        Command::new(util::BIN)
+        Command::new(crate::util::BIN)
             .arg("run")
             .args(args)
             .output()

@@ -1,0 +1,14 @@
+//! Every integration test, in one binary that builds once (ripgrep's layout): each module
+//! runs the real `handoff` binary (or an example) through the helpers in `util`.
+//!
+//! Run one module with `cargo test --test integration lifecycle::` (add `-- --nocapture`
+//! for the figures some tests print).
+
+mod bench;
+mod control;
+mod core;
+mod hardening;
+mod library;
+mod lifecycle;
+mod python_worker;
+mod util;
