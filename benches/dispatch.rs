@@ -15,10 +15,10 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use handoff::balance::{Balance, Candidate, LeastLoaded, RoundRobin, TwoChoices};
-use handoff::ipc::frame::{self, ConnectionHeader, Frame, Status};
-use handoff::sys::scm::{self, MAX_FDS};
-use handoff::sys::{process, socket};
+use handoff::internals::frame::{self, ConnectionHeader, Frame, Status};
+use handoff::internals::scm::{self, MAX_FDS};
+use handoff::internals::{process, socket};
+use handoff::internals::{Balance, Candidate, LeastLoaded, RoundRobin, TwoChoices};
 
 /// Connections made ready in the kernel queue before each measured drain.
 const CHUNK: usize = 512;

@@ -41,18 +41,31 @@
 //! Workers in other languages speak the protocol in `docs/protocol.md`.
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
 
-pub mod balance;
+mod balance;
 #[cfg(feature = "bench")]
-pub mod bench;
-pub mod config;
+mod bench;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub mod cli;
+mod config;
 #[cfg(feature = "demo")]
-pub mod demo;
-pub mod ipc;
-pub mod master;
+mod demo;
+mod ipc;
+mod master;
+mod procfs;
 mod signals;
-pub mod supervise;
-pub mod sys;
-pub mod worker;
+mod supervise;
+mod sys;
+mod worker;
+
+/// The pieces `cargo bench` drives from outside the crate; not an API.
+#[cfg(feature = "bench")]
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::balance::{Balance, Candidate, LeastLoaded, RoundRobin, TwoChoices};
+    pub use crate::ipc::frame;
+    pub use crate::sys::{process, scm, socket};
+}
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -62,6 +75,7 @@ use std::time::Duration;
 pub use balance::Strategy;
 pub use config::{Config, ListenAddr};
 pub use master::MasterError;
+pub use supervise::Limits;
 pub use sys::socket::Peer;
 pub use worker::{BoxError, Connection, Drain, Incoming, Stream, WorkerError};
 

@@ -1,12 +1,10 @@
 //! The `handoff` command: thin flag parsing over the library. `run` supervises workers (the
 //! embedded demo or a COMMAND in any language), `ctl` asks a running master for its status.
 
-mod cli;
-
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match cli::run() {
+    match handoff::cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             if is_broken_pipe(&error) {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::procfs;
+use crate::procfs;
 
 /// The node cluster script, written to a temporary folder when a node contender starts.
 const NODE_SCRIPT: &str = include_str!("../../scripts/node-cluster.js");
@@ -148,8 +148,6 @@ pub struct Launcher {
 /// A started contender, stopped (then killed, if need be) when dropped.
 #[derive(Debug)]
 pub struct Running {
-    /// The contender's name.
-    pub name: String,
     /// Where it listens.
     pub addr: SocketAddr,
     /// The master (handoff) or primary (node) process.
@@ -204,7 +202,6 @@ impl Launcher {
         };
         match waited {
             Ok((addr, workers)) => Ok(Running {
-                name: name.to_owned(),
                 addr,
                 master: child.id(),
                 workers,

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::contender::Running;
 use super::load::{self, Errors, LoadSpec, Tally};
-use super::procfs;
 use super::stats::{jain, max_over_min, shares, Percentiles};
 use super::{MasterRow, Row, WorkerRow};
+use crate::procfs;
 
 /// CPU counters at one edge of the measured window.
 #[derive(Debug, Clone)]

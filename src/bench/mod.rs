@@ -4,7 +4,7 @@
 //! Runs in the bench process. For each workload it starts each contender in turn (a child
 //! `handoff run`, or node's cluster module), drives it with the built-in load generator
 //! ([`load`]) over 127.0.0.1, reads the CPU time of its master and workers from `/proc`
-//! ([`procfs`]) before and after the measured window, stops it, and moves on. With a load
+//! ([`crate::procfs`]) before and after the measured window, stops it, and moves on. With a load
 //! fraction, a closed-loop pass first measures every contender's capacity and the open-loop
 //! pass then offers that fraction of the slowest one's to all. The result is a [`Report`]:
 //! a terminal table, JSON and an SVG picture ([`report`]).
@@ -12,7 +12,6 @@
 pub mod contender;
 pub mod load;
 mod measure;
-pub mod procfs;
 pub mod report;
 pub mod stats;
 mod svg;
@@ -372,7 +371,7 @@ pub fn run(
     Ok(Report {
         machine: Machine {
             cores: session.cores,
-            kernel: procfs::kernel_release(),
+            kernel: crate::procfs::kernel_release(),
             load_generator_threads: session.cores,
             shared_cores: true,
         },

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 
-use handoff::bench::{self, contender, report, BenchConfig, Offered, Workload};
-use handoff::config::parse_duration;
-use handoff::demo;
+use super::parse::parse_duration;
+use crate::bench::{self, contender, report, BenchConfig, Offered, Workload};
+use crate::demo;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

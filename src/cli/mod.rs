@@ -2,6 +2,7 @@
 
 mod bench;
 mod ctl;
+mod parse;
 mod run;
 
 use clap::{Parser, Subcommand};

@@ -7,9 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use handoff::config::{parse_duration, parse_size, Config, ListenAddr};
-use handoff::demo::{self, Cost};
-use handoff::{Server, Strategy};
+use super::parse::{parse_duration, parse_size};
+use crate::config::{Config, ListenAddr};
+use crate::demo::{self, Cost};
+use crate::supervise::Limits;
+use crate::{Server, Strategy};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -83,36 +85,68 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut config = Config::default();
-    config.listen = args.listen;
-    config.strategy = args.strategy;
-    if let Some(workers) = args.workers {
-        config.workers = workers;
-    }
-    config.backlog = args.backlog;
-    config.max_pending = args.max_pending;
-    config.shutdown_timeout = args.shutdown_timeout;
-    config.control = args.control;
-    config.limits.max_age = args.max_age;
-    config.limits.max_connections = args.max_connections;
-    config.limits.max_rss = args.max_rss;
-    config.rss_interval = args.rss_interval;
-    config.jitter_percent = args.jitter;
-    config.drain_timeout = args.drain_timeout;
-    config.restart_batch = args.restart_batch;
-    config.worker_timeout = args.worker_timeout;
-    config.ack_timeout = args.ack_timeout;
-    let server = Server::from_config(config);
-    if args.command.is_empty() {
-        let cost = Cost {
-            work: Duration::from_micros(args.work_us),
-            heavy: args.heavy,
-            leak_per_request: args.leak_kb_per_request * 1024,
-        };
+    let cost = Cost {
+        work: Duration::from_micros(args.work_us),
+        heavy: args.heavy,
+        leak_per_request: args.leak_kb_per_request * 1024,
+    };
+    let command = args.command.clone();
+    let server = Server::from_config(config(args));
+    if command.is_empty() {
         server
             .run(move |incoming| demo::serve(incoming, cost))
             .context("handoff run")
     } else {
-        server.run_command(args.command).context("handoff run")
+        server.run_command(command).context("handoff run")
+    }
+}
+
+/// The master's configuration: the flags over [`Config::default`], whose values the flags'
+/// own defaults repeat for `--help` (a test keeps the two equal).
+fn config(args: RunArgs) -> Config {
+    let defaults = Config::default();
+    Config {
+        listen: args.listen,
+        workers: args.workers.unwrap_or(defaults.workers),
+        strategy: args.strategy,
+        backlog: args.backlog,
+        max_pending: args.max_pending,
+        shutdown_timeout: args.shutdown_timeout,
+        control: args.control,
+        limits: Limits {
+            max_age: args.max_age,
+            max_connections: args.max_connections,
+            max_rss: args.max_rss,
+        },
+        rss_interval: args.rss_interval,
+        jitter_percent: args.jitter,
+        drain_timeout: args.drain_timeout,
+        restart_batch: args.restart_batch,
+        worker_timeout: args.worker_timeout,
+        ack_timeout: args.ack_timeout,
+        ..defaults
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Run {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    #[test]
+    fn flag_defaults_are_the_configs() {
+        let args = Run::try_parse_from(["run"]).unwrap().args;
+        let mut from_flags = config(args);
+        let defaults = Config::default();
+        assert_eq!(from_flags.listen, vec!["127.0.0.1:8000".parse().unwrap()]);
+        from_flags.listen = defaults.listen.clone();
+        assert_eq!(format!("{from_flags:?}"), format!("{defaults:?}"));
     }
 }

@@ -112,11 +112,6 @@ impl Channel {
         }
     }
 
-    /// Waits until a frame (or the end of the channel) can be read.
-    pub async fn readable(&self) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>> {
-        self.fd.readable().await
-    }
-
     /// Shuts down this end's sending side: the peer reads the end of the channel after the
     /// frames already queued.
     pub fn close_sending(&self) -> io::Result<()> {

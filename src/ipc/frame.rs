@@ -218,7 +218,7 @@ fn encode_status_body(out: &mut Vec<u8>, status: Status) {
 
 /// Decodes one datagram, checking version, kind, body length and shape. The fd count a
 /// [`Frame::Connections`] declares is checked against the fds that arrived by the caller
-/// ([`crate::ipc::Channel::recv_frame`]), which holds them.
+/// (`Channel::recv_frame`), which holds them.
 pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
     if datagram.len() < HEADER_LEN {
         return Err(FrameError::TooShort(datagram.len()));

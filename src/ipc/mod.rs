@@ -7,4 +7,4 @@ pub mod channel;
 pub mod frame;
 
 pub use channel::{Channel, ChannelError};
-pub use frame::{ConnectionHeader, Frame, FrameError, Status};
+pub use frame::ConnectionHeader;

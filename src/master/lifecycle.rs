@@ -27,7 +27,6 @@ use super::table::{Fate, Lost, Phase, Role, Table};
 use super::workers::{after_failure, start_worker};
 use super::{flush, Ctx};
 use crate::config::MAX_WORKERS;
-use crate::supervise::recycle::read_rss;
 use crate::supervise::Reason;
 use crate::sys;
 
@@ -147,7 +146,7 @@ fn check_memory(ctx: &Rc<Ctx>) {
     let mut table = ctx.table.borrow_mut();
     for slot in &mut table.slots {
         if let Some(p) = slot.process.as_mut() {
-            p.rss = read_rss(p.pid).ok();
+            p.rss = crate::procfs::rss(p.pid).ok();
         }
     }
     check_limits(&mut table, Instant::now());

@@ -162,7 +162,7 @@ fn fd_room(workers: usize) -> Result<usize, MasterError> {
     let limit = sys::process::raise_fd_limit()
         .or_else(|_| sys::process::fd_limit().map(|(soft, _)| soft))
         .map_err(MasterError::Runtime)?;
-    let open = sys::process::open_fds().map_err(MasterError::Runtime)?;
+    let open = crate::procfs::open_fds().map_err(MasterError::Runtime)?;
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let room = limit.saturating_sub(open + OWN_FDS);
     // At least a connection in hand per worker.

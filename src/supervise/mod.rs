@@ -6,9 +6,9 @@ mod backoff;
 pub mod recycle;
 mod spawn;
 
-pub use backoff::{Backoff, CRASH_LOOP_FAILURES};
+pub use backoff::Backoff;
 pub use recycle::{Limits, Reason};
-pub use spawn::{spawn, Launcher, Program, SpawnError, Spawned};
+pub use spawn::{spawn, Launcher, Program, SpawnError};
 
 /// Environment variable naming the worker's channel fd (always 3).
 pub const ENV_FD: &str = "HANDOFF_FD";

@@ -4,7 +4,7 @@
 //! all reach a limit, and recycle, at the same moment.
 
 use std::fmt;
-use std::io;
+
 use std::time::Duration;
 
 /// The configured recycling limits; `None` means no limit.
@@ -75,14 +75,9 @@ pub fn jitter(limit: u64, percent: f64, unit: f64) -> u64 {
 }
 
 impl Limits {
-    /// Whether any limit is set.
-    pub fn any(&self) -> bool {
-        self.max_age.is_some() || self.max_connections.is_some() || self.max_rss.is_some()
-    }
-
     /// This process's own limits: each one lowered by the same random fraction of `percent`
     /// (see [`jitter`]).
-    pub fn jittered(&self, percent: f64, unit: f64) -> Limits {
+    pub(crate) fn jittered(&self, percent: f64, unit: f64) -> Limits {
         Limits {
             max_age: self
                 .max_age
@@ -94,7 +89,7 @@ impl Limits {
 
     /// The first limit `usage` has reached, if any: memory first, then connections, then
     /// age.
-    pub fn reached(&self, usage: Usage) -> Option<Reason> {
+    pub(crate) fn reached(&self, usage: Usage) -> Option<Reason> {
         if let (Some(limit), Some(rss)) = (self.max_rss, usage.rss) {
             if rss >= limit {
                 return Some(Reason::MaxRss);
@@ -108,29 +103,6 @@ impl Limits {
         }
         None
     }
-}
-
-/// The resident set size in bytes from the text of `/proc/PID/status` (its `VmRSS:` line,
-/// in KiB).
-pub fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut fields = line["VmRSS:".len()..].split_whitespace();
-    let kib: u64 = fields.next()?.parse().ok()?;
-    match fields.next() {
-        Some("kB") | None => Some(kib * 1024),
-        Some(_) => None,
-    }
-}
-
-/// Reads process `pid`'s resident set size in bytes from `/proc/PID/status`.
-pub fn read_rss(pid: u32) -> io::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    parse_vm_rss(&status).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("no VmRSS line in /proc/{pid}/status"),
-        )
-    })
 }
 
 #[cfg(test)]
@@ -212,21 +184,5 @@ mod tests {
         let unread = Usage { rss: None, ..fresh };
         assert_eq!(limits.reached(unread), None, "no reading, no rss verdict");
         assert_eq!(Limits::default().reached(fat), None);
-        assert!(!Limits::default().any() && limits.any());
-    }
-
-    #[test]
-    fn reads_vm_rss_from_proc_status_text() {
-        let text = "Name:\thandoff\nVmPeak:\t  9999 kB\nVmRSS:\t    5120 kB\nThreads:\t1\n";
-        assert_eq!(parse_vm_rss(text), Some(5120 * 1024));
-        assert_eq!(parse_vm_rss("Name:\tx\n"), None, "kernel threads have none");
-        assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
-        assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
-    }
-
-    #[test]
-    fn reads_this_process_s_rss() {
-        let rss = read_rss(std::process::id()).unwrap();
-        assert!(rss > 1 << 20, "{rss}");
     }
 }

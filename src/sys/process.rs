@@ -41,19 +41,7 @@ pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, deat
         // and only the master should get it (it drains the workers gracefully); a worker
         // that died of SIGINT would cut its connections.
         syscall!(setpgid(0, 0))?;
-        syscall!(prctl(
-            libc::PR_SET_PDEATHSIG,
-            death_signal as libc::c_ulong,
-            0,
-            0,
-            0
-        ))?;
-        // SAFETY: getppid has no preconditions.
-        if unsafe { libc::getppid() } != master {
-            // SAFETY: _exit is async-signal-safe and ends the child before exec.
-            unsafe { libc::_exit(1) };
-        }
-        Ok(())
+        die_with(master, death_signal)
     };
     // SAFETY: the hook runs between fork and exec and calls only async-signal-safe functions
     // (fcntl, dup2, close_range, setpgid, prctl, getppid, _exit); it allocates nothing and takes no
@@ -62,6 +50,25 @@ pub fn prepare_worker(cmd: &mut tokio::process::Command, channel: &OwnedFd, deat
     unsafe {
         cmd.pre_exec(hook);
     }
+}
+
+/// In a child between fork and exec: asks for `signal` when `parent` dies
+/// (`prctl(PR_SET_PDEATHSIG)`), and exits at once if it already has (the child was
+/// re-parented before it could ask). Async-signal-safe: prctl, getppid, _exit.
+fn die_with(parent: libc::pid_t, signal: i32) -> io::Result<()> {
+    syscall!(prctl(
+        libc::PR_SET_PDEATHSIG,
+        signal as libc::c_ulong,
+        0,
+        0,
+        0
+    ))?;
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != parent {
+        // SAFETY: _exit is async-signal-safe and ends the child before exec.
+        unsafe { libc::_exit(1) };
+    }
+    Ok(())
 }
 
 /// `fcntl(F_DUPFD_CLOEXEC)`: a close-on-exec copy of `fd` numbered above [`CHANNEL_FD`],
@@ -100,6 +107,7 @@ pub fn signal(pid: u32, signal: i32) -> io::Result<bool> {
     }
 }
 
+#[cfg(feature = "bench")]
 /// CPU time (user + system) this process has used so far, from `getrusage(RUSAGE_SELF)`.
 pub fn self_cpu_time() -> std::time::Duration {
     // SAFETY: an all-zero rusage is valid and getrusage fills it.
@@ -110,6 +118,7 @@ pub fn self_cpu_time() -> std::time::Duration {
     std::time::Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
 }
 
+#[cfg(feature = "bench")]
 /// Ticks of `/proc/PID/stat` per second (`sysconf(_SC_CLK_TCK)`).
 pub fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -157,6 +166,7 @@ pub fn inherited_channel(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+#[cfg(feature = "bench")]
 /// CPU time the calling thread has used (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`): what a
 /// benchmark charges to the master's one thread, excluding time spent blocked.
 pub fn thread_cpu_time() -> std::time::Duration {
@@ -167,6 +177,7 @@ pub fn thread_cpu_time() -> std::time::Duration {
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+#[cfg(feature = "bench")]
 /// Makes the child started by `cmd` receive SIGTERM when this process dies
 /// (`prctl(PR_SET_PDEATHSIG)`), e.g. the servers `handoff bench` starts: a killed benchmark
 /// must not leave them running. Call it on the thread that stays alive (PDEATHSIG follows
@@ -174,21 +185,7 @@ pub fn thread_cpu_time() -> std::time::Duration {
 pub fn die_with_parent(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
-    let hook = move || -> io::Result<()> {
-        syscall!(prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGTERM as libc::c_ulong,
-            0,
-            0,
-            0
-        ))?;
-        // SAFETY: getppid has no preconditions.
-        if unsafe { libc::getppid() } != parent {
-            // SAFETY: _exit is async-signal-safe and ends the child before exec.
-            unsafe { libc::_exit(1) };
-        }
-        Ok(())
-    };
+    let hook = move || die_with(parent, libc::SIGTERM);
     // SAFETY: the hook runs between fork and exec and calls only async-signal-safe functions
     // (prctl, getppid, _exit); it allocates nothing and takes no locks.
     unsafe {
@@ -222,12 +219,4 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     // SAFETY: `limit` is a live rlimit; the call only reads it.
     syscall!(setrlimit(libc::RLIMIT_NOFILE, &limit))?;
     Ok(hard)
-}
-
-/// How many fds this process has open now (the entries of `/proc/self/fd`, less the one
-/// the listing itself uses).
-pub fn open_fds() -> io::Result<usize> {
-    Ok(std::fs::read_dir("/proc/self/fd")?
-        .count()
-        .saturating_sub(1))
 }

@@ -179,6 +179,7 @@ fn sockaddr_un_from(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen
     Ok((addr, len as libc::socklen_t))
 }
 
+#[cfg(feature = "control")]
 /// `geteuid(2)`: the user this process acts as, which a Unix peer's `SO_PEERCRED` uid is
 /// compared with.
 pub fn effective_uid() -> u32 {
@@ -238,11 +239,6 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Sets `SO_SNDBUF` (the kernel doubles the value for bookkeeping).
-pub fn set_send_buffer(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
-    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)
-}
-
 /// `shutdown(fd, SHUT_WR)`: sends FIN now, even while another process still holds a copy of
 /// the socket. `ENOTCONN` (the peer is already gone) is not an error.
 pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
@@ -277,11 +273,6 @@ pub fn set_nonblocking(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// `getsockopt(SO_TYPE)` and `getsockopt(SO_DOMAIN)`: tells a TCP socket from a Unix one.
-pub fn socket_domain(fd: &impl AsRawFd) -> io::Result<i32> {
-    get_int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
-}
-
 fn set_int_opt(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: `value` is a live c_int and the length says so.
     syscall!(setsockopt(
@@ -292,20 +283,6 @@ fn set_int_opt(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Resu
         size_of::<i32>() as libc::socklen_t
     ))?;
     Ok(())
-}
-
-fn get_int_opt(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<i32> {
-    let mut value: i32 = 0;
-    let mut len = size_of::<i32>() as libc::socklen_t;
-    // SAFETY: `value` is a live c_int and `len` says so.
-    syscall!(getsockopt(
-        fd.as_raw_fd(),
-        level,
-        name,
-        &mut value as *mut i32 as *mut libc::c_void,
-        &mut len
-    ))?;
-    Ok(value)
 }
 
 fn sockaddr_from(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -391,6 +368,7 @@ pub fn peer_gone(fd: &impl AsRawFd) -> bool {
     }
 }
 
+#[cfg(feature = "bench")]
 /// `poll(2)` for readability: true if `fd` became readable within `timeout_ms`.
 pub fn wait_readable(fd: &impl AsRawFd, timeout_ms: i32) -> io::Result<bool> {
     let mut pollfd = libc::pollfd {
@@ -406,6 +384,7 @@ pub fn wait_readable(fd: &impl AsRawFd, timeout_ms: i32) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::{UnixListener, UnixStream};
 
     #[test]
     fn tcp_listener_reports_the_port_it_bound() {
@@ -415,7 +394,7 @@ mod tests {
         let client = std::net::TcpStream::connect(addr).unwrap();
         let (conn, peer) = accept(&fd).unwrap();
         assert_eq!(peer, Peer::Ip(client.local_addr().unwrap()));
-        assert_eq!(socket_domain(&conn).unwrap(), libc::AF_INET);
+        drop(conn);
     }
 
     #[test]
@@ -450,5 +429,35 @@ mod tests {
         let client = std::net::TcpStream::connect(addr).unwrap();
         let (_conn, peer) = accept(&fd).unwrap();
         assert_eq!(peer, Peer::Ip(client.local_addr().unwrap()));
+    }
+
+    #[test]
+    fn binding_a_unix_path_replaces_only_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+
+        let live = dir.path().join("live.sock");
+        let _listener = UnixListener::bind(&live).unwrap();
+        let error = unix_listener(&live, 16).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(
+            error.to_string().contains("in use by a live process"),
+            "{error}"
+        );
+        assert!(
+            UnixStream::connect(&live).is_ok(),
+            "the live socket is untouched"
+        );
+
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "keep me").unwrap();
+        let error = unix_listener(&plain, 16).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(error.to_string().contains("not a socket"), "{error}");
+        assert_eq!(std::fs::read_to_string(&plain).unwrap(), "keep me");
+
+        let stale = dir.path().join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        let _fd = unix_listener(&stale, 16).expect("a stale socket is replaced");
+        assert!(UnixStream::connect(&stale).is_ok());
     }
 }

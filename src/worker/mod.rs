@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
-pub use connection::{ActiveGuard, Connection, Stream};
+pub use connection::{Connection, Stream};
 use own::OwnListeners;
 
 use crate::ipc::channel::frame_buffer;
