@@ -2,7 +2,7 @@
 //! hands each connection to one of --workers worker processes (this binary, re-executed),
 //! each serving the app with `axum::serve(incoming, app)`.
 //!
-//! Run with: cargo run --example axum -- --listen 127.0.0.1:3000 --workers 4
+//! Run with: cargo run --example axum -- --listen 127.0.0.1:3000 --workers 4 [--threads 2]
 //! Then:     curl http://127.0.0.1:3000/
 
 mod common;
@@ -18,10 +18,11 @@ async fn hello(ConnectInfo(peer): ConnectInfo<Peer>) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), handoff::Error> {
-    let (listen, workers) = common::setup();
+    let flags = common::setup();
     Server::builder()
-        .listen(listen)
-        .workers(workers)
+        .listen(flags.listen)
+        .workers(flags.workers)
+        .worker_threads(flags.threads)
         .build()
         .run(|incoming| async move {
             let app = Router::new().route("/", get(hello));

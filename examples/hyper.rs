@@ -1,9 +1,10 @@
 //! A plain hyper 1.x server behind handoff, no framework: the master accepts on --listen
 //! (default 127.0.0.1:3000) and hands each connection to one of --workers worker processes
 //! (this binary, re-executed); each serves it with hyper's HTTP/1.1 connection, which ends
-//! keep-alive gracefully when the worker drains.
+//! keep-alive gracefully when the worker drains. `--threads N` gives each worker a
+//! multi-threaded runtime of N threads.
 //!
-//! Run with: cargo run --example hyper -- --listen 127.0.0.1:3000 --workers 4
+//! Run with: cargo run --example hyper -- --listen 127.0.0.1:3000 --workers 4 [--threads 2]
 //! Then:     curl http://127.0.0.1:3000/
 
 mod common;
@@ -24,10 +25,11 @@ async fn hello(_: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>
 }
 
 fn main() -> Result<(), handoff::Error> {
-    let (listen, workers) = common::setup();
+    let flags = common::setup();
     Server::builder()
-        .listen(listen)
-        .workers(workers)
+        .listen(flags.listen)
+        .workers(flags.workers)
+        .worker_threads(flags.threads)
         .build()
         .run(|mut incoming| async move {
             while let Some(conn) = incoming.accept().await {

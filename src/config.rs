@@ -111,6 +111,9 @@ pub struct Config {
     /// A worker that holds connections unacknowledged this long without acknowledging or
     /// finishing any is given up on like a silent one: its connections go to other workers.
     pub ack_timeout: Duration,
+    /// Threads of each worker's tokio runtime: 1 (the default) is a current-thread runtime,
+    /// more a multi-threaded one. Read in the worker; `handoff run` COMMAND workers ignore it.
+    pub worker_threads: usize,
 }
 
 /// Refuses socket paths that would collide: `--control` equal to a `unix:` listen path, or
@@ -143,6 +146,9 @@ fn check_paths(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// The most threads a worker's runtime may have.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// The most worker processes a master runs (`--workers`, SIGTTIN).
 pub const MAX_WORKERS: usize = 1024;
 /// The smallest `--max-rss`: a worker's runtime alone takes a few MiB.
@@ -170,6 +176,12 @@ impl Config {
         }
         if self.max_pending == 0 {
             return Err("--max-pending must be at least 1".into());
+        }
+        if self.worker_threads == 0 || self.worker_threads > MAX_WORKER_THREADS {
+            return Err(format!(
+                "worker threads must be from 1 to {MAX_WORKER_THREADS} (got {})",
+                self.worker_threads
+            ));
         }
         if self.listen.is_empty() {
             return Err("no listen address".into());
@@ -245,6 +257,7 @@ impl Default for Config {
             restart_batch: None,
             worker_timeout: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(5),
+            worker_threads: 1,
         }
     }
 }

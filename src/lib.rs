@@ -206,6 +206,14 @@ impl Builder {
         self
     }
 
+    /// Threads of each worker's tokio runtime (default 1: a current-thread runtime, one
+    /// worker per CPU being the usual shape). More gives each worker a multi-threaded
+    /// runtime, for services that block or burn CPU per request.
+    pub fn worker_threads(mut self, threads: usize) -> Self {
+        self.config.worker_threads = threads;
+        self
+    }
+
     /// The finished configuration.
     pub fn build(self) -> Server {
         Server {
@@ -243,7 +251,7 @@ impl Server {
         }
         off_any_runtime(move || {
             if worker::is_worker() {
-                Ok(worker::run(serve)?)
+                Ok(worker::run(serve, self.config.worker_threads)?)
             } else {
                 Ok(master::run(self.config, supervise::Program::CurrentExe)?)
             }

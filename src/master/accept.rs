@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 
-use super::Ctx;
+use super::ctx::Ctx;
+use super::link::flush;
 use crate::sys;
 
 /// Connections accepted before the loop yields to acknowledgements and other listeners.
@@ -84,7 +85,7 @@ pub(crate) async fn run(ctx: Rc<Ctx>, listener: Rc<AsyncFd<OwnedFd>>, index: u16
             }
             outcome
         };
-        super::flush(&ctx);
+        flush(&ctx);
         match outcome {
             Outcome::Drained => guard.clear_ready(),
             Outcome::Yield => {

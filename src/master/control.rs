@@ -24,8 +24,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use super::ctx::Ctx;
 use super::table::{Phase, Process, Table};
-use super::Ctx;
 use crate::supervise::Reason;
 use crate::sys;
 

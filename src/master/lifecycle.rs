@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::MissedTickBehavior;
 
+use super::ctx::Ctx;
+use super::link::{self, flush};
 use super::table::{Fate, Lost, Phase, Role, Table};
 use super::workers::{after_failure, start_worker};
-use super::{flush, Ctx};
 use crate::config::MAX_WORKERS;
 use crate::supervise::Reason;
 use crate::sys;
@@ -175,7 +176,7 @@ async fn check_health(ctx: &Rc<Ctx>) {
 fn check_held(ctx: &Rc<Ctx>) {
     let (abandoned, resumed) = {
         let mut table = ctx.table.borrow_mut();
-        let abandoned = table.drop_abandoned();
+        let abandoned = table.drop_abandoned(sys::socket::peer_gone);
         let resumed = match Instant::now().checked_sub(FULL_PAUSE) {
             Some(cutoff) => table.end_full_pauses(cutoff),
             None => false,
@@ -322,6 +323,7 @@ fn abort_unresponsive(ctx: &Rc<Ctx>, index: usize, pid: u32, why: Lost) {
         }
         (role, uptime.unwrap_or_default(), grace)
     };
+    link::close(ctx, pid);
     tracing::error!(
         worker = index,
         pid,

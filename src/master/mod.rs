@@ -8,13 +8,13 @@
 mod accept;
 #[cfg(feature = "control")]
 mod control;
+mod ctx;
 mod kernel;
 mod lifecycle;
-mod process;
+mod link;
 mod table;
 mod workers;
 
-use std::cell::RefCell;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -30,8 +30,10 @@ use crate::config::{Config, ListenAddr};
 use crate::supervise::{Launcher, Program, SpawnError};
 use crate::sys;
 use crate::sys::socket::Peer;
+use ctx::Ctx;
 use kernel::Handout;
-use table::{Fate, Lost, Table};
+use link::flush;
+use table::Table;
 
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
@@ -69,15 +71,8 @@ pub enum MasterError {
     Signals(#[source] io::Error),
 }
 
-/// What every master task shares.
-#[derive(Debug)]
-pub(crate) struct Ctx {
-    pub table: RefCell<Table>,
-    pub launcher: Launcher,
-    #[cfg_attr(not(feature = "control"), allow(dead_code))]
-    pub listening: Vec<String>,
-    pub handout: Handout,
-}
+/// A listening socket the master accepts on, shared with its accept task.
+type Listener = Rc<AsyncFd<OwnedFd>>;
 
 /// Runs a master until SIGTERM, SIGINT or SIGQUIT; returns once every worker has exited.
 pub fn run(config: Config, program: Program) -> Result<(), MasterError> {
@@ -178,11 +173,12 @@ fn fd_room(workers: usize) -> Result<usize, MasterError> {
     Ok(room)
 }
 
-async fn master(config: Config, mut launcher: Launcher) -> Result<(), MasterError> {
+async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
     let mut stop_signals = StopSignals::install().map_err(MasterError::Signals)?;
     let lifecycle_signals = lifecycle::Signals::install().map_err(MasterError::Signals)?;
     crate::signals::ignore_stray(crate::signals::Role::Master);
-    let bound = bind(&config)?;
+    let config = Rc::new(config);
+    let (ctx, listeners) = prepare(&config, launcher)?;
     #[cfg(feature = "control")]
     let control = match &config.control {
         Some(path) => Some(control::bind(path).map_err(|source| MasterError::Control {
@@ -191,44 +187,6 @@ async fn master(config: Config, mut launcher: Launcher) -> Result<(), MasterErro
         })?),
         None => None,
     };
-    let listening: Vec<String> = bound.iter().map(|(name, _, _)| name.clone()).collect();
-    for name in &listening {
-        tracing::info!(address = %name, "listening");
-    }
-    let (handout, accept_fds) = Handout::new(
-        config.strategy,
-        bound.into_iter().map(|(_, peer, fd)| (peer, fd)).collect(),
-        config.backlog,
-    );
-    launcher.env(crate::supervise::ENV_LISTEN, listening.join(","));
-    let room = fd_room(config.workers)?;
-    let config = Rc::new(config);
-    let mut table = Table::new(config.clone());
-    table.set_fd_room(room);
-    let ctx = Rc::new(Ctx {
-        table: RefCell::new(table),
-        launcher,
-        listening,
-        handout,
-    });
-    tracing::info!(
-        pid = std::process::id(),
-        workers = config.workers,
-        strategy = ?config.strategy,
-        max_pending = config.max_pending,
-        worker_timeout_ms = config.worker_timeout.as_millis() as u64,
-        drain_timeout_ms = config.drain_timeout.as_millis() as u64,
-        max_age_ms = config.limits.max_age.map(|a| a.as_millis() as u64),
-        max_connections = config.limits.max_connections,
-        max_rss_kib = config.limits.max_rss.map(|b| b / 1024),
-        max_held = ctx.table.borrow().max_held(),
-        "master starting"
-    );
-    let listeners = accept_fds
-        .into_iter()
-        .map(|fd| sys::async_fd(fd).map(Rc::new))
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(MasterError::Runtime)?;
     for index in 0..config.workers {
         workers::start_worker(&ctx, index);
     }
@@ -257,13 +215,7 @@ async fn master(config: Config, mut launcher: Launcher) -> Result<(), MasterErro
     if let Some(task) = control_task {
         task.abort();
     }
-    let socket_files = config.listen.iter().filter_map(|addr| match addr {
-        ListenAddr::Unix(path) => Some(path),
-        ListenAddr::Tcp(_) => None,
-    });
-    for path in socket_files.chain(&config.control) {
-        let _ = std::fs::remove_file(path);
-    }
+    remove_socket_files(&config);
     let counters = ctx.table.borrow().counters;
     tracing::info!(
         accepted = counters.accepted,
@@ -276,9 +228,61 @@ async fn master(config: Config, mut launcher: Launcher) -> Result<(), MasterErro
     Ok(())
 }
 
+/// Binds the listeners, sizes the fd budget and builds the shared state; returns it with
+/// the listeners the master accepts on (none in the kernel modes).
+fn prepare(
+    config: &Rc<Config>,
+    mut launcher: Launcher,
+) -> Result<(Rc<Ctx>, Vec<Listener>), MasterError> {
+    let bound = bind(config)?;
+    let listening: Vec<String> = bound.iter().map(|(name, _, _)| name.clone()).collect();
+    for name in &listening {
+        tracing::info!(address = %name, "listening");
+    }
+    let (handout, accept_fds) = Handout::new(
+        config.strategy,
+        bound.into_iter().map(|(_, peer, fd)| (peer, fd)).collect(),
+        config.backlog,
+    );
+    launcher.env(crate::supervise::ENV_LISTEN, listening.join(","));
+    let mut table = Table::new(config.clone());
+    table.set_fd_room(fd_room(config.workers)?);
+    tracing::info!(
+        pid = std::process::id(),
+        workers = config.workers,
+        strategy = ?config.strategy,
+        max_pending = config.max_pending,
+        worker_timeout_ms = config.worker_timeout.as_millis() as u64,
+        drain_timeout_ms = config.drain_timeout.as_millis() as u64,
+        max_age_ms = config.limits.max_age.map(|a| a.as_millis() as u64),
+        max_connections = config.limits.max_connections,
+        max_rss_kib = config.limits.max_rss.map(|b| b / 1024),
+        max_held = table.max_held(),
+        "master starting"
+    );
+    let ctx = Rc::new(Ctx::new(table, launcher, listening, handout));
+    let listeners = accept_fds
+        .into_iter()
+        .map(|fd| sys::async_fd(fd).map(Rc::new))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(MasterError::Runtime)?;
+    Ok((ctx, listeners))
+}
+
+/// Removes the socket files the master created: `unix:` listeners and the control socket.
+fn remove_socket_files(config: &Config) {
+    let socket_files = config.listen.iter().filter_map(|addr| match addr {
+        ListenAddr::Unix(path) => Some(path),
+        ListenAddr::Tcp(_) => None,
+    });
+    for path in socket_files.chain(&config.control) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Graceful stop: serve what the kernel already queued, close the listeners, let workers
 /// finish in-flight connections up to the shutdown timeout, then kill what is left.
-async fn stop(ctx: &Rc<Ctx>, listeners: Vec<Rc<AsyncFd<OwnedFd>>>, accepting: Vec<JoinHandle<()>>) {
+async fn stop(ctx: &Rc<Ctx>, listeners: Vec<Listener>, accepting: Vec<JoinHandle<()>>) {
     let timeout = ctx.table.borrow().config.shutdown_timeout;
     let deadline = Instant::now() + timeout;
     for task in accepting {
@@ -351,47 +355,5 @@ fn kill_all(ctx: &Ctx, why: &str) {
     );
     for &pid in table.live.keys() {
         let _ = sys::process::signal(pid, libc::SIGKILL);
-    }
-}
-
-/// Sends every outbox that can go now; a worker whose channel broke is given up on.
-pub(crate) fn flush(ctx: &Ctx) {
-    loop {
-        let broken = ctx.table.borrow_mut().flush_all();
-        if broken.is_empty() {
-            return;
-        }
-        for (index, pid, error) in broken {
-            give_up(ctx, index, pid, Lost::channel(error.into()));
-        }
-    }
-}
-
-/// Removes a worker whose channel is unusable (killing it, unless it is a draining worker
-/// on its way out) and re-dispatches its unacknowledged connections.
-fn give_up(ctx: &Ctx, index: usize, pid: u32, why: Lost) {
-    if !matches!(why, Lost::Protocol(_)) {
-        // Its last acknowledgements decide which connections are its own (lost with it)
-        // and which go to another worker; a peer that broke the protocol is not believed.
-        workers::read_last_frames(ctx, index, pid);
-    }
-    let (lost, draining, deadline) = {
-        let mut table = ctx.table.borrow_mut();
-        let draining = table
-            .live
-            .get(&pid)
-            .is_some_and(|l| l.fate == Fate::Draining);
-        let deadline = table.find(index, pid).and_then(|p| p.drain_deadline);
-        (table.lose(index, pid, &why).is_some(), draining, deadline)
-    };
-    let exiting = matches!(why, Lost::Exited) || (draining && matches!(why, Lost::ChannelClosed));
-    if lost && !exiting {
-        let _ = sys::process::signal(pid, libc::SIGKILL);
-    }
-    if lost && draining && matches!(why, Lost::ChannelClosed) {
-        // It closed its channel on its way out; should it linger, its drain deadline holds.
-        if let Some(live) = ctx.table.borrow_mut().live.get_mut(&pid) {
-            live.kill_at = deadline;
-        }
     }
 }

@@ -5,17 +5,15 @@
 //! is reported loudly once the slot is crash-looping, and the slot is refilled after the
 //! delay. The exit of a draining or aborted process is expected and changes nothing.
 
-use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use tokio::task::spawn_local;
 
-use super::table::{Fate, Flush, Heard, Live, Lost, Process};
-use super::{flush, give_up, Ctx};
-use crate::ipc::channel::frame_buffer;
-use crate::ipc::{Channel, ChannelError};
+use super::ctx::Ctx;
+use super::link::{self, flush, give_up};
+use super::table::{Fate, Live, Lost, Process};
 use crate::supervise;
 use crate::sys;
 
@@ -53,28 +51,15 @@ pub(crate) fn start_worker(ctx: &Rc<Ctx>, index: usize) {
                     kill_at: None,
                 },
             );
-            let mut process = Process::new(pid, spawned.channel);
+            let mut process = Process::new(pid);
             process.limits = config
                 .limits
                 .jittered(config.jitter_percent, fastrand::f64());
-            if let Err(e) = ctx.handout.send_to(&process.channel) {
+            if let Err(e) = ctx.handout.send_to(&spawned.channel) {
                 tracing::error!(worker = index, pid, error = %e, "sending listeners to the worker failed");
                 let _ = sys::process::signal(pid, libc::SIGKILL);
             }
-            let reader = spawn_local(read_channel(
-                ctx.clone(),
-                index,
-                pid,
-                process.channel.clone(),
-            ));
-            let writer = spawn_local(write_channel(
-                ctx.clone(),
-                index,
-                pid,
-                process.channel.clone(),
-                process.writer.clone(),
-            ));
-            process.tasks = vec![reader.abort_handle(), writer.abort_handle()];
+            link::open(ctx, index, pid, spawned.channel);
             let started = process.started;
             if replacing.is_some() {
                 slot.successor = Some(process);
@@ -163,7 +148,7 @@ async fn watch_exit(
     let uptime = started.elapsed();
     // Its last frames first: a DRAINING among them makes this exit an expected one (and its
     // slot is then refilled by the handover, not by this exit).
-    read_last_frames(&ctx, index, pid);
+    link::read_last_frames(&ctx, index, pid);
     let fate = ctx
         .table
         .borrow()
@@ -212,180 +197,5 @@ async fn watch_exit(
         }
     } else if !expected {
         after_failure(&ctx, index, uptime);
-    }
-}
-
-/// Applies the frames an exited worker left in its channel that the reader task has not
-/// read yet: its last acknowledgements and reports. Connections it acknowledged are its own
-/// (lost with it, never handed to another worker, which could find the request already
-/// read); those it had not are re-dispatched.
-pub(super) fn read_last_frames(ctx: &Ctx, index: usize, pid: u32) {
-    let Some(channel) = ctx
-        .table
-        .borrow()
-        .find(index, pid)
-        .map(|p| p.channel.clone())
-    else {
-        return;
-    };
-    let mut buf = frame_buffer();
-    // A worker that exits with frames of ours unread leaves ECONNRESET on our end, and the
-    // kernel reports it once, *before* the frames it had queued for us: read past it.
-    let mut reset_seen = false;
-    // A live peer could keep sending: read what a full queue holds, not forever.
-    for _ in 0..MAX_LAST_FRAMES {
-        match channel.try_recv_frame(&mut buf) {
-            Ok(Some((frame, _no_fds))) => {
-                if ctx.table.borrow_mut().on_frame(index, pid, frame).is_err() {
-                    // Nothing after a broken frame is believed: discard the rest, so a
-                    // later call cannot apply it either.
-                    while let Ok(Some(_)) = channel.try_recv_frame(&mut buf) {}
-                    return;
-                }
-            }
-            Err(ChannelError::Io(e))
-                if e.kind() == io::ErrorKind::ConnectionReset && !reset_seen =>
-            {
-                reset_seen = true;
-            }
-            Ok(None) | Err(_) => return,
-        }
-    }
-}
-
-async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>) {
-    let mut buf = frame_buffer();
-    let mut repeats = RepeatBudget::default();
-    loop {
-        // One recvmsg per frame; the one that finds the queue empty clears the readiness
-        // (a raw read past it would cost a second empty recvmsg per wake-up).
-        let verdict = match channel.recv_frame(&mut buf).await {
-            Ok((frame, _no_fds)) => ctx.table.borrow_mut().on_frame(index, pid, frame),
-            Err(e) => Err(Lost::channel(e)),
-        };
-        match verdict {
-            Ok(Heard::News) => flush(&ctx),
-            Ok(Heard::Repeat) => {
-                flush(&ctx);
-                if let Some(pause) = repeats.spend(Instant::now()) {
-                    if repeats.warn() {
-                        tracing::warn!(
-                            worker = index,
-                            pid,
-                            budget = MAX_REPEATS,
-                            "worker floods the channel with reports that say nothing new: \
-                             reading it only once a second"
-                        );
-                    }
-                    tokio::time::sleep(pause).await;
-                }
-            }
-            Err(lost) => {
-                give_up(&ctx, index, pid, lost);
-                flush(&ctx);
-                return;
-            }
-        }
-    }
-}
-
-/// Frames that say nothing new (heartbeats, repeated reports) read from one worker per
-/// [`REPEAT_WINDOW`]; a worker sends a few (one heartbeat a period). Past the budget the
-/// master stops reading that channel until the window ends: the flooding worker's sends
-/// block and the master's thread stays free for the others.
-const MAX_REPEATS: u32 = 256;
-const REPEAT_WINDOW: Duration = Duration::from_secs(1);
-
-/// A worker's budget of frames with nothing new, per window.
-#[derive(Debug, Default)]
-struct RepeatBudget {
-    window: Option<Instant>,
-    spent: u32,
-    warned: bool,
-}
-
-impl RepeatBudget {
-    /// Counts one repeat at `now`; past the budget, how long to stop reading.
-    fn spend(&mut self, now: Instant) -> Option<Duration> {
-        let start = *self.window.get_or_insert(now);
-        if now.saturating_duration_since(start) >= REPEAT_WINDOW {
-            self.window = Some(now);
-            self.spent = 0;
-        }
-        self.spent += 1;
-        let end = self.window.expect("set above") + REPEAT_WINDOW;
-        (self.spent > MAX_REPEATS).then(|| end.saturating_duration_since(now))
-    }
-
-    /// True the first time only: the flood is logged once per worker.
-    fn warn(&mut self) -> bool {
-        !std::mem::replace(&mut self.warned, true)
-    }
-}
-
-/// The most frames read from a worker that is being given up on.
-const MAX_LAST_FRAMES: usize = 1024;
-
-/// How long the writer waits after a resource shortage before it sends again.
-const SHORTAGE_PAUSE: Duration = Duration::from_millis(20);
-
-async fn write_channel(
-    ctx: Rc<Ctx>,
-    index: usize,
-    pid: u32,
-    channel: Rc<Channel>,
-    wake: Rc<tokio::sync::Notify>,
-) {
-    loop {
-        wake.notified().await;
-        // Warn once per shortage, not at every retry.
-        let mut short = false;
-        loop {
-            let mut guard = match channel.writable().await {
-                Ok(guard) => guard,
-                Err(e) => return give_up(&ctx, index, pid, Lost::channel(e.into())),
-            };
-            let result = ctx.table.borrow_mut().flush(index, pid);
-            match result {
-                Flush::Done => break,
-                Flush::Blocked => guard.clear_ready(),
-                Flush::Short(e) => {
-                    drop(guard);
-                    if !short {
-                        tracing::warn!(worker = index, pid, error = %e, "sending to the worker: the system is short of resources, retrying");
-                    }
-                    short = true;
-                    tokio::time::sleep(SHORTAGE_PAUSE).await;
-                }
-                Flush::Broken(e) => {
-                    give_up(&ctx, index, pid, Lost::channel(e.into()));
-                    return flush(&ctx);
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn repeats_past_the_budget_pause_reading_until_the_window_ends() {
-        let mut budget = RepeatBudget::default();
-        let start = Instant::now();
-        for _ in 0..MAX_REPEATS {
-            assert_eq!(budget.spend(start), None);
-        }
-        let later = start + Duration::from_millis(300);
-        assert_eq!(budget.spend(later), Some(Duration::from_millis(700)));
-        assert!(budget.warn());
-        assert!(!budget.warn(), "logged once");
-        let next_window = start + REPEAT_WINDOW;
-        assert_eq!(
-            budget.spend(next_window),
-            None,
-            "a new window, a new budget"
-        );
     }
 }

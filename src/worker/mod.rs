@@ -91,6 +91,24 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn new(channel: Channel, drain: watch::Sender<bool>) -> Self {
+        Shared {
+            channel,
+            received: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            report: Notify::new(),
+            eager_reports: std::sync::atomic::AtomicBool::new(true),
+            idle: Notify::new(),
+            drain,
+            failure: Mutex::new(None),
+            last_sent: Mutex::new(None),
+            announcing: tokio::sync::Mutex::new(()),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            lingering: linger::Lingering::default(),
+        }
+    }
+
     fn status(&self) -> Status {
         // Load closed before received: a report must never show more finished than received.
         let closed_total = self.closed.load(Ordering::Acquire);
@@ -357,8 +375,9 @@ fn env_duration(name: &str, default: Duration) -> Duration {
 
 /// Runs this process as a worker: `serve` gets the [`Incoming`] connections. When `serve`
 /// returns, or the worker drains, the runtime waits for live connections to finish (up to
-/// the master's drain timeout), sends a last report and returns.
-pub fn run<F, Fut>(serve: F) -> Result<(), WorkerError>
+/// the master's drain timeout), sends a last report and returns. `threads` is the size of
+/// its tokio runtime: 1 is a current-thread runtime, more a multi-threaded one.
+pub fn run<F, Fut>(serve: F, threads: usize) -> Result<(), WorkerError>
 where
     F: FnOnce(Incoming) -> Fut,
     Fut: Future<Output = Result<(), BoxError>>,
@@ -370,88 +389,100 @@ where
     // A worker's connections are its fds: take all the kernel allows (the soft limit is
     // often 1024 where the hard one is far higher).
     let _ = sys::process::raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(WorkerError::Runtime)?;
-    // Every line this worker logs names it: its slot and pid (the runtime polls all of its
-    // tasks on this thread, inside the span).
+    // Every line this worker logs names it: its slot and pid.
     let slot = std::env::var(ENV_WORKER).unwrap_or_default();
-    let _span = tracing::info_span!("worker", slot = %slot, pid = std::process::id()).entered();
-    runtime.block_on(async move {
-        let channel = sys::process::inherited_channel(fd).map_err(WorkerError::TakeChannel)?;
-        let channel = Channel::new(channel).map_err(WorkerError::TakeChannel)?;
-        let (drain_tx, drain_rx) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            channel,
-            received: AtomicU64::new(0),
-            closed: AtomicU64::new(0),
-            active: AtomicU64::new(0),
-            report: Notify::new(),
-            eager_reports: std::sync::atomic::AtomicBool::new(true),
-            idle: Notify::new(),
-            drain: drain_tx,
-            failure: Mutex::new(None),
-            last_sent: Mutex::new(None),
-            announcing: tokio::sync::Mutex::new(()),
-            ready: std::sync::atomic::AtomicBool::new(false),
-            lingering: linger::Lingering::default(),
-        });
-        let heartbeat = env_duration(ENV_HEARTBEAT_MS, Duration::from_secs(1));
-        let reporter = tokio::spawn(report(shared.clone(), heartbeat));
-        let closer = {
-            let shared = shared.clone();
-            tokio::spawn(async move { shared.lingering.run().await })
-        };
-        tokio::spawn(drain_on_sigterm(shared.clone()));
+    let span = tracing::info_span!("worker", slot = %slot, pid = std::process::id());
+    let runtime = runtime(threads, &span).map_err(WorkerError::Runtime)?;
+    let _entered = span.enter();
+    runtime.block_on(work(fd, serve))
+}
 
-        let incoming = Incoming {
-            shared: shared.clone(),
-            queue: VecDeque::new(),
-            buf: frame_buffer(),
-            ready_sent: false,
-            own: OwnListeners::default(),
-            drain: Drain { rx: drain_rx },
-        };
-        let served = serve(incoming).await;
-        if served.is_ok() && shared.ready.load(Ordering::Acquire) {
-            // The service is done on its own: a clean handover.
-            shared.announce_draining().await;
-        } else {
-            // Failed (or never ready): no DRAINING, the exit tells the master, which counts
-            // it as a failure and backs off.
-            shared.drain.send_replace(true);
-        }
+/// The worker's tokio runtime; every thread it starts logs inside `span`.
+fn runtime(threads: usize, span: &tracing::Span) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        // Everything is polled on this thread, inside the span `run` enters.
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    let span = span.clone();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .on_thread_start(move || {
+            // Entered for the thread's whole life: the guard is never dropped.
+            std::mem::forget(span.clone().entered());
+        })
+        .build()
+}
 
-        let drain_timeout = env_duration(ENV_DRAIN_MS, Duration::from_secs(30));
-        let idle = async {
-            loop {
-                let notified = shared.idle.notified();
-                if shared.active.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                notified.await;
+/// The worker's life on its runtime: take the channel, serve, drain, report last.
+async fn work<F, Fut>(fd: std::os::fd::RawFd, serve: F) -> Result<(), WorkerError>
+where
+    F: FnOnce(Incoming) -> Fut,
+    Fut: Future<Output = Result<(), BoxError>>,
+{
+    let channel = sys::process::inherited_channel(fd).map_err(WorkerError::TakeChannel)?;
+    let channel = Channel::new(channel).map_err(WorkerError::TakeChannel)?;
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let shared = Arc::new(Shared::new(channel, drain_tx));
+    let heartbeat = env_duration(ENV_HEARTBEAT_MS, Duration::from_secs(1));
+    let reporter = tokio::spawn(report(shared.clone(), heartbeat));
+    let closer = {
+        let shared = shared.clone();
+        tokio::spawn(async move { shared.lingering.run().await })
+    };
+    tokio::spawn(drain_on_sigterm(shared.clone()));
+
+    let incoming = Incoming {
+        shared: shared.clone(),
+        queue: VecDeque::new(),
+        buf: frame_buffer(),
+        ready_sent: false,
+        own: OwnListeners::default(),
+        drain: Drain { rx: drain_rx },
+    };
+    let served = serve(incoming).await;
+    if served.is_ok() && shared.ready.load(Ordering::Acquire) {
+        // The service is done on its own: a clean handover.
+        shared.announce_draining().await;
+    } else {
+        // Failed (or never ready): no DRAINING, the exit tells the master, which counts
+        // it as a failure and backs off.
+        shared.drain.send_replace(true);
+    }
+    wait_idle(&shared, env_duration(ENV_DRAIN_MS, Duration::from_secs(30))).await;
+    reporter.abort();
+    closer.abort();
+    shared.lingering.close_all();
+    let _ = shared.try_send_status();
+
+    served.map_err(WorkerError::Service)?;
+    let failure = shared
+        .failure
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    failure.map_or(Ok(()), |error| Err(WorkerError::Channel(error)))
+}
+
+/// Waits until no connection is live, at most `timeout`.
+async fn wait_idle(shared: &Shared, timeout: Duration) {
+    let idle = async {
+        loop {
+            let notified = shared.idle.notified();
+            if shared.active.load(Ordering::Acquire) == 0 {
+                return;
             }
-        };
-        if tokio::time::timeout(drain_timeout, idle).await.is_err() {
-            tracing::warn!(
-                active = shared.active.load(Ordering::Acquire),
-                "drain timed out"
-            );
+            notified.await;
         }
-        reporter.abort();
-        closer.abort();
-        shared.lingering.close_all();
-        let _ = shared.try_send_status();
-
-        served.map_err(WorkerError::Service)?;
-        let failure = shared
-            .failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        failure.map_or(Ok(()), |error| Err(WorkerError::Channel(error)))
-    })
+    };
+    if tokio::time::timeout(timeout, idle).await.is_err() {
+        tracing::warn!(
+            active = shared.active.load(Ordering::Acquire),
+            "drain timed out"
+        );
+    }
 }
 
 /// Sends a status report when something changed, and at least every `heartbeat`. Closes

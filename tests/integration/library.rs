@@ -115,17 +115,35 @@ fn the_axum_example_serves_with_connect_info_and_drains_keep_alive_on_stop() {
 }
 
 #[test]
-fn the_hyper_example_serves_and_stops_cleanly() {
+fn the_hyper_example_serves_on_multi_threaded_workers_and_stops_cleanly() {
     let mut cmd = example("hyper");
-    cmd.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--threads",
+        "3",
+    ]);
     let (hyper, addr) = start(cmd, 2);
+    let mut workers = std::collections::HashSet::new();
     for _ in 0..4 {
         let (response, _) = get(addr, false);
         assert_eq!(response.status, 200);
+        let pid = response
+            .body
+            .strip_prefix("hello from worker ")
+            .and_then(|rest| rest.trim().parse::<u32>().ok());
+        workers.extend(pid);
+        assert!(pid.is_some(), "{:?}", response.body);
+    }
+    for pid in workers {
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count();
         assert!(
-            response.body.starts_with("hello from worker "),
-            "{:?}",
-            response.body
+            threads > 3,
+            "worker {pid} runs {threads} threads: its main thread and a runtime of 3"
         );
     }
     let (_, mut idle) = get(addr, true);

@@ -1,23 +1,17 @@
 //! One worker process as the master sees it: where it is in its life, the connections held
 //! for it (outbox: accepted, not yet sent; unacknowledged: sent, the master's copy kept until
-//! the worker confirms receipt), its counters and its own recycling limits. Sending its
-//! outbox in `sendmsg` batches and applying its STATUS reports happen here; the
-//! [`Table`](super::table::Table) decides who gets what.
+//! the worker confirms receipt), its counters and its own recycling limits. No I/O: it says
+//! what to send next ([`Process::outgoing`]) and is told what was sent; the master's
+//! `link` room does the sending, and the [`Table`](super::Table) decides who gets what.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::Instant;
 
-use tokio::sync::Notify;
-
-use super::table::Lost;
-use crate::ipc::frame::{self, ConnectionHeader, Status};
-use crate::ipc::Channel;
+use crate::ipc::frame::{ConnectionHeader, Status};
 use crate::supervise::recycle::{Limits, Reason, Usage};
-use crate::sys::scm::MAX_FDS;
 use crate::sys::socket::Peer;
 
 /// How often a worker that keeps refusing connections is logged, at most.
@@ -62,7 +56,8 @@ impl Drop for Held {
 }
 
 impl Pending {
-    fn header(&self) -> ConnectionHeader {
+    /// What the worker is told about it.
+    pub fn header(&self) -> ConnectionHeader {
         ConnectionHeader {
             id: self.id,
             listener: self.listener,
@@ -83,11 +78,27 @@ pub(crate) enum Phase {
     Draining,
 }
 
+/// A worker broke the protocol: what it claimed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct ProtocolError(pub String);
+
+/// What a process's channel should carry next.
+#[derive(Debug)]
+pub(crate) enum Outgoing<'a> {
+    /// Nothing now.
+    Nothing,
+    /// These connections, oldest first, in one CONNECTIONS frame; then [`Process::sent`].
+    Connections(&'a [Pending]),
+    /// The end: a draining process's outbox is empty, so its channel's sending side
+    /// closes; then [`Process::ended`].
+    End,
+}
+
 /// A running worker process and the master's view of it.
 #[derive(Debug)]
 pub(crate) struct Process {
     pub pid: u32,
-    pub channel: Rc<Channel>,
     pub phase: Phase,
     pub started: Instant,
     pub last_heard: Instant,
@@ -121,41 +132,16 @@ pub(crate) struct Process {
     pub(super) received: u64,
     /// Connections it reported finished.
     pub(super) closed: u64,
-    pub(super) write_blocked: bool,
+    /// Its channel is full: nothing is sent until it is writable again.
+    write_blocked: bool,
     sending_closed: bool,
-    /// Wakes the task that waits for the channel to become writable.
-    pub writer: Rc<Notify>,
-    /// The tasks reading and writing its channel, stopped when it is lost.
-    pub tasks: Vec<tokio::task::AbortHandle>,
-}
-
-/// The result of trying to send a worker's outbox.
-#[derive(Debug)]
-pub(crate) enum Flush {
-    Done,
-    /// The worker's queue is full: retry when the channel is writable.
-    Blocked,
-    /// The kernel is short of a resource that is not the worker's fault (in-flight fd
-    /// limit, buffers): retry after a pause.
-    Short(io::Error),
-    Broken(io::Error),
-}
-
-/// `sendmsg` errors that say the system, not the worker, is short of something:
-/// `ETOOMANYREFS` (this user's in-flight fd limit, `RLIMIT_NOFILE`), `ENOBUFS`, `ENOMEM`.
-pub(crate) fn is_shortage(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::ETOOMANYREFS | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 impl Process {
-    pub fn new(pid: u32, channel: Channel) -> Self {
+    pub fn new(pid: u32) -> Self {
         let now = Instant::now();
         Process {
             pid,
-            channel: Rc::new(channel),
             phase: Phase::Starting,
             started: now,
             last_heard: now,
@@ -175,8 +161,6 @@ impl Process {
             closed: 0,
             write_blocked: false,
             sending_closed: false,
-            writer: Rc::new(Notify::new()),
-            tasks: Vec::new(),
         }
     }
 
@@ -228,44 +212,43 @@ impl Process {
             && (!self.outbox.is_empty() || (self.phase == Phase::Draining && !self.sending_closed))
     }
 
-    /// Sends its outbox in batches of up to 253 fds per `sendmsg`; once a draining worker's
-    /// outbox is empty, closes the sending side so it reads the end. `frame` and `fds` are
-    /// scratch buffers.
-    pub fn flush(&mut self, frame: &mut Vec<u8>, fds: &mut Vec<RawFd>) -> Flush {
+    /// What to send next, in batches of at most `batch` connections.
+    pub fn outgoing(&mut self, batch: usize) -> Outgoing<'_> {
+        if self.write_blocked {
+            Outgoing::Nothing
+        } else if !self.outbox.is_empty() {
+            let len = self.outbox.len().min(batch);
+            Outgoing::Connections(&self.outbox.make_contiguous()[..len])
+        } else if self.phase == Phase::Draining && !self.sending_closed {
+            Outgoing::End
+        } else {
+            Outgoing::Nothing
+        }
+    }
+
+    /// The oldest `count` connections of its outbox went out at `now`: the master keeps its
+    /// copies until the worker acknowledges them.
+    pub fn sent(&mut self, count: usize, now: Instant) {
+        if self.unacked.is_empty() {
+            self.ack_wait_since = Some(now);
+        }
+        self.unacked.extend(self.outbox.drain(..count));
+        self.sent += count as u64;
+    }
+
+    /// Its channel's sending side was closed.
+    pub fn ended(&mut self) {
+        self.sending_closed = true;
+    }
+
+    /// Its channel is full: nothing more until [`Process::writable`].
+    pub fn blocked(&mut self) {
+        self.write_blocked = true;
+    }
+
+    /// Its channel can take frames again.
+    pub fn writable(&mut self) {
         self.write_blocked = false;
-        while !self.outbox.is_empty() {
-            let batch = self.outbox.len().min(MAX_FDS);
-            frame::encode_connections(frame, self.outbox.iter().take(batch).map(Pending::header));
-            fds.clear();
-            fds.extend(self.outbox.iter().take(batch).map(|c| c.fd.as_raw_fd()));
-            match self.channel.try_send(frame, fds) {
-                Ok(()) => {
-                    if self.unacked.is_empty() {
-                        self.ack_wait_since = Some(Instant::now());
-                    }
-                    self.unacked.extend(self.outbox.drain(..batch));
-                    self.sent += batch as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.write_blocked = true;
-                    self.writer.notify_one();
-                    return Flush::Blocked;
-                }
-                Err(e) if is_shortage(&e) => {
-                    self.write_blocked = true;
-                    self.writer.notify_one();
-                    return Flush::Short(e);
-                }
-                Err(e) => return Flush::Broken(e),
-            }
-        }
-        if self.phase == Phase::Draining && !self.sending_closed {
-            self.sending_closed = true;
-            if let Err(e) = self.channel.close_sending() {
-                return Flush::Broken(e);
-            }
-        }
-        Flush::Done
     }
 
     /// Checks a report against what it was sent and releases acknowledged copies. In the
@@ -276,19 +259,19 @@ impl Process {
         status: Status,
         worker_accepts: bool,
         now: Instant,
-    ) -> Result<(), Lost> {
+    ) -> Result<(), ProtocolError> {
         if worker_accepts && status.received_total >= self.sent {
             self.sent = status.received_total;
             self.assigned = status.received_total;
         }
         if status.received_total > self.sent || status.received_total < self.received {
-            return Err(Lost::Protocol(format!(
+            return Err(ProtocolError(format!(
                 "status says {} received; {} were sent and {} acknowledged before",
                 status.received_total, self.sent, self.received
             )));
         }
         if status.closed_total > status.received_total || status.closed_total < self.closed {
-            return Err(Lost::Protocol(format!(
+            return Err(ProtocolError(format!(
                 "status says {} finished of {} received; {} were finished before",
                 status.closed_total, status.received_total, self.closed
             )));
@@ -314,9 +297,9 @@ impl Process {
 
     /// Takes back the `count` oldest connections it has not acknowledged: it refused them
     /// (REFUSED, after its status was applied). It counts as full from `now`.
-    pub fn refuse(&mut self, count: usize, now: Instant) -> Result<Vec<Pending>, Lost> {
+    pub fn refuse(&mut self, count: usize, now: Instant) -> Result<Vec<Pending>, ProtocolError> {
         if count > self.unacked.len() {
-            return Err(Lost::Protocol(format!(
+            return Err(ProtocolError(format!(
                 "refused {count} connections; {} were unacknowledged",
                 self.unacked.len()
             )));
@@ -370,12 +353,11 @@ impl Process {
         over
     }
 
-    /// Closes held connections whose client has gone (only those not yet sent: a sent one
+    /// Closes held connections whose client has `gone` (only those not yet sent: a sent one
     /// is the worker's to read); returns how many.
-    pub fn drop_abandoned(&mut self) -> usize {
+    pub fn drop_abandoned(&mut self, gone: impl Fn(&OwnedFd) -> bool) -> usize {
         let before = self.outbox.len();
-        self.outbox
-            .retain(|c| !crate::sys::socket::peer_gone(&c.fd));
+        self.outbox.retain(|c| !gone(&c.fd));
         let dropped = before - self.outbox.len();
         // Never sent, so never its load.
         self.assigned -= dropped as u64;

@@ -5,23 +5,28 @@
 //! policies that decide when to replace a worker live in `supervise::recycle`; the tasks that
 //! act on them in `master::lifecycle`. Single-threaded: it lives in the master's one thread
 //! behind an `Rc<RefCell<..>>` and never holds a borrow across an `.await`.
+//!
+//! It does no I/O: it takes events (a connection accepted, a frame from a worker, a process
+//! lost) and says what each worker's channel should carry next
+//! ([`Table::outgoing`]); the master's `link` room sends and reads, so everything here
+//! is tested with plain values.
+
+mod process;
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
-pub(crate) use super::process::{Flush, HeldCount, Pending, Phase, Process};
 use crate::balance::{Balance, Candidate};
 use crate::config::Config;
-use crate::ipc::frame::{self, Frame};
+use crate::ipc::frame::Frame;
 use crate::ipc::ChannelError;
 use crate::supervise::{Backoff, Reason};
-use crate::sys::scm::MAX_FDS;
 use crate::sys::socket::Peer;
+pub(crate) use process::{HeldCount, Outgoing, Pending, Phase, Process, ProtocolError};
 
 /// Fds the master keeps per worker slot: the channel and pidfd of its process, of a
 /// successor and of a retiring one, with room to spare.
@@ -151,7 +156,7 @@ pub(crate) enum Lost {
     #[error("its channel failed")]
     Channel(#[source] ChannelError),
     #[error("it broke the protocol: {0}")]
-    Protocol(String),
+    Protocol(#[from] ProtocolError),
     #[error("it sent nothing (or no READY) for {0} ms")]
     Unresponsive(u64),
     #[error("it acknowledged no connection for {0} ms while it had some to acknowledge")]
@@ -207,8 +212,6 @@ pub(crate) struct Table {
     /// Connections of lost workers, handed out again before anything new is accepted.
     retry: VecDeque<Pending>,
     next_id: u64,
-    frame: Vec<u8>,
-    fds: Vec<RawFd>,
 }
 
 impl Table {
@@ -235,8 +238,6 @@ impl Table {
             max_held: usize::MAX,
             retry: VecDeque::new(),
             next_id: 0,
-            frame: Vec::with_capacity(frame::MAX_FRAME_LEN),
-            fds: Vec::with_capacity(MAX_FDS),
             config,
         }
     }
@@ -355,32 +356,18 @@ impl Table {
         }
     }
 
-    /// Sends every outbox that can be sent now (and closes the channels of draining workers
-    /// whose outbox is empty); returns the workers whose channel broke.
-    pub fn flush_all(&mut self) -> Vec<(usize, u32, io::Error)> {
-        let Table {
-            slots, frame, fds, ..
-        } = self;
-        let mut broken = Vec::new();
-        for (index, slot) in slots.iter_mut().enumerate() {
-            for process in slot.processes_mut().filter(|p| p.wants_flush()) {
-                if let Flush::Broken(e) = process.flush(frame, fds) {
-                    broken.push((index, process.pid, e));
-                }
-            }
-        }
-        broken
+    /// Every process with something to send now (see [`Process::outgoing`]).
+    pub fn outgoing(&mut self) -> impl Iterator<Item = (usize, &mut Process)> {
+        self.slots.iter_mut().enumerate().flat_map(|(index, slot)| {
+            slot.processes_mut()
+                .filter(|p| p.wants_flush())
+                .map(move |p| (index, p))
+        })
     }
 
-    /// Sends process `pid`'s outbox (see [`Process::flush`]).
-    pub fn flush(&mut self, index: usize, pid: u32) -> Flush {
-        let Table {
-            slots, frame, fds, ..
-        } = self;
-        match slots.get_mut(index).and_then(|s| s.find_mut(pid)) {
-            Some(process) => process.flush(frame, fds),
-            None => Flush::Done,
-        }
+    /// Process `pid` of slot `index`, to change, wherever it is in the slot.
+    pub fn find_mut(&mut self, index: usize, pid: u32) -> Option<&mut Process> {
+        self.slots.get_mut(index)?.find_mut(pid)
     }
 
     /// Applies a frame from worker `pid` of slot `index`.
@@ -460,10 +447,10 @@ impl Table {
                 self.capacity.notify_waiters();
                 Ok(Heard::News)
             }
-            other => Err(Lost::Protocol(format!(
+            other => Err(Lost::Protocol(ProtocolError(format!(
                 "a worker sent a {} frame",
                 other.name()
-            ))),
+            )))),
         }
     }
 
@@ -598,10 +585,6 @@ impl Table {
             let at = slot.retiring.iter().position(|p| p.pid == pid)?;
             (Role::Retiring, slot.retiring.swap_remove(at))
         };
-        process
-            .tasks
-            .iter()
-            .for_each(tokio::task::AbortHandle::abort);
         let orphans = process.pending();
         let owned = process.owned();
         self.counters.lost_with_worker = self.counters.lost_with_worker.saturating_add(owned);
@@ -707,16 +690,16 @@ impl Table {
         self.retry.len()
     }
 
-    /// Closes the held connections whose client has gone before any worker got them (those
-    /// waiting for re-dispatch, and outboxes not sent yet); returns how many.
-    pub fn drop_abandoned(&mut self) -> usize {
+    /// Closes the held connections whose client has `gone` before any worker got them
+    /// (those waiting for re-dispatch, and outboxes not sent yet); returns how many.
+    pub fn drop_abandoned(&mut self, gone: impl Fn(&OwnedFd) -> bool) -> usize {
         let before = self.retry.len();
-        self.retry.retain(|c| !crate::sys::socket::peer_gone(&c.fd));
+        self.retry.retain(|c| !gone(&c.fd));
         let mut dropped = before - self.retry.len();
         for slot in &mut self.slots {
             dropped += slot
                 .processes_mut()
-                .map(Process::drop_abandoned)
+                .map(|p| p.drop_abandoned(&gone))
                 .sum::<usize>();
         }
         self.counters.abandoned += dropped as u64;
@@ -761,5 +744,4 @@ impl Table {
 }
 
 #[cfg(test)]
-#[path = "table_tests.rs"]
 mod tests;

@@ -1,0 +1,76 @@
+//! What every master task shares: the dispatch table, each worker's link (its channel and the
+//! tasks that carry it), how to start a worker, and who accepts. One thread; a borrow is
+//! never held across an `.await`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+
+use super::kernel::Handout;
+use super::table::Table;
+use crate::ipc::frame::MAX_FRAME_LEN;
+use crate::ipc::Channel;
+use crate::supervise::Launcher;
+use crate::sys::scm::MAX_FDS;
+
+/// The master's shared state.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub table: RefCell<Table>,
+    /// Each live process's link, by pid.
+    pub links: RefCell<HashMap<u32, Link>>,
+    /// Buffers for encoding what is sent.
+    pub scratch: RefCell<Scratch>,
+    pub launcher: Launcher,
+    #[cfg_attr(not(feature = "control"), allow(dead_code))]
+    pub listening: Vec<String>,
+    pub handout: Handout,
+}
+
+impl Ctx {
+    pub fn new(table: Table, launcher: Launcher, listening: Vec<String>, handout: Handout) -> Self {
+        Ctx {
+            table: RefCell::new(table),
+            links: RefCell::new(HashMap::new()),
+            scratch: RefCell::new(Scratch::default()),
+            launcher,
+            listening,
+            handout,
+        }
+    }
+}
+
+/// A worker process's channel and the tasks that read and write it; dropping it stops them.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub channel: Rc<Channel>,
+    /// Wakes the task that waits for the channel to become writable.
+    pub writer: Rc<Notify>,
+    pub tasks: Vec<AbortHandle>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(AbortHandle::abort);
+    }
+}
+
+/// Reused buffers for a CONNECTIONS frame and its fds.
+#[derive(Debug)]
+pub(crate) struct Scratch {
+    pub frame: Vec<u8>,
+    pub fds: Vec<RawFd>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            frame: Vec::with_capacity(MAX_FRAME_LEN),
+            fds: Vec::with_capacity(MAX_FDS),
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The worker-facing I/O of the master: each worker process's link (its channel, a task
+//! reading frames in, a task writing its outbox out when the channel was full), sending
+//! what the [`Table`](super::table::Table) says each channel should carry, and giving up on a worker whose
+//! channel broke. The table decides; this room does the syscalls.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio::task::spawn_local;
+
+use super::ctx::{Ctx, Link, Scratch};
+use super::table::{Fate, Heard, Lost, Outgoing, Pending, Process};
+use crate::ipc::channel::frame_buffer;
+use crate::ipc::frame;
+use crate::ipc::{Channel, ChannelError};
+use crate::sys;
+use crate::sys::scm::MAX_FDS;
+
+/// The result of sending what a process's channel should carry.
+#[derive(Debug)]
+pub(crate) enum Flush {
+    Done,
+    /// The worker's queue is full: retry when the channel is writable.
+    Blocked,
+    /// The kernel is short of a resource that is not the worker's fault (in-flight fd
+    /// limit, buffers): retry after a pause.
+    Short(io::Error),
+    Broken(io::Error),
+}
+
+/// `sendmsg` errors that say the system, not the worker, is short of something:
+/// `ETOOMANYREFS` (this user's in-flight fd limit, `RLIMIT_NOFILE`), `ENOBUFS`, `ENOMEM`.
+fn is_shortage(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ETOOMANYREFS | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Sends what `process`'s channel should carry now: its outbox, up to 253 fds per
+/// `sendmsg`, and once a draining process's outbox is empty, the end of the channel.
+pub(crate) fn transmit(
+    process: &mut Process,
+    channel: &Channel,
+    writer: &Notify,
+    scratch: &mut Scratch,
+) -> Flush {
+    loop {
+        let result = match process.outgoing(MAX_FDS) {
+            Outgoing::Nothing => return Flush::Done,
+            Outgoing::Connections(batch) => {
+                frame::encode_connections(&mut scratch.frame, batch.iter().map(Pending::header));
+                scratch.fds.clear();
+                scratch.fds.extend(batch.iter().map(|c| c.fd.as_raw_fd()));
+                let count = batch.len();
+                channel
+                    .try_send(&scratch.frame, &scratch.fds)
+                    .map(|()| process.sent(count, Instant::now()))
+            }
+            Outgoing::End => channel.close_sending().map(|()| process.ended()),
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                process.blocked();
+                writer.notify_one();
+                return Flush::Blocked;
+            }
+            Err(e) if is_shortage(&e) => {
+                process.blocked();
+                writer.notify_one();
+                return Flush::Short(e);
+            }
+            Err(e) => return Flush::Broken(e),
+        }
+    }
+}
+
+/// Sends everything that can go now; a worker whose channel broke is given up on.
+pub(crate) fn flush(ctx: &Ctx) {
+    loop {
+        let broken = send_all(ctx);
+        if broken.is_empty() {
+            return;
+        }
+        for (index, pid, error) in broken {
+            give_up(ctx, index, pid, Lost::channel(error.into()));
+        }
+    }
+}
+
+/// One pass of [`transmit`] over every process with something to send; returns those whose
+/// channel broke.
+fn send_all(ctx: &Ctx) -> Vec<(usize, u32, io::Error)> {
+    let mut table = ctx.table.borrow_mut();
+    let links = ctx.links.borrow();
+    let mut scratch = ctx.scratch.borrow_mut();
+    let mut broken = Vec::new();
+    for (index, process) in table.outgoing() {
+        let Some(link) = links.get(&process.pid) else {
+            continue;
+        };
+        if let Flush::Broken(e) = transmit(process, &link.channel, &link.writer, &mut scratch) {
+            broken.push((index, process.pid, e));
+        }
+    }
+    broken
+}
+
+/// Links process `pid` of slot `index` to its channel: a task reads its frames into the
+/// table, another sends its outbox whenever the channel was full and is writable again.
+pub(crate) fn open(ctx: &Rc<Ctx>, index: usize, pid: u32, channel: Channel) {
+    let channel = Rc::new(channel);
+    let writer = Rc::new(Notify::new());
+    let reader = spawn_local(read_channel(ctx.clone(), index, pid, channel.clone()));
+    let writing = spawn_local(write_channel(
+        ctx.clone(),
+        index,
+        pid,
+        channel.clone(),
+        writer.clone(),
+    ));
+    let link = Link {
+        channel,
+        writer,
+        tasks: vec![reader.abort_handle(), writing.abort_handle()],
+    };
+    ctx.links.borrow_mut().insert(pid, link);
+}
+
+/// Closes process `pid`'s link (its tasks stop); it has left the table.
+pub(crate) fn close(ctx: &Ctx, pid: u32) {
+    let link = ctx.links.borrow_mut().remove(&pid);
+    drop(link);
+}
+
+/// Removes a worker whose channel is unusable (killing it, unless it is a draining worker
+/// on its way out) and re-dispatches its unacknowledged connections.
+pub(crate) fn give_up(ctx: &Ctx, index: usize, pid: u32, why: Lost) {
+    if !matches!(why, Lost::Protocol(_)) {
+        // Its last acknowledgements decide which connections are its own (lost with it)
+        // and which go to another worker; a peer that broke the protocol is not believed.
+        read_last_frames(ctx, index, pid);
+    }
+    let (lost, draining, deadline) = {
+        let mut table = ctx.table.borrow_mut();
+        let draining = table
+            .live
+            .get(&pid)
+            .is_some_and(|l| l.fate == Fate::Draining);
+        let deadline = table.find(index, pid).and_then(|p| p.drain_deadline);
+        (table.lose(index, pid, &why).is_some(), draining, deadline)
+    };
+    close(ctx, pid);
+    let exiting = matches!(why, Lost::Exited) || (draining && matches!(why, Lost::ChannelClosed));
+    if lost && !exiting {
+        let _ = sys::process::signal(pid, libc::SIGKILL);
+    }
+    if lost && draining && matches!(why, Lost::ChannelClosed) {
+        // It closed its channel on its way out; should it linger, its drain deadline holds.
+        if let Some(live) = ctx.table.borrow_mut().live.get_mut(&pid) {
+            live.kill_at = deadline;
+        }
+    }
+}
+
+/// Applies the frames an exited worker left in its channel that the reader task has not
+/// read yet: its last acknowledgements and reports. Connections it acknowledged are its own
+/// (lost with it, never handed to another worker, which could find the request already
+/// read); those it had not are re-dispatched.
+pub(crate) fn read_last_frames(ctx: &Ctx, index: usize, pid: u32) {
+    let Some(channel) = ctx.links.borrow().get(&pid).map(|l| l.channel.clone()) else {
+        return;
+    };
+    let mut buf = frame_buffer();
+    // A worker that exits with frames of ours unread leaves ECONNRESET on our end, and the
+    // kernel reports it once, *before* the frames it had queued for us: read past it.
+    let mut reset_seen = false;
+    // A live peer could keep sending: read what a full queue holds, not forever.
+    for _ in 0..MAX_LAST_FRAMES {
+        match channel.try_recv_frame(&mut buf) {
+            Ok(Some((frame, _no_fds))) => {
+                if ctx.table.borrow_mut().on_frame(index, pid, frame).is_err() {
+                    // Nothing after a broken frame is believed: discard the rest, so a
+                    // later call cannot apply it either.
+                    while let Ok(Some(_)) = channel.try_recv_frame(&mut buf) {}
+                    return;
+                }
+            }
+            Err(ChannelError::Io(e))
+                if e.kind() == io::ErrorKind::ConnectionReset && !reset_seen =>
+            {
+                reset_seen = true;
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>) {
+    let mut buf = frame_buffer();
+    let mut repeats = RepeatBudget::default();
+    loop {
+        // One recvmsg per frame; the one that finds the queue empty clears the readiness
+        // (a raw read past it would cost a second empty recvmsg per wake-up).
+        let verdict = match channel.recv_frame(&mut buf).await {
+            Ok((frame, _no_fds)) => ctx.table.borrow_mut().on_frame(index, pid, frame),
+            Err(e) => Err(Lost::channel(e)),
+        };
+        match verdict {
+            Ok(Heard::News) => flush(&ctx),
+            Ok(Heard::Repeat) => {
+                flush(&ctx);
+                if let Some(pause) = repeats.spend(Instant::now()) {
+                    if repeats.warn() {
+                        tracing::warn!(
+                            worker = index,
+                            pid,
+                            budget = MAX_REPEATS,
+                            "worker floods the channel with reports that say nothing new: \
+                             reading it only once a second"
+                        );
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            Err(lost) => {
+                give_up(&ctx, index, pid, lost);
+                flush(&ctx);
+                return;
+            }
+        }
+    }
+}
+
+/// Frames that say nothing new (heartbeats, repeated reports) read from one worker per
+/// [`REPEAT_WINDOW`]; a worker sends a few (one heartbeat a period). Past the budget the
+/// master stops reading that channel until the window ends: the flooding worker's sends
+/// block and the master's thread stays free for the others.
+const MAX_REPEATS: u32 = 256;
+const REPEAT_WINDOW: Duration = Duration::from_secs(1);
+
+/// A worker's budget of frames with nothing new, per window.
+#[derive(Debug, Default)]
+struct RepeatBudget {
+    window: Option<Instant>,
+    spent: u32,
+    warned: bool,
+}
+
+impl RepeatBudget {
+    /// Counts one repeat at `now`; past the budget, how long to stop reading.
+    fn spend(&mut self, now: Instant) -> Option<Duration> {
+        let start = *self.window.get_or_insert(now);
+        if now.saturating_duration_since(start) >= REPEAT_WINDOW {
+            self.window = Some(now);
+            self.spent = 0;
+        }
+        self.spent += 1;
+        let end = self.window.expect("set above") + REPEAT_WINDOW;
+        (self.spent > MAX_REPEATS).then(|| end.saturating_duration_since(now))
+    }
+
+    /// True the first time only: the flood is logged once per worker.
+    fn warn(&mut self) -> bool {
+        !std::mem::replace(&mut self.warned, true)
+    }
+}
+
+/// The most frames read from a worker that is being given up on.
+const MAX_LAST_FRAMES: usize = 1024;
+
+/// How long the writer waits after a resource shortage before it sends again.
+const SHORTAGE_PAUSE: Duration = Duration::from_millis(20);
+
+async fn write_channel(
+    ctx: Rc<Ctx>,
+    index: usize,
+    pid: u32,
+    channel: Rc<Channel>,
+    wake: Rc<tokio::sync::Notify>,
+) {
+    loop {
+        wake.notified().await;
+        // Warn once per shortage, not at every retry.
+        let mut short = false;
+        loop {
+            let mut guard = match channel.writable().await {
+                Ok(guard) => guard,
+                Err(e) => return give_up(&ctx, index, pid, Lost::channel(e.into())),
+            };
+            let result = transmit_one(&ctx, index, pid);
+            match result {
+                Flush::Done => break,
+                Flush::Blocked => guard.clear_ready(),
+                Flush::Short(e) => {
+                    drop(guard);
+                    if !short {
+                        tracing::warn!(worker = index, pid, error = %e, "sending to the worker: the system is short of resources, retrying");
+                    }
+                    short = true;
+                    tokio::time::sleep(SHORTAGE_PAUSE).await;
+                }
+                Flush::Broken(e) => {
+                    give_up(&ctx, index, pid, Lost::channel(e.into()));
+                    return flush(&ctx);
+                }
+            }
+        }
+    }
+}
+
+/// Sends process `pid`'s outbox now that its channel is writable.
+fn transmit_one(ctx: &Ctx, index: usize, pid: u32) -> Flush {
+    let mut table = ctx.table.borrow_mut();
+    let links = ctx.links.borrow();
+    match (table.find_mut(index, pid), links.get(&pid)) {
+        (Some(process), Some(link)) => {
+            process.writable();
+            transmit(
+                process,
+                &link.channel,
+                &link.writer,
+                &mut ctx.scratch.borrow_mut(),
+            )
+        }
+        _ => Flush::Done,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::master::table::{Phase, Table};
+    use crate::sys::socket::{seqpacket_pair, Peer};
+
+    #[tokio::test]
+    async fn a_full_channel_keeps_connections_in_the_outbox_until_the_worker_reads() {
+        let config = Config {
+            workers: 1,
+            max_pending: 100_000,
+            ..Config::default()
+        };
+        let mut t = Table::new(Rc::new(config));
+        let mut p = Process::new(1000);
+        p.phase = Phase::Ready;
+        t.slots[0].process = Some(p);
+        let (master, worker) = seqpacket_pair().unwrap();
+        let channel = Channel::new(master).unwrap();
+        let writer = Notify::new();
+        let mut scratch = Scratch::default();
+        let mut sent_before_full = None;
+        for i in 0..10_000 {
+            t.accepted(seqpacket_pair().unwrap().0, 0, Peer::Unix);
+            let p = t.find_mut(0, 1000).unwrap();
+            match transmit(p, &channel, &writer, &mut scratch) {
+                Flush::Done => {}
+                Flush::Blocked => {
+                    sent_before_full = Some(i);
+                    break;
+                }
+                Flush::Short(e) | Flush::Broken(e) => panic!("{e}"),
+            }
+        }
+        let sent = sent_before_full.expect("a worker that reads nothing fills its channel");
+        let p = t.find_mut(0, 1000).unwrap();
+        assert_eq!(p.pending(), sent + 1, "nothing lost");
+        assert!(
+            !p.wants_flush(),
+            "the writer task retries, not every accept"
+        );
+        assert!(matches!(p.outgoing(MAX_FDS), Outgoing::Nothing));
+
+        let mut buf = frame_buffer();
+        let mut arrived = 0;
+        while let Ok(got) = sys::scm::recv_with_fds(&worker, &mut buf) {
+            arrived += got.fds.len();
+        }
+        assert_eq!(arrived, sent, "nothing sent twice");
+        p.writable();
+        assert!(matches!(
+            transmit(p, &channel, &writer, &mut scratch),
+            Flush::Done
+        ));
+        assert_eq!(p.pending(), sent + 1);
+        assert!(matches!(p.outgoing(MAX_FDS), Outgoing::Nothing), "all sent");
+    }
+
+    #[test]
+    fn resource_shortages_on_send_are_not_the_worker_s_fault() {
+        let err = io::Error::from_raw_os_error;
+        assert!(is_shortage(&err(libc::ETOOMANYREFS)));
+        assert!(is_shortage(&err(libc::ENOBUFS)));
+        assert!(is_shortage(&err(libc::ENOMEM)));
+        assert!(!is_shortage(&err(libc::EPIPE)));
+        assert!(!is_shortage(&err(libc::EBADF)));
+    }
+
+    #[test]
+    fn repeats_past_the_budget_pause_reading_until_the_window_ends() {
+        let mut budget = RepeatBudget::default();
+        let start = Instant::now();
+        for _ in 0..MAX_REPEATS {
+            assert_eq!(budget.spend(start), None);
+        }
+        let later = start + Duration::from_millis(300);
+        assert_eq!(budget.spend(later), Some(Duration::from_millis(700)));
+        assert!(budget.warn());
+        assert!(!budget.warn(), "logged once");
+        let next_window = start + REPEAT_WINDOW;
+        assert_eq!(
+            budget.spend(next_window),
+            None,
+            "a new window, a new budget"
+        );
+    }
+}
