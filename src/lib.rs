@@ -62,8 +62,9 @@ mod worker;
 #[cfg(feature = "bench")]
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::balance::{Balance, Candidate, LeastLoaded, RoundRobin, TwoChoices};
+    pub use crate::balance::{Balance, Candidate, LeastLoaded, RoundRobin, Strategy, TwoChoices};
     pub use crate::ipc::frame;
+    pub use crate::master::harness::MasterPath;
     pub use crate::sys::{process, scm, socket};
 }
 

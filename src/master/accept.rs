@@ -12,6 +12,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::ctx::Ctx;
 use super::link::flush;
+use super::table::Table;
 use crate::sys;
 
 /// Connections accepted before the loop yields to acknowledgements and other listeners.
@@ -19,7 +20,7 @@ const BATCH: usize = 512;
 /// First and longest pause after `EMFILE`/`ENFILE`/`ENOBUFS`/`ENOMEM`.
 const EXHAUSTED_PAUSE: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
 
-enum Outcome {
+pub(crate) enum Outcome {
     /// The kernel queue is empty.
     Drained,
     /// A batch is done or workers are full; come back.
@@ -60,31 +61,15 @@ pub(crate) async fn run(ctx: Rc<Ctx>, listener: Rc<AsyncFd<OwnedFd>>, index: u16
                 return;
             }
         };
-        let outcome = {
-            let mut table = ctx.table.borrow_mut();
-            let mut accepted = 0;
-            let outcome = loop {
-                if !table.can_accept() || accepted == BATCH {
-                    break Outcome::Yield;
-                }
-                match sys::socket::accept(listener.get_ref()) {
-                    Ok((fd, peer)) => {
-                        table.accepted(fd, index, peer);
-                        accepted += 1;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Outcome::Drained,
-                    Err(e) => match classify(&e) {
-                        None => table.counters.accept_errors += 1,
-                        Some(true) => break Outcome::Exhausted(e),
-                        Some(false) => break Outcome::Failed(e),
-                    },
-                }
-            };
-            if accepted > 0 {
-                pause = EXHAUSTED_PAUSE.0;
-            }
-            outcome
-        };
+        let (accepted, outcome) = accept_batch(
+            &mut ctx.table.borrow_mut(),
+            listener.get_ref(),
+            index,
+            BATCH,
+        );
+        if accepted > 0 {
+            pause = EXHAUSTED_PAUSE.0;
+        }
         flush(&ctx);
         match outcome {
             Outcome::Drained => guard.clear_ready(),
@@ -107,6 +92,35 @@ pub(crate) async fn run(ctx: Rc<Ctx>, listener: Rc<AsyncFd<OwnedFd>>, index: u16
             }
         }
     }
+}
+
+/// Accepts up to `limit` connections from `listener` (number `index`) into the table, while
+/// it can take them; returns how many, and why it stopped.
+pub(crate) fn accept_batch(
+    table: &mut Table,
+    listener: &OwnedFd,
+    index: u16,
+    limit: usize,
+) -> (usize, Outcome) {
+    let mut accepted = 0;
+    let outcome = loop {
+        if !table.can_accept() || accepted == limit {
+            break Outcome::Yield;
+        }
+        match sys::socket::accept(listener) {
+            Ok((fd, peer)) => {
+                table.accepted(fd, index, peer);
+                accepted += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Outcome::Drained,
+            Err(e) => match classify(&e) {
+                None => table.counters.accept_errors += 1,
+                Some(true) => break Outcome::Exhausted(e),
+                Some(false) => break Outcome::Failed(e),
+            },
+        }
+    };
+    (accepted, outcome)
 }
 
 /// Accepts whatever waits in the kernel queue right now, without waiting; used once when

@@ -9,6 +9,8 @@ mod accept;
 #[cfg(feature = "control")]
 mod control;
 mod ctx;
+#[cfg(feature = "bench")]
+pub(crate) mod harness;
 mod kernel;
 mod lifecycle;
 mod link;
