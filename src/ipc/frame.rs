@@ -24,6 +24,7 @@ const KIND_STATUS: u8 = 3;
 const KIND_LISTENERS: u8 = 4;
 const KIND_DRAINING: u8 = 5;
 const KIND_REFUSED: u8 = 6;
+const KIND_COUNTERS: u8 = 7;
 
 /// One handed-off connection, as described next to its fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +75,10 @@ pub enum Frame {
         /// Connections refused, 1 to 253.
         count: u16,
     },
+    /// worker → master, once, before READY: the fd of a sealed memfd where the worker keeps
+    /// its received and finished totals (see `sys::shm`), so the master reads them without
+    /// a frame per connection. Optional: a worker that never sends it reports by STATUS.
+    Counters,
 }
 
 impl Frame {
@@ -86,6 +91,7 @@ impl Frame {
             Frame::Listeners(_) => "listeners",
             Frame::Draining(_) => "draining",
             Frame::Refused { .. } => "refused",
+            Frame::Counters => "counters",
         }
     }
 }
@@ -190,6 +196,11 @@ pub fn encode_ready(out: &mut Vec<u8>) {
     header(out, KIND_READY, 0, 0);
 }
 
+/// Writes a [`Frame::Counters`] frame into `out` (cleared first); its fd goes with it.
+pub fn encode_counters(out: &mut Vec<u8>) {
+    header(out, KIND_COUNTERS, 1, 0);
+}
+
 /// Writes a [`Frame::Status`] frame into `out` (cleared first).
 pub fn encode_status(out: &mut Vec<u8>, status: Status) {
     encode_status_kind(out, KIND_STATUS, status);
@@ -264,6 +275,8 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
         }
         KIND_READY if count == 0 && body.is_empty() => Ok(Frame::Ready),
         KIND_READY => Err(shape("ready")),
+        KIND_COUNTERS if count == 1 && body.is_empty() => Ok(Frame::Counters),
+        KIND_COUNTERS => Err(shape("counters")),
         KIND_STATUS | KIND_DRAINING if count == 0 && body.len() == STATUS_BODY_LEN => {
             let status = decode_status(body);
             Ok(if kind == KIND_STATUS {
@@ -355,6 +368,21 @@ mod tests {
             decode(&buf),
             Err(FrameError::Shape {
                 kind: "draining",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn counters_round_trips_with_exactly_one_fd_and_no_body() {
+        let mut buf = Vec::new();
+        encode_counters(&mut buf);
+        assert_eq!(decode(&buf), Ok(Frame::Counters));
+        buf[2..4].copy_from_slice(&2u16.to_le_bytes());
+        assert!(matches!(
+            decode(&buf),
+            Err(FrameError::Shape {
+                kind: "counters",
                 ..
             })
         ));

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 
 use super::ctx::Ctx;
-use super::link::flush;
+use super::link::{flush, sync};
 use super::table::Table;
 use crate::sys;
 
@@ -45,15 +45,7 @@ pub(crate) async fn run(ctx: Rc<Ctx>, listener: Rc<AsyncFd<OwnedFd>>, index: u16
     let capacity = ctx.table.borrow().capacity.clone();
     let mut pause = EXHAUSTED_PAUSE.0;
     loop {
-        loop {
-            let notified = capacity.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if ctx.table.borrow().can_accept() {
-                break;
-            }
-            notified.await;
-        }
+        wait_for_room(&ctx, &capacity).await;
         let mut guard = match listener.readable().await {
             Ok(guard) => guard,
             Err(e) => {
@@ -61,6 +53,8 @@ pub(crate) async fn run(ctx: Rc<Ctx>, listener: Rc<AsyncFd<OwnedFd>>, index: u16
                 return;
             }
         };
+        // The workers' totals in memory first: acknowledged copies go, loads are fresh.
+        sync(&ctx);
         let (accepted, outcome) = accept_batch(
             &mut ctx.table.borrow_mut(),
             listener.get_ref(),
@@ -91,6 +85,28 @@ pub(crate) async fn run(ctx: Rc<Ctx>, listener: Rc<AsyncFd<OwnedFd>>, index: u16
                 tokio::time::sleep(EXHAUSTED_PAUSE.1).await;
             }
         }
+    }
+}
+
+/// Waits until the master may accept: some worker has room, nothing waits for re-dispatch,
+/// the fd budget allows. Before sleeping it asks the workers that report in memory for a
+/// frame at their next progress, then looks once more (their totals may have moved before
+/// they saw the request).
+async fn wait_for_room(ctx: &Ctx, capacity: &tokio::sync::Notify) {
+    loop {
+        let notified = capacity.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if ctx.table.borrow().can_accept() {
+            return;
+        }
+        ctx.table.borrow().ask_for_reports();
+        sync(ctx);
+        flush(ctx);
+        if ctx.table.borrow().can_accept() {
+            return;
+        }
+        notified.await;
     }
 }
 

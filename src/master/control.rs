@@ -259,6 +259,9 @@ impl Refusals {
 fn respond(ctx: &Ctx, command: &str) -> String {
     match command {
         "status" => {
+            // What the workers counted in memory up to now, not at the last accept.
+            super::link::sync(ctx);
+            super::link::flush(ctx);
             let table = ctx.table.borrow();
             serde_json::json!({
                 "pid": std::process::id(),
@@ -309,6 +312,8 @@ struct SlotReport {
     successor: Option<u32>,
     /// Resident set of its process in KiB, when memory is watched.
     rss_kib: Option<u64>,
+    /// How its process reports its totals: `memory` (shared counters) or `frames`.
+    reports: Option<&'static str>,
 }
 
 /// A replaced process finishing its connections.
@@ -342,6 +347,10 @@ fn slots(table: &Table) -> Vec<SlotReport> {
                 recycling: p.and_then(|p| p.retire),
                 successor: slot.successor.as_ref().map(|s| s.pid),
                 rss_kib: p.and_then(|p| p.rss).map(|b| b / 1024),
+                reports: p.map(|p| match p.shares_counters() {
+                    true => "memory",
+                    false => "frames",
+                }),
             }
         })
         .collect()

@@ -79,9 +79,12 @@ impl MasterPath {
         Ok(accepted)
     }
 
-    /// Applies every frame the workers have sent (acknowledgements close the master's
-    /// copies); returns how many.
+    /// Applies every frame the workers have sent and the totals they share in memory
+    /// (acknowledgements close the master's copies); returns how many frames.
     pub fn read_frames(&mut self) -> io::Result<usize> {
+        if let Some((_, _, lost)) = self.table.sync().into_iter().next() {
+            return Err(io::Error::other(lost.to_string()));
+        }
         let mut frames = 0;
         for (index, channel) in self.channels.iter().enumerate() {
             while let Some((frame, _)) = channel

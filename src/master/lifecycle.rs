@@ -156,6 +156,10 @@ fn check_memory(ctx: &Rc<Ctx>) {
 /// The periodic checks: silent workers, drain deadlines, kill graces, age limits, and
 /// clearing the failure count of slots whose worker has stayed up.
 async fn check_health(ctx: &Rc<Ctx>) {
+    // Progress the workers counted in memory since the master last looked (it looks when
+    // it accepts; an idle master looks here).
+    link::sync(ctx);
+    flush(ctx);
     check_held(ctx);
     if silent_workers(ctx).is_empty() {
         return check_deadlines(ctx);

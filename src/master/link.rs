@@ -4,7 +4,7 @@
 //! channel broke. The table decides; this room does the syscalls.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -12,12 +12,13 @@ use tokio::sync::Notify;
 use tokio::task::spawn_local;
 
 use super::ctx::{Ctx, Link, Scratch};
-use super::table::{Fate, Heard, Lost, Outgoing, Pending, Process};
+use super::table::{Fate, Heard, Lost, Outgoing, Pending, Process, ProtocolError};
 use crate::ipc::channel::frame_buffer;
-use crate::ipc::frame;
+use crate::ipc::frame::{self, Frame};
 use crate::ipc::{Channel, ChannelError};
 use crate::sys;
 use crate::sys::scm::MAX_FDS;
+use crate::sys::shm::Counters;
 
 /// The result of sending what a process's channel should carry.
 #[derive(Debug)]
@@ -110,6 +111,44 @@ fn send_all(ctx: &Ctx) -> Vec<(usize, u32, io::Error)> {
     broken
 }
 
+/// Applies a frame from process `pid` of slot `index`: COUNTERS maps the region its fd
+/// names (see `sys::shm`); every other frame goes to the table.
+fn apply(
+    ctx: &Ctx,
+    index: usize,
+    pid: u32,
+    frame: Frame,
+    fds: Vec<OwnedFd>,
+) -> Result<Heard, Lost> {
+    let Frame::Counters = frame else {
+        return ctx.table.borrow_mut().on_frame(index, pid, frame);
+    };
+    let fd = fds.into_iter().next().expect("the channel checked: one fd");
+    let counters = Counters::map(fd)
+        .map_err(|e| Lost::Protocol(ProtocolError(format!("its COUNTERS region: {e}"))))?;
+    let mut table = ctx.table.borrow_mut();
+    let Some(process) = table.find_mut(index, pid) else {
+        return Ok(Heard::Repeat);
+    };
+    if process.shares_counters() {
+        return Err(Lost::Protocol(ProtocolError(
+            "a second COUNTERS frame".into(),
+        )));
+    }
+    process.attach_counters(counters);
+    tracing::debug!(worker = index, pid, "worker shares its counters in memory");
+    Ok(Heard::News)
+}
+
+/// Reads the totals the workers share in memory (acknowledgements, finished connections);
+/// a worker whose totals break the protocol is given up on.
+pub(crate) fn sync(ctx: &Ctx) {
+    let broken = ctx.table.borrow_mut().sync();
+    for (index, pid, lost) in broken {
+        give_up(ctx, index, pid, lost);
+    }
+}
+
 /// Links process `pid` of slot `index` to its channel: a task reads its frames into the
 /// table, another sends its outbox whenever the channel was full and is writable again.
 pub(crate) fn open(ctx: &Rc<Ctx>, index: usize, pid: u32, channel: Channel) {
@@ -182,8 +221,8 @@ pub(crate) fn read_last_frames(ctx: &Ctx, index: usize, pid: u32) {
     // A live peer could keep sending: read what a full queue holds, not forever.
     for _ in 0..MAX_LAST_FRAMES {
         match channel.try_recv_frame(&mut buf) {
-            Ok(Some((frame, _no_fds))) => {
-                if ctx.table.borrow_mut().on_frame(index, pid, frame).is_err() {
+            Ok(Some((frame, fds))) => {
+                if apply(ctx, index, pid, frame, fds).is_err() {
                     // Nothing after a broken frame is believed: discard the rest, so a
                     // later call cannot apply it either.
                     while let Ok(Some(_)) = channel.try_recv_frame(&mut buf) {}
@@ -195,9 +234,11 @@ pub(crate) fn read_last_frames(ctx: &Ctx, index: usize, pid: u32) {
             {
                 reset_seen = true;
             }
-            Ok(None) | Err(_) => return,
+            Ok(None) | Err(_) => break,
         }
     }
+    // What it counted in memory is final and newer than any frame: the memory outlives it.
+    let _ = ctx.table.borrow_mut().sync_one(index, pid);
 }
 
 async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>) {
@@ -207,7 +248,7 @@ async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>
         // One recvmsg per frame; the one that finds the queue empty clears the readiness
         // (a raw read past it would cost a second empty recvmsg per wake-up).
         let verdict = match channel.recv_frame(&mut buf).await {
-            Ok((frame, _no_fds)) => ctx.table.borrow_mut().on_frame(index, pid, frame),
+            Ok((frame, fds)) => apply(&ctx, index, pid, frame, fds),
             Err(e) => Err(Lost::channel(e)),
         };
         match verdict {

@@ -315,6 +315,12 @@ async fn stop(ctx: &Rc<Ctx>, listeners: Vec<Listener>, accepting: Vec<JoinHandle
         if !waiting(&ctx.table.borrow()) {
             break;
         }
+        ctx.table.borrow().ask_for_reports();
+        link::sync(ctx);
+        flush(ctx);
+        if !waiting(&ctx.table.borrow()) {
+            break;
+        }
         let _ = tokio::time::timeout_at(deadline.into(), notified).await;
         flush(ctx);
     }

@@ -6,6 +6,7 @@
 
 pub mod process;
 pub mod scm;
+pub mod shm;
 pub mod socket;
 
 /// Calls a libc function and turns the C convention (`-1` and `errno`) into `io::Result`.

@@ -25,6 +25,7 @@ use crate::ipc::frame::{self, Frame, Status};
 use crate::ipc::{Channel, ChannelError};
 use crate::supervise::{ENV_DRAIN_MS, ENV_FD, ENV_HEARTBEAT_MS, ENV_LISTEN, ENV_WORKER};
 use crate::sys;
+use crate::sys::shm::Counters;
 use crate::sys::socket::Peer;
 
 /// An error a worker's own code may return.
@@ -70,8 +71,7 @@ pub fn is_worker() -> bool {
 #[derive(Debug)]
 pub(crate) struct Shared {
     channel: Channel,
-    received: AtomicU64,
-    closed: AtomicU64,
+    counts: Counts,
     active: AtomicU64,
     report: Notify,
     /// Report every finished connection at once (the master balances on it); off in the
@@ -91,11 +91,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn new(channel: Channel, drain: watch::Sender<bool>) -> Self {
+    fn new(channel: Channel, counts: Counts, drain: watch::Sender<bool>) -> Self {
         Shared {
             channel,
-            received: AtomicU64::new(0),
-            closed: AtomicU64::new(0),
+            counts,
             active: AtomicU64::new(0),
             report: Notify::new(),
             eager_reports: std::sync::atomic::AtomicBool::new(true),
@@ -111,9 +110,9 @@ impl Shared {
 
     fn status(&self) -> Status {
         // Load closed before received: a report must never show more finished than received.
-        let closed_total = self.closed.load(Ordering::Acquire);
+        let closed_total = self.counts.closed().load(Ordering::SeqCst);
         Status {
-            received_total: self.received.load(Ordering::Acquire),
+            received_total: self.counts.received().load(Ordering::SeqCst),
             closed_total,
         }
     }
@@ -182,7 +181,7 @@ impl Shared {
     }
 
     pub(crate) fn connection_finished(&self) {
-        self.closed.fetch_add(1, Ordering::AcqRel);
+        self.counts.closed().fetch_add(1, Ordering::SeqCst);
         if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }
@@ -280,12 +279,19 @@ impl Incoming {
                 }
                 Ok((Frame::Connections(headers), fds)) => {
                     let refused = headers.len() - fds.len();
+                    self.shared.counts.refuse(refused as u64);
                     self.take(headers, fds);
                     // Acknowledge before the service sees any of them: a handler that keeps
                     // this thread busy must not hold the ack back, or the master would hand
                     // a connection this worker may already have read to another one.
+                    // Counted in shared memory, they are acknowledged already: a frame goes
+                    // only to a master that asked for one.
                     let acknowledged = if refused == 0 {
-                        self.shared.send_status().await
+                        if self.shared.counts.frame_wanted() {
+                            self.shared.send_status().await
+                        } else {
+                            Ok(())
+                        }
                     } else {
                         // Our fd table is full: the kernel dropped the last fds. The master
                         // still holds them and gives them to another worker; the fds of
@@ -349,7 +355,12 @@ impl Incoming {
 
     /// Takes the connections whose fds arrived (the first `fds.len()` of `headers`).
     fn take(&mut self, headers: Vec<crate::ipc::ConnectionHeader>, fds: Vec<std::os::fd::OwnedFd>) {
-        let count = fds.len() as u64;
+        // Counted first: a connection that fails below counts as finished too, and the
+        // master may read the totals at any moment (never more finished than received).
+        self.shared
+            .counts
+            .received()
+            .fetch_add(fds.len() as u64, Ordering::SeqCst);
         for (header, fd) in headers.into_iter().zip(fds) {
             match Connection::new(header, fd, &self.shared) {
                 Ok(conn) => self.queue.push_back(conn),
@@ -361,7 +372,6 @@ impl Incoming {
                 }
             }
         }
-        self.shared.received.fetch_add(count, Ordering::AcqRel);
     }
 }
 
@@ -424,8 +434,9 @@ where
 {
     let channel = sys::process::inherited_channel(fd).map_err(WorkerError::TakeChannel)?;
     let channel = Channel::new(channel).map_err(WorkerError::TakeChannel)?;
+    let counts = Counts::share(&channel).await;
     let (drain_tx, drain_rx) = watch::channel(false);
-    let shared = Arc::new(Shared::new(channel, drain_tx));
+    let shared = Arc::new(Shared::new(channel, counts, drain_tx));
     let heartbeat = env_duration(ENV_HEARTBEAT_MS, Duration::from_secs(1));
     let reporter = tokio::spawn(report(shared.clone(), heartbeat));
     let closer = {
@@ -485,6 +496,74 @@ async fn wait_idle(shared: &Shared, timeout: Duration) {
     }
 }
 
+/// Where a worker counts the connections it received and finished.
+#[derive(Debug)]
+enum Counts {
+    /// In memory the master maps too (`sys::shm`): it reads them when it chooses.
+    Shared(Counters),
+    /// Its own: every change goes to the master in a STATUS frame.
+    Own {
+        received: AtomicU64,
+        closed: AtomicU64,
+    },
+}
+
+impl Counts {
+    /// Counters in shared memory, their fd sent to the master in a COUNTERS frame (before
+    /// READY, so before any connection); its own counters if either step fails.
+    async fn share(channel: &Channel) -> Counts {
+        let shared = async {
+            let counters = Counters::create()?;
+            let mut bytes = Vec::new();
+            frame::encode_counters(&mut bytes);
+            channel
+                .send(&bytes, &[std::os::fd::AsRawFd::as_raw_fd(&counters.fd())])
+                .await?;
+            Ok::<_, std::io::Error>(counters)
+        };
+        match shared.await {
+            Ok(counters) => Counts::Shared(counters),
+            Err(e) => {
+                tracing::debug!(error = %e, "counting in frames: no shared counters");
+                Counts::Own {
+                    received: AtomicU64::new(0),
+                    closed: AtomicU64::new(0),
+                }
+            }
+        }
+    }
+
+    fn received(&self) -> &AtomicU64 {
+        match self {
+            Counts::Shared(counters) => &counters.region().received,
+            Counts::Own { received, .. } => received,
+        }
+    }
+
+    fn closed(&self) -> &AtomicU64 {
+        match self {
+            Counts::Shared(counters) => &counters.region().closed,
+            Counts::Own { closed, .. } => closed,
+        }
+    }
+
+    /// Counts `count` refused connections, before the received ones of the same frame.
+    fn refuse(&self, count: u64) {
+        if let (Counts::Shared(counters), 1..) = (self, count) {
+            counters.region().refused.fetch_add(count, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a change should go to the master in a frame now: always when it cannot read
+    /// the counters, and when it asked for one (it waits for this worker's progress).
+    fn frame_wanted(&self) -> bool {
+        match self {
+            Counts::Shared(counters) => counters.region().wake.0.swap(0, Ordering::SeqCst) == 1,
+            Counts::Own { .. } => true,
+        }
+    }
+}
+
 /// Sends a status report when something changed, and at least every `heartbeat`. Closes
 /// are reported at once (after one yield, so that those of the same scheduler turn share a
 /// frame): holding them back for the next acknowledgement saved master wake-ups but made
@@ -496,7 +575,7 @@ async fn report(shared: Arc<Shared>, heartbeat: Duration) {
             .is_ok();
         if changed {
             tokio::task::yield_now().await;
-            if shared.reported() {
+            if shared.reported() || !shared.counts.frame_wanted() {
                 continue;
             }
         }

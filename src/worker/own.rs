@@ -90,7 +90,7 @@ impl OwnListeners {
                 };
                 let conn = Connection::accepted(header, stream, shared);
                 // Reported with the next heartbeat: nobody balances on it in these modes.
-                shared.received.fetch_add(1, Ordering::AcqRel);
+                shared.counts.received().fetch_add(1, Ordering::SeqCst);
                 Some(conn)
             }
             Err(e) => {

@@ -550,3 +550,27 @@ fn json_logs_are_one_object_a_line_and_worker_lines_name_their_worker() {
         assert!(parsed["level"].is_string() && parsed["fields"]["message"].is_string());
     }
 }
+
+#[test]
+fn rust_workers_count_in_shared_memory_and_the_master_reads_exact_totals() {
+    let master = Master::start(&["--workers", "2", "--strategy", "round-robin"]);
+    master.wait_all_ready();
+    for _ in 0..20 {
+        assert_eq!(master.get().status, 200);
+    }
+    // Each worker counts in memory the master maps; `status` reads it at once.
+    let settled = wait_until(PATIENCE, || {
+        let status = master.status();
+        let workers = status["workers"].as_array().unwrap().clone();
+        workers.iter().all(|w| w["reports"] == "memory")
+            && workers
+                .iter()
+                .map(|w| w["finished"].as_u64().unwrap())
+                .sum::<u64>()
+                == 20
+            && workers
+                .iter()
+                .all(|w| w["active"] == 0 && w["pending"] == 0)
+    });
+    assert!(settled, "{}", master.status());
+}

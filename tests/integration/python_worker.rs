@@ -249,6 +249,22 @@ fn a_misbehaving_worker_is_replaced(fixture: &str, logged: &str) {
 }
 
 #[test]
+fn a_python_worker_reports_by_frames() {
+    let master = start("examples/worker.py");
+    master.wait_all_ready();
+    assert_eq!(master.get().status, 200);
+    let status = master.status();
+    assert!(
+        status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["reports"] == "frames"),
+        "{status}"
+    );
+}
+
+#[test]
 fn a_worker_that_writes_garbage_is_replaced() {
     // "GET " is not version 1: the master refuses the frame at its first byte.
     a_misbehaving_worker_is_replaced("tests/fixtures/garbage_worker.py", "Version(71)");
@@ -259,6 +275,22 @@ fn a_worker_that_attaches_fds_to_a_status_is_replaced() {
     a_misbehaving_worker_is_replaced(
         "tests/fixtures/fd_on_status_worker.py",
         "FdCount { declared: 0, arrived: 1 }",
+    );
+}
+
+#[test]
+fn a_worker_that_shares_counters_it_could_truncate_is_replaced() {
+    a_misbehaving_worker_is_replaced(
+        "tests/fixtures/unsealed_counters_worker.py",
+        "not sealed against shrinking",
+    );
+}
+
+#[test]
+fn a_worker_that_claims_more_than_it_got_in_shared_counters_is_replaced() {
+    a_misbehaving_worker_is_replaced(
+        "tests/fixtures/lying_counters_worker.py",
+        "status says 1000 received",
     );
 }
 

@@ -212,6 +212,8 @@ pub(crate) struct Table {
     /// Connections of lost workers, handed out again before anything new is accepted.
     retry: VecDeque<Pending>,
     next_id: u64,
+    /// Scratch for [`Table::sync`].
+    changed: Vec<(usize, u32, crate::ipc::frame::Status)>,
 }
 
 impl Table {
@@ -238,6 +240,7 @@ impl Table {
             max_held: usize::MAX,
             retry: VecDeque::new(),
             next_id: 0,
+            changed: Vec::new(),
             config,
         }
     }
@@ -368,6 +371,47 @@ impl Table {
     /// Process `pid` of slot `index`, to change, wherever it is in the slot.
     pub fn find_mut(&mut self, index: usize, pid: u32) -> Option<&mut Process> {
         self.slots.get_mut(index)?.find_mut(pid)
+    }
+
+    /// Reads the totals the processes share in memory and applies those that changed as a
+    /// STATUS frame would be; returns the processes whose totals broke the protocol.
+    pub fn sync(&mut self) -> Vec<(usize, u32, Lost)> {
+        let mut changed = std::mem::take(&mut self.changed);
+        changed.clear();
+        for (index, slot) in self.slots.iter().enumerate() {
+            for p in slot.processes() {
+                let Some(status) = p.shared_totals() else {
+                    continue;
+                };
+                if (status.received_total, status.closed_total) != p.totals() {
+                    changed.push((index, p.pid, status));
+                }
+            }
+        }
+        let mut broken = Vec::new();
+        for &(index, pid, status) in &changed {
+            if let Err(lost) = self.on_frame(index, pid, Frame::Status(status)) {
+                broken.push((index, pid, lost));
+            }
+        }
+        self.changed = changed;
+        broken
+    }
+
+    /// [`Table::sync`] for process `pid` of slot `index` alone.
+    pub fn sync_one(&mut self, index: usize, pid: u32) -> Result<(), Lost> {
+        let Some(status) = self.find(index, pid).and_then(Process::shared_totals) else {
+            return Ok(());
+        };
+        self.on_frame(index, pid, Frame::Status(status)).map(drop)
+    }
+
+    /// Asks every process that shares its totals in memory and owes acknowledgements for a
+    /// STATUS frame at its next change: the master is about to wait for progress.
+    pub fn ask_for_reports(&self) {
+        for slot in &self.slots {
+            slot.processes().for_each(Process::ask_for_report);
+        }
     }
 
     /// Applies a frame from worker `pid` of slot `index`.

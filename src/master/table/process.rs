@@ -8,10 +8,12 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::ipc::frame::{ConnectionHeader, Status};
 use crate::supervise::recycle::{Limits, Reason, Usage};
+use crate::sys::shm::Counters;
 use crate::sys::socket::Peer;
 
 /// How often a worker that keeps refusing connections is logged, at most.
@@ -117,6 +119,8 @@ pub(crate) struct Process {
     /// It refused connections for lack of fds: it gets none until it reports one finished
     /// (or the lifecycle task's pause is over).
     pub(super) full_since: Option<Instant>,
+    /// Connections it refused, all told (REFUSED frames).
+    refused_total: u64,
     /// Connections it refused since the last log line about it, and when that was.
     refused_unlogged: u64,
     refusal_logged: Option<Instant>,
@@ -135,6 +139,8 @@ pub(crate) struct Process {
     /// Its channel is full: nothing is sent until it is writable again.
     write_blocked: bool,
     sending_closed: bool,
+    /// The totals it keeps in shared memory, once it sent them (COUNTERS).
+    counters: Option<Counters>,
 }
 
 impl Process {
@@ -151,6 +157,7 @@ impl Process {
             rss: None,
             ack_wait_since: None,
             full_since: None,
+            refused_total: 0,
             refused_unlogged: 0,
             refusal_logged: None,
             outbox: VecDeque::new(),
@@ -161,6 +168,7 @@ impl Process {
             closed: 0,
             write_blocked: false,
             sending_closed: false,
+            counters: None,
         }
     }
 
@@ -251,6 +259,45 @@ impl Process {
         self.write_blocked = false;
     }
 
+    /// It shares its totals in memory from now on: its reports may then lag behind them.
+    pub fn attach_counters(&mut self, counters: Counters) {
+        self.counters = Some(counters);
+    }
+
+    /// Whether it shares its totals in memory.
+    pub fn shares_counters(&self) -> bool {
+        self.counters.is_some()
+    }
+
+    /// Its totals as it keeps them in shared memory now, if it does and they can be taken
+    /// as they are (no REFUSED frame is on its way).
+    pub fn shared_totals(&self) -> Option<Status> {
+        let region = self.counters.as_ref()?.region();
+        // Finished before received: a finished connection was received first, so the
+        // totals read this way never show more finished than received.
+        let closed_total = region.closed.load(Ordering::SeqCst);
+        let received_total = region.received.load(Ordering::SeqCst);
+        // Read last: a refusal the master has not had the REFUSED frame of yet may hide
+        // among the received ones; wait for the frame.
+        if region.refused.load(Ordering::SeqCst) > self.refused_total {
+            return None;
+        }
+        Some(Status {
+            received_total,
+            closed_total,
+        })
+    }
+
+    /// Asks it for a STATUS frame at its next change, if it shares its totals in memory and
+    /// holds connections unacknowledged: the master is about to wait for its progress.
+    pub fn ask_for_report(&self) {
+        if let Some(counters) = &self.counters {
+            if !self.unacked.is_empty() {
+                counters.region().wake.0.store(1, Ordering::SeqCst);
+            }
+        }
+    }
+
     /// Checks a report against what it was sent and releases acknowledged copies. In the
     /// kernel modes the worker accepts itself, so its count of received connections is what
     /// it was "sent".
@@ -260,6 +307,14 @@ impl Process {
         worker_accepts: bool,
         now: Instant,
     ) -> Result<(), ProtocolError> {
+        let status = match &self.counters {
+            // A frame may be older than what the master last read from memory.
+            Some(_) => Status {
+                received_total: status.received_total.max(self.received),
+                closed_total: status.closed_total.max(self.closed),
+            },
+            None => status,
+        };
         if worker_accepts && status.received_total >= self.sent {
             self.sent = status.received_total;
             self.assigned = status.received_total;
@@ -309,6 +364,7 @@ impl Process {
         self.assigned -= count as u64;
         self.ack_wait_since = (!self.unacked.is_empty()).then_some(now);
         self.full_since = Some(now);
+        self.refused_total += count as u64;
         self.refused_unlogged += count as u64;
         Ok(refused)
     }

@@ -564,3 +564,83 @@ async fn a_worker_that_leaves_connections_unacknowledged_gets_nothing_new_until_
         "it takes its share again"
     );
 }
+
+/// Process `pid` of slot 0 shares its totals in memory; returns the worker's mapping.
+fn share_counters(t: &mut Table, pid: u32) -> crate::sys::shm::Counters {
+    let worker = crate::sys::shm::Counters::create().unwrap();
+    let master = crate::sys::shm::Counters::map(worker.fd().try_clone_to_owned().unwrap()).unwrap();
+    t.find_mut(0, pid).unwrap().attach_counters(master);
+    worker
+}
+
+#[test]
+fn totals_shared_in_memory_release_copies_and_loads_without_a_frame() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut t = table(1, 100);
+    let worker = share_counters(&mut t, 1000);
+    for _ in 0..3 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    deliver(&mut t);
+    assert!(t.sync().is_empty());
+    assert_eq!(t.held(), 3, "nothing acknowledged yet");
+    worker.region().received.fetch_add(3, SeqCst);
+    worker.region().closed.fetch_add(1, SeqCst);
+    assert!(t.sync().is_empty());
+    let p = t.find(0, 1000).unwrap();
+    assert_eq!((t.held(), p.active()), (0, 2), "copies closed, load read");
+    // A frame older than the memory changes nothing, and is no violation.
+    ack(&mut t, 0, 1000, 2, 0);
+    assert_eq!(t.find(0, 1000).unwrap().totals(), (3, 1));
+}
+
+#[test]
+fn a_refusal_in_memory_waits_for_its_refused_frame() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut t = table(1, 100);
+    let worker = share_counters(&mut t, 1000);
+    for _ in 0..4 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    deliver(&mut t);
+    // The worker took 2 of the 4 and refused 2; then got 0 more. Until the REFUSED frame
+    // comes, "received 2" could hide a refusal: the table waits.
+    worker.region().refused.fetch_add(2, SeqCst);
+    worker.region().received.fetch_add(2, SeqCst);
+    assert!(t.sync().is_empty());
+    assert_eq!(t.find(0, 1000).unwrap().totals(), (0, 0), "not applied yet");
+    refused(&mut t, 1000, 2, 0, 2).unwrap();
+    assert_eq!(t.retry_len(), 2, "the refused two go to another worker");
+    assert!(t.sync().is_empty());
+    assert_eq!(t.find(0, 1000).unwrap().totals(), (2, 0));
+}
+
+#[test]
+fn totals_in_memory_that_break_the_protocol_lose_the_worker() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut t = table(1, 100);
+    let worker = share_counters(&mut t, 1000);
+    t.accepted(connection(), 0, Peer::Unix);
+    deliver(&mut t);
+    worker.region().received.store(5, SeqCst);
+    let broken = t.sync();
+    assert_eq!(broken.len(), 1);
+    assert!(
+        matches!(broken[0].2, Lost::Protocol(_)),
+        "{:?}",
+        broken[0].2
+    );
+}
+
+#[test]
+fn the_master_asks_for_a_frame_only_of_workers_that_owe_acknowledgements() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut t = table(1, 100);
+    let worker = share_counters(&mut t, 1000);
+    t.ask_for_reports();
+    assert_eq!(worker.region().wake.0.load(SeqCst), 0, "nothing owed");
+    t.accepted(connection(), 0, Peer::Unix);
+    deliver(&mut t);
+    t.ask_for_reports();
+    assert_eq!(worker.region().wake.0.load(SeqCst), 1);
+}
