@@ -11,13 +11,14 @@
 use std::collections::VecDeque;
 use std::hint::black_box;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use handoff::internals::frame::{self, ConnectionHeader, Status};
 use handoff::internals::scm::{self, MAX_FDS};
-use handoff::internals::{process, socket, MasterPath, Strategy};
+use handoff::internals::{process, shm, socket, MasterPath, Strategy};
 use handoff::internals::{Balance, Candidate, LeastLoaded, RoundRobin, TwoChoices};
 
 /// Connections made ready in the kernel queue before each measured drain.
@@ -33,11 +34,30 @@ fn candidates(loads: &[u64]) -> Vec<Candidate> {
         .collect()
 }
 
+/// How the fake workers acknowledge.
+#[derive(Debug, Clone, Copy)]
+enum Acks {
+    /// A STATUS frame per batch received.
+    Frames,
+    /// Atomic adds in counters shared in memory (sent once in a COUNTERS frame).
+    Memory,
+}
+
 /// The worker side: receive batches and acknowledge them cumulatively. Like a real worker
 /// it still holds a connection when the master drops its copy (it serves it first), so it
 /// keeps the last chunk's worth open: the master's close is never the last one, which would
 /// charge the whole TCP teardown to the master.
-fn fake_worker(channel: OwnedFd) {
+fn fake_worker(channel: OwnedFd, acks: Acks) {
+    let counters = match acks {
+        Acks::Frames => None,
+        Acks::Memory => {
+            let counters = shm::Counters::create().unwrap();
+            let mut bytes = Vec::new();
+            frame::encode_counters(&mut bytes);
+            scm::send_with_fds(&channel, &bytes, &[counters.fd().as_raw_fd()]).unwrap();
+            Some(counters)
+        }
+    };
     let mut buf = vec![0u8; frame::MAX_FRAME_LEN + 1];
     let mut received = 0u64;
     let mut ack = Vec::new();
@@ -52,10 +72,16 @@ fn fake_worker(channel: OwnedFd) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return,
         };
-        received += got.fds.len() as u64;
+        let count = got.fds.len() as u64;
+        received += count;
         serving.extend(got.fds);
         while serving.len() > CHUNK {
             serving.pop_front();
+        }
+        if let Some(counters) = &counters {
+            counters.region().received.fetch_add(count, SeqCst);
+            counters.region().closed.fetch_add(count, SeqCst);
+            continue;
         }
         frame::encode_status(
             &mut ack,
@@ -72,6 +98,24 @@ fn fake_worker(channel: OwnedFd) {
 const WORKERS: usize = 16;
 
 fn per_connection(c: &mut Criterion) {
+    let mut group = c.benchmark_group("handoff");
+    group.throughput(Throughput::Elements(1));
+    group.measurement_time(Duration::from_secs(8));
+    for (name, acks) in [
+        ("per_connection", Acks::Frames),
+        ("per_connection_shared_counters", Acks::Memory),
+    ] {
+        measure_dispatch(&mut group, name, acks);
+    }
+    group.finish();
+}
+
+/// The master's CPU per connection over [`WORKERS`] fake workers acknowledging by `acks`.
+fn measure_dispatch(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    acks: Acks,
+) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -82,15 +126,12 @@ fn per_connection(c: &mut Criterion) {
     let channels = (0..WORKERS)
         .map(|_| {
             let (master_end, worker_end) = socket::seqpacket_pair().unwrap();
-            std::thread::spawn(move || fake_worker(worker_end));
+            std::thread::spawn(move || fake_worker(worker_end, acks));
             master_end
         })
         .collect();
     let mut master = MasterPath::new(listener, channels, Strategy::LeastLoaded).unwrap();
-    let mut group = c.benchmark_group("handoff");
-    group.throughput(Throughput::Elements(1));
-    group.measurement_time(Duration::from_secs(8));
-    group.bench_function("per_connection", |b| {
+    group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             let mut done = 0u64;
@@ -110,7 +151,7 @@ fn per_connection(c: &mut Criterion) {
                 // none has come is the harness waiting (the master sleeps in epoll), not.
                 while master.held() > 0 {
                     let before = process::thread_cpu_time();
-                    if master.read_frames().expect("frames") > 0 {
+                    if master.settle().expect("acknowledgements") > 0 {
                         spent += process::thread_cpu_time() - before;
                     } else {
                         std::thread::yield_now();
@@ -122,7 +163,6 @@ fn per_connection(c: &mut Criterion) {
             spent
         })
     });
-    group.finish();
 }
 
 fn pick(c: &mut Criterion) {

@@ -65,7 +65,7 @@ pub mod internals {
     pub use crate::balance::{Balance, Candidate, LeastLoaded, RoundRobin, Strategy, TwoChoices};
     pub use crate::ipc::frame;
     pub use crate::master::harness::MasterPath;
-    pub use crate::sys::{process, scm, socket};
+    pub use crate::sys::{process, scm, shm, socket};
 }
 
 use std::ffi::OsString;

@@ -16,7 +16,9 @@ use super::table::{Phase, Process, Table};
 use crate::balance::Strategy;
 use crate::config::Config;
 use crate::ipc::channel::frame_buffer;
+use crate::ipc::frame::Frame;
 use crate::ipc::Channel;
+use crate::sys::shm::Counters;
 
 /// A master without its tasks: one listener, one ready process per channel.
 #[derive(Debug)]
@@ -80,24 +82,29 @@ impl MasterPath {
     }
 
     /// Applies every frame the workers have sent and the totals they share in memory
-    /// (acknowledgements close the master's copies); returns how many frames.
-    pub fn read_frames(&mut self) -> io::Result<usize> {
-        if let Some((_, _, lost)) = self.table.sync().into_iter().next() {
-            return Err(io::Error::other(lost.to_string()));
-        }
-        let mut frames = 0;
+    /// (acknowledgements close the master's copies); returns how many copies it closed.
+    pub fn settle(&mut self) -> io::Result<usize> {
+        let held = self.table.held();
         for (index, channel) in self.channels.iter().enumerate() {
-            while let Some((frame, _)) = channel
+            while let Some((frame, fds)) = channel
                 .try_recv_frame(&mut self.buf)
                 .map_err(|e| io::Error::other(e.to_string()))?
             {
+                if let Frame::Counters = frame {
+                    let fd = fds.into_iter().next().expect("checked: one fd");
+                    let process = self.table.find_mut(index, pid(index)).expect("a process");
+                    process.attach_counters(Counters::map(fd)?);
+                    continue;
+                }
                 self.table
                     .on_frame(index, pid(index), frame)
                     .map_err(|e| io::Error::other(e.to_string()))?;
-                frames += 1;
             }
         }
-        Ok(frames)
+        if let Some((_, _, lost)) = self.table.sync().into_iter().next() {
+            return Err(io::Error::other(lost.to_string()));
+        }
+        Ok(held - self.table.held())
     }
 
     /// Connections the master still holds (sent, not acknowledged).
