@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::hint::black_box;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
@@ -105,7 +105,7 @@ impl Master {
                         peer: *peer,
                     });
                 frame::encode_connections(&mut self.frame, headers);
-                let fds: Vec<_> = batch.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+                let fds: Vec<_> = batch.iter().map(|(fd, _)| fd.as_fd()).collect();
                 scm::send_with_fds(&self.channel, &self.frame, &fds).expect("send batch");
                 handed += batch.len();
                 self.unacked.extend(batch.drain(..).map(|(fd, _)| fd));
