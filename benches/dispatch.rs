@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::hint::black_box;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
@@ -54,7 +54,7 @@ fn fake_worker(channel: OwnedFd, acks: Acks) {
             let counters = shm::Counters::create().unwrap();
             let mut bytes = Vec::new();
             frame::encode_counters(&mut bytes);
-            scm::send_with_fds(&channel, &bytes, &[counters.fd().as_raw_fd()]).unwrap();
+            scm::send_with_fds(&channel, &bytes, &[counters.fd()]).unwrap();
             Some(counters)
         }
     };

@@ -4,7 +4,7 @@
 //! the first of them).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
 
@@ -69,12 +69,12 @@ impl Channel {
     }
 
     /// Sends one frame and its fds now, or fails with `WouldBlock`.
-    pub fn try_send(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    pub fn try_send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         scm::send_with_fds(self.fd.get_ref(), bytes, fds).map(drop)
     }
 
     /// Sends one frame and its fds, waiting while the peer's queue is full.
-    pub async fn send(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    pub async fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         loop {
             let mut guard = self.fd.writable().await?;
             match guard.try_io(|fd| scm::send_with_fds(fd.get_ref(), bytes, fds)) {
@@ -119,9 +119,9 @@ impl Channel {
     }
 }
 
-impl AsRawFd for Channel {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.get_ref().as_raw_fd()
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
     }
 }
 
@@ -180,7 +180,7 @@ mod tests {
             peer: Peer::Unix,
         };
         encode_connections(&mut bytes, [header, header].into_iter());
-        a.send(&bytes, &[a.as_raw_fd()]).await.unwrap();
+        a.send(&bytes, &[a.as_fd()]).await.unwrap();
         let mut buf = frame_buffer();
         let err = b.recv_frame(&mut buf).await.unwrap_err();
         assert!(
@@ -200,7 +200,7 @@ mod tests {
         let (a, b) = pair();
         let mut bytes = Vec::new();
         encode_status(&mut bytes, Status::default());
-        a.send(&bytes, &[a.as_raw_fd()]).await.unwrap();
+        a.send(&bytes, &[a.as_fd()]).await.unwrap();
         let mut buf = frame_buffer();
         let err = b.recv_frame(&mut buf).await.unwrap_err();
         assert!(

@@ -153,7 +153,6 @@ async fn accept(listener: &AsyncFd<OwnedFd>) -> io::Result<UnixStream> {
 }
 
 async fn answer(ctx: &Ctx, stream: UnixStream, turn: Turn) -> io::Result<()> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     {
@@ -169,7 +168,7 @@ async fn answer(ctx: &Ctx, stream: UnixStream, turn: Turn) -> io::Result<()> {
             Some(read) => read,
             // Told to make room: a line already in the socket (which the reactor may not
             // have reported yet) is still answered; an idle connection is closed.
-            None if sys::socket::wait_readable(&fd, 0).unwrap_or(false) => {
+            None if sys::socket::wait_readable(write.as_ref(), 0).unwrap_or(false) => {
                 tokio::time::timeout(EVICTED_GRACE, &mut read_line).await
             }
             None => return Ok(()),

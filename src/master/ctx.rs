@@ -4,7 +4,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use tokio::sync::Notify;
@@ -15,7 +14,6 @@ use super::table::Table;
 use crate::ipc::frame::MAX_FRAME_LEN;
 use crate::ipc::Channel;
 use crate::supervise::Launcher;
-use crate::sys::scm::MAX_FDS;
 
 /// The master's shared state.
 #[derive(Debug)]
@@ -59,18 +57,17 @@ impl Drop for Link {
     }
 }
 
-/// Reused buffers for a CONNECTIONS frame and its fds.
+/// A reused buffer for encoding a CONNECTIONS frame. Its fds are borrowed from the outbox
+/// for each send (a `BorrowedFd` cannot outlive the batch it borrows from).
 #[derive(Debug)]
 pub(crate) struct Scratch {
     pub frame: Vec<u8>,
-    pub fds: Vec<RawFd>,
 }
 
 impl Default for Scratch {
     fn default() -> Self {
         Scratch {
             frame: Vec::with_capacity(MAX_FRAME_LEN),
-            fds: Vec::with_capacity(MAX_FDS),
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::balance::Strategy;
 use crate::ipc::frame::{self, ConnectionHeader};
@@ -88,7 +88,7 @@ impl Handout {
             Handout::Master => Ok(()),
             Handout::Shared(listeners) => {
                 frame::encode_listeners(&mut bytes, listeners.iter().map(|(entry, _)| *entry));
-                let fds: Vec<RawFd> = listeners.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+                let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
                 channel.try_send(&bytes, &fds)
             }
             Handout::Reuseport { addrs, backlog, .. } => {
@@ -97,7 +97,7 @@ impl Handout {
                     .map(|(_, addr)| sys::socket::tcp_listener(*addr, *backlog, true))
                     .collect::<io::Result<_>>()?;
                 frame::encode_listeners(&mut bytes, addrs.iter().map(|(entry, _)| *entry));
-                let fds: Vec<RawFd> = own.iter().map(AsRawFd::as_raw_fd).collect();
+                let fds: Vec<BorrowedFd<'_>> = own.iter().map(AsFd::as_fd).collect();
                 // The worker holds the only copy once this returns; its death closes them.
                 channel.try_send(&bytes, &fds)
             }

@@ -4,7 +4,7 @@
 //! channel broke. The table decides; this room does the syscalls.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -54,11 +54,11 @@ pub(crate) fn transmit(
             Outgoing::Nothing => return Flush::Done,
             Outgoing::Connections(batch) => {
                 frame::encode_connections(&mut scratch.frame, batch.iter().map(Pending::header));
-                scratch.fds.clear();
-                scratch.fds.extend(batch.iter().map(|c| c.fd.as_raw_fd()));
+                // Borrowed for this one sendmsg; the table keeps owning them.
+                let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|c| c.fd.as_fd()).collect();
                 let count = batch.len();
                 channel
-                    .try_send(&scratch.frame, &scratch.fds)
+                    .try_send(&scratch.frame, &fds)
                     .map(|()| process.sent(count, Instant::now()))
             }
             Outgoing::End => channel.close_sending().map(|()| process.ended()),

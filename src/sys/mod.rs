@@ -1,28 +1,17 @@
 //! Every system call handoff makes that the standard library does not wrap, and all of its
-//! `unsafe`. Each wrapper takes borrowed fds (`impl AsFd`/`AsRawFd`), returns `OwnedFd` for
-//! anything it creates, and reports failure as `io::Error`. Nothing above this module touches
-//! a raw pointer.
+//! `unsafe`. The calls go through rustix, which takes borrowed fds (`impl AsFd`), returns
+//! `OwnedFd` for anything it creates, and reports failure as an `Errno` that becomes
+//! `io::Error` here. What stays `unsafe` is what rustix cannot say: the worker's pre-exec
+//! hook, taking ownership of the inherited channel fd, and registering an fd with tokio;
+//! each such block has a `// SAFETY:` line. Nothing above this module touches a raw pointer;
+//! fds travel above it as `OwnedFd` and `BorrowedFd`, the one raw number being the channel a
+//! worker inherits, which [`process::inherited_channel`] turns into an `OwnedFd`.
 #![allow(unsafe_code)]
 
 pub mod process;
 pub mod scm;
 pub mod shm;
 pub mod socket;
-
-/// Calls a libc function and turns the C convention (`-1` and `errno`) into `io::Result`.
-macro_rules! syscall {
-    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: the caller's surrounding block documents the arguments' validity.
-        #[allow(unused_unsafe)]
-        let res = unsafe { libc::$fn($($arg),*) };
-        if res == -1 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
-}
-pub(crate) use syscall;
 
 /// Registers an owned fd with the current tokio reactor, for readiness in both directions.
 pub fn async_fd(

@@ -1,71 +1,56 @@
 //! `sendmsg(2)` / `recvmsg(2)` with `SCM_RIGHTS`: one datagram of bytes plus up to
-//! [`MAX_FDS`] file descriptors, on a `SOCK_SEQPACKET` Unix socket.
+//! [`MAX_FDS`] file descriptors, on a `SOCK_SEQPACKET` Unix socket. rustix builds and walks
+//! the control messages, so this file has no `unsafe`: the fds go out borrowed and come back
+//! owned.
 
-use std::io;
-use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::syscall;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 
 /// The most fds one message can carry (`SCM_MAX_FD` in the kernel).
 pub const MAX_FDS: usize = 253;
 
-/// Room for the control message of [`MAX_FDS`] fds, aligned for `cmsghdr`.
-#[repr(C, align(8))]
-struct CmsgBuffer([u8; cmsg_space(MAX_FDS)]);
-
-const fn cmsg_space(fds: usize) -> usize {
-    // CMSG_SPACE is not const in libc; this is its definition for 8-byte alignment.
-    let align = size_of::<usize>();
-    let header = (size_of::<libc::cmsghdr>() + align - 1) & !(align - 1);
-    let data = (fds * size_of::<RawFd>() + align - 1) & !(align - 1);
-    header + data
-}
+/// Bytes of control-message room for [`MAX_FDS`] fds, with the slack rustix needs to align
+/// the buffer for `cmsghdr`.
+const CMSG_SPACE: usize = rustix::cmsg_space!(ScmRights(MAX_FDS));
 
 /// `sendmsg(fd, bytes + SCM_RIGHTS(fds), MSG_DONTWAIT | MSG_NOSIGNAL)`. Sends the whole
-/// datagram or nothing (`SOCK_SEQPACKET`); `WouldBlock` when the peer's queue is full.
-pub fn send_with_fds(socket: &impl AsRawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+/// datagram or nothing (`SOCK_SEQPACKET`); `WouldBlock` when the peer's queue is full. More
+/// than [`MAX_FDS`] fds is `InvalidInput`, before any syscall.
+pub fn send_with_fds(
+    socket: &impl AsFd,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     if fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "more than 253 fds in one message",
         ));
     }
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    let mut cmsg = CmsgBuffer([0; cmsg_space(MAX_FDS)]);
-    // SAFETY: an all-zero msghdr is valid; every pointer set below outlives the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let payload = std::mem::size_of_val(fds);
-        msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
-        // SAFETY: CMSG_SPACE only computes a size.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload as u32) } as _;
-        // SAFETY: msg_control points at a zeroed, aligned buffer of at least msg_controllen
-        // bytes, so CMSG_FIRSTHDR is non-null and CMSG_DATA has room for `payload` bytes.
-        unsafe {
-            let header = libc::CMSG_FIRSTHDR(&msg);
-            (*header).cmsg_level = libc::SOL_SOCKET;
-            (*header).cmsg_type = libc::SCM_RIGHTS;
-            (*header).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr() as *const u8,
-                libc::CMSG_DATA(header),
-                payload,
-            );
-        }
+    let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    // No control message at all when there are no fds, as before: an empty SCM_RIGHTS
+    // header would be sent for nothing.
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        // Cannot happen: the buffer is sized for MAX_FDS, checked above.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the fds do not fit the control buffer",
+        ));
     }
-    // SAFETY: `msg` describes live buffers; the fds are borrowed for the call only.
-    let sent = syscall!(sendmsg(
-        socket.as_raw_fd(),
-        &msg,
-        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL
-    ))?;
-    Ok(sent as usize)
+    let sent = rustix::net::sendmsg(
+        socket,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+    )?;
+    Ok(sent)
 }
 
 /// What one [`recv_with_fds`] call got.
@@ -81,50 +66,29 @@ pub struct Received {
     pub fds_truncated: bool,
 }
 
-/// `recvmsg(fd, MSG_DONTWAIT | MSG_CMSG_CLOEXEC)`: one datagram and its fds. Every fd that
-/// arrived is owned by the result before anything is checked, so none leaks on any path.
-pub fn recv_with_fds(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Received> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    let mut cmsg = CmsgBuffer([0; cmsg_space(MAX_FDS)]);
-    // SAFETY: an all-zero msghdr is valid; every pointer set below outlives the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = cmsg.0.len() as _;
-    // SAFETY: `msg` describes live, writable buffers of the lengths it states.
-    let len = syscall!(recvmsg(
-        socket.as_raw_fd(),
-        &mut msg,
-        libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC
-    ))? as usize;
+/// `recvmsg(fd, MSG_DONTWAIT | MSG_CMSG_CLOEXEC)`: one datagram and its fds. rustix hands
+/// each fd that arrived over as an `OwnedFd`, and closes any left in the control buffer when
+/// it is dropped, so none leaks on any path.
+pub fn recv_with_fds(socket: &impl AsFd, buf: &mut [u8]) -> io::Result<Received> {
+    let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        socket,
+        &mut [IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+    )?;
     let mut fds = Vec::new();
-    // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_FIRSTHDR/NXTHDR walk only
-    // within it, and each SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / 4 new fds
-    // that this process now owns.
-    unsafe {
-        let mut header = libc::CMSG_FIRSTHDR(&msg);
-        while !header.is_null() {
-            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(header);
-                let bytes = (*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let count = bytes / size_of::<RawFd>();
-                for i in 0..count {
-                    let raw = std::ptr::read_unaligned((data as *const RawFd).add(i));
-                    fds.push(OwnedFd::from_raw_fd(raw));
-                }
-            }
-            header = libc::CMSG_NXTHDR(&msg, header);
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(arrived) = message {
+            fds.extend(arrived);
         }
     }
     Ok(Received {
-        len,
+        len: msg.bytes,
         fds,
-        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
-        fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        truncated: msg.flags.contains(ReturnFlags::TRUNC),
+        fds_truncated: msg.flags.contains(ReturnFlags::CTRUNC),
     })
 }
 
@@ -132,6 +96,7 @@ pub fn recv_with_fds(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Receiv
 mod tests {
     use super::*;
     use crate::sys::socket::seqpacket_pair;
+    use std::os::fd::AsRawFd;
 
     fn is_cloexec(fd: &OwnedFd) -> bool {
         let flags =
@@ -145,7 +110,7 @@ mod tests {
     fn fds_and_bytes_travel_together_and_arrive_cloexec() {
         let (a, b) = seqpacket_pair().unwrap();
         let (x, y) = seqpacket_pair().unwrap();
-        let sent = send_with_fds(&a, b"hello", &[x.as_raw_fd(), y.as_raw_fd()]).unwrap();
+        let sent = send_with_fds(&a, b"hello", &[x.as_fd(), y.as_fd()]).unwrap();
         assert_eq!(sent, 5);
         let mut buf = [0u8; 64];
         let got = recv_with_fds(&b, &mut buf).unwrap();
@@ -156,22 +121,45 @@ mod tests {
     }
 
     #[test]
+    fn a_received_fd_is_the_socket_that_was_sent() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (x, y) = seqpacket_pair().unwrap();
+        send_with_fds(&a, b"x", &[x.as_fd()]).unwrap();
+        drop(x);
+        let mut buf = [0u8; 8];
+        let got = recv_with_fds(&b, &mut buf).unwrap();
+        let [x] = <[OwnedFd; 1]>::try_from(got.fds).unwrap();
+        send_with_fds(&x, b"through", &[]).unwrap();
+        let mut buf = [0u8; 16];
+        let got = recv_with_fds(&y, &mut buf).unwrap();
+        assert_eq!(&buf[..got.len], b"through");
+    }
+
+    #[test]
     fn a_full_batch_of_253_fds_arrives_whole() {
         let (a, b) = seqpacket_pair().unwrap();
         let (x, _y) = seqpacket_pair().unwrap();
-        let fds = vec![x.as_raw_fd(); MAX_FDS];
+        let fds = vec![x.as_fd(); MAX_FDS];
         send_with_fds(&a, b"batch", &fds).unwrap();
         let mut buf = [0u8; 64];
         let got = recv_with_fds(&b, &mut buf).unwrap();
         assert_eq!(got.fds.len(), MAX_FDS);
+        assert!(!got.fds_truncated);
     }
 
     #[test]
     fn more_than_253_fds_is_refused_before_the_syscall() {
-        let (a, _b) = seqpacket_pair().unwrap();
-        let fds = vec![a.as_raw_fd(); MAX_FDS + 1];
+        let (a, b) = seqpacket_pair().unwrap();
+        let fds = vec![a.as_fd(); MAX_FDS + 1];
         let err = send_with_fds(&a, b"x", &fds).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let mut buf = [0u8; 8];
+        let nothing = recv_with_fds(&b, &mut buf).unwrap_err();
+        assert_eq!(
+            nothing.kind(),
+            io::ErrorKind::WouldBlock,
+            "nothing was sent"
+        );
     }
 
     #[test]
@@ -181,6 +169,36 @@ mod tests {
         let mut buf = [0u8; 10];
         let got = recv_with_fds(&b, &mut buf).unwrap();
         assert!(got.truncated);
+        assert!(!got.fds_truncated);
+        assert_eq!(got.len, 10);
+    }
+
+    #[test]
+    fn a_truncated_datagram_still_delivers_its_fds_owned() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (x, _y) = seqpacket_pair().unwrap();
+        send_with_fds(&a, &[7u8; 100], &[x.as_fd(), x.as_fd()]).unwrap();
+        let mut buf = [0u8; 10];
+        let got = recv_with_fds(&b, &mut buf).unwrap();
+        assert!(got.truncated && !got.fds_truncated);
+        assert_eq!(got.fds.len(), 2);
+        assert!(got.fds.iter().all(is_cloexec));
+    }
+
+    #[test]
+    fn sending_to_a_closed_peer_is_a_broken_pipe_not_a_signal() {
+        let (a, b) = seqpacket_pair().unwrap();
+        drop(b);
+        let err = send_with_fds(&a, b"x", &[a.as_fd()]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn an_empty_queue_would_block() {
+        let (_a, b) = seqpacket_pair().unwrap();
+        let mut buf = [0u8; 10];
+        let err = recv_with_fds(&b, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
     }
 
     #[test]
@@ -191,5 +209,89 @@ mod tests {
         let got = recv_with_fds(&b, &mut buf).unwrap();
         assert_eq!(got.len, 0);
         assert!(got.fds.is_empty());
+    }
+
+    /// Tells the test binary, run again as a child, to be the receiving half of
+    /// [`fds_beyond_a_full_fd_table_are_flagged_ctrunc`].
+    const CTRUNC_CHILD: &str = "HANDOFF_TEST_CTRUNC_CHILD";
+
+    /// A receiver whose fd table is full gets the first fds and `MSG_CTRUNC`, and the rest
+    /// are closed by the kernel. The receiving half runs in a child (this test binary again,
+    /// with the channel at fd 3) that lowers its own `RLIMIT_NOFILE`, so the other tests keep
+    /// theirs.
+    #[tokio::test]
+    async fn fds_beyond_a_full_fd_table_are_flagged_ctrunc() {
+        let (master, worker) = seqpacket_pair().unwrap();
+        let (x, _y) = seqpacket_pair().unwrap();
+        send_with_fds(&master, b"fds", &[x.as_fd(); 10]).unwrap();
+        let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "sys::scm::tests::ctrunc_receiver"])
+            .args(["--ignored", "--nocapture", "--test-threads=1"])
+            .env(CTRUNC_CHILD, "1");
+        crate::sys::process::prepare_worker(&mut cmd, &worker, libc::SIGKILL);
+        let out = cmd.output().await.unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}{why}");
+        assert!(
+            said.contains("1 passed"),
+            "the child ran the receiver: {said}"
+        );
+    }
+
+    #[test]
+    #[ignore = "the receiving half of fds_beyond_a_full_fd_table_are_flagged_ctrunc"]
+    fn ctrunc_receiver() {
+        use rustix::process::{Resource, Rlimit};
+        if std::env::var_os(CTRUNC_CHILD).is_none() {
+            return;
+        }
+        let channel =
+            crate::sys::process::inherited_channel(crate::sys::process::CHANNEL_FD).unwrap();
+        let listed: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .map(|entry| {
+                entry
+                    .unwrap()
+                    .file_name()
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        // The listing's own fd is closed by now.
+        let open: Vec<i32> = listed
+            .into_iter()
+            .filter(|fd| std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_ok())
+            .collect();
+        let limit = *open.iter().max().unwrap() as usize + 3;
+        let free = limit - open.len();
+        assert!(
+            free < 10,
+            "{free} free fds below {limit}: the test would prove nothing"
+        );
+        let hard = rustix::process::getrlimit(Resource::Nofile).maximum;
+        rustix::process::setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(limit as u64),
+                maximum: hard,
+            },
+        )
+        .unwrap();
+        let mut buf = [0u8; 16];
+        let got = recv_with_fds(&channel, &mut buf).unwrap();
+        assert_eq!(&buf[..got.len], b"fds");
+        assert!(got.fds_truncated, "MSG_CTRUNC");
+        assert!(!got.truncated);
+        assert_eq!(got.fds.len(), free);
+        // No fd is left to read /proc with, as is_cloexec does.
+        let cloexec = |fd: &OwnedFd| {
+            rustix::io::fcntl_getfd(fd)
+                .unwrap()
+                .contains(rustix::io::FdFlags::CLOEXEC)
+        };
+        assert!(got.fds.iter().all(cloexec));
     }
 }

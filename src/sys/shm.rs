@@ -7,11 +7,12 @@
 //! raise `SIGBUS` in the master).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
-use super::syscall;
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::mm::{MapFlags, ProtFlags};
 
 /// The layout of the region; a change of it changes [`VERSION`].
 #[repr(C, align(64))]
@@ -62,17 +63,12 @@ unsafe impl Sync for Counters {}
 impl Counters {
     /// In a worker: a new sealed memfd of [`LEN`] bytes (zeroed), mapped, its version set.
     pub fn create() -> io::Result<Counters> {
-        let name = c"handoff-counters";
-        // SAFETY: `name` is a NUL-terminated string; the call returns a new fd or -1.
-        let raw = syscall!(memfd_create(
-            name.as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING
-        ))?;
-        // SAFETY: memfd_create returned a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        syscall!(ftruncate(fd.as_raw_fd(), LEN as libc::off_t))?;
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        syscall!(fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals))?;
+        let fd = rustix::fs::memfd_create(
+            c"handoff-counters",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )?;
+        rustix::fs::ftruncate(&fd, LEN as u64)?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
         let counters = Counters::mmap(fd)?;
         counters
             .region()
@@ -85,9 +81,9 @@ impl Counters {
     /// sealed against shrinking, of at least [`LEN`] bytes, in this layout's version.
     pub fn map(fd: OwnedFd) -> io::Result<Counters> {
         let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-        let seals = syscall!(fcntl(fd.as_raw_fd(), libc::F_GET_SEALS))
+        let seals = rustix::fs::fcntl_get_seals(&fd)
             .map_err(|_| invalid("the counters fd is not a sealable memfd"))?;
-        if seals & libc::F_SEAL_SHRINK == 0 {
+        if !seals.contains(SealFlags::SHRINK) {
             return Err(invalid(
                 "the counters memfd is not sealed against shrinking",
             ));
@@ -113,19 +109,17 @@ impl Counters {
         // SAFETY: a new shared mapping of LEN bytes of `fd`, which is at least LEN bytes
         // long and cannot shrink (sealed); the kernel picks the address.
         let ptr = unsafe {
-            libc::mmap(
+            rustix::mm::mmap(
                 std::ptr::null_mut(),
                 LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
                 0,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let region = NonNull::new(ptr.cast::<Region>()).ok_or_else(io::Error::last_os_error)?;
+        }?;
+        let region = NonNull::new(ptr.cast::<Region>())
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
         Ok(Counters { region, fd })
     }
 
@@ -146,9 +140,7 @@ impl Drop for Counters {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `mmap`, of LEN bytes, unmapped once; no reference to
         // the region outlives `self`.
-        unsafe {
-            libc::munmap(self.region.as_ptr().cast(), LEN);
-        }
+        let _ = unsafe { rustix::mm::munmap(self.region.as_ptr().cast(), LEN) };
     }
 }
 
@@ -190,10 +182,8 @@ mod tests {
         assert!(error.to_string().contains("memfd"), "{error}");
 
         // A memfd without seals.
-        // SAFETY (test): memfd_create with a literal name.
-        let raw = syscall!(memfd_create(c"x".as_ptr(), libc::MFD_CLOEXEC)).unwrap();
-        // SAFETY: a new fd nothing else owns.
-        let unsealed = unsafe { OwnedFd::from_raw_fd(raw) };
+        let unsealed = rustix::fs::memfd_create(c"x", MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&unsealed, LEN as u64).unwrap();
         assert!(Counters::map(unsealed).is_err());
 
         let worker = Counters::create().unwrap();

@@ -1,13 +1,14 @@
 //! Sockets: listeners with a chosen backlog and `SO_REUSEPORT`, `accept4(2)` with the peer
-//! address, `socketpair(2)` for the master–worker channel, `shutdown(2)` and fd flags.
+//! address, `socketpair(2)` for the master–worker channel, `shutdown(2)` and fd flags. All
+//! through rustix: no `unsafe` here.
 
 use std::io;
-use std::mem::{size_of, MaybeUninit};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use super::syscall;
+use rustix::io::{Errno, FdFlags};
+use rustix::net::{AddressFamily, RecvFlags, Shutdown, SocketAddrUnix, SocketFlags, SocketType};
 
 /// A peer's address as `accept4(2)` reports it: an IP socket address, or a Unix peer (whose
 /// address is nearly always unnamed, so only the fact is kept).
@@ -19,6 +20,17 @@ pub enum Peer {
     Unix,
 }
 
+impl Peer {
+    /// The peer of an address the kernel reported: IPv4 and IPv6 keep it, any other family
+    /// (or none, an unnamed Unix peer) is [`Peer::Unix`].
+    fn from_any(addr: Option<rustix::net::SocketAddrAny>) -> Peer {
+        match addr.map(SocketAddr::try_from) {
+            Some(Ok(ip)) => Peer::Ip(ip),
+            _ => Peer::Unix,
+        }
+    }
+}
+
 /// `socket(2)` + `setsockopt(SO_REUSEADDR[, SO_REUSEPORT])` + `bind(2)` + `listen(2)`: a
 /// non-blocking, close-on-exec TCP listener.
 pub fn tcp_listener(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Result<OwnedFd> {
@@ -28,39 +40,32 @@ pub fn tcp_listener(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Resu
 }
 
 /// `listen(2)`.
-pub fn listen(fd: &impl AsRawFd, backlog: i32) -> io::Result<()> {
-    syscall!(listen(fd.as_raw_fd(), backlog)).map(drop)
+pub fn listen(fd: &impl AsFd, backlog: i32) -> io::Result<()> {
+    Ok(rustix::net::listen(fd, backlog)?)
 }
 
 /// A TCP socket bound to `addr` but not listening: with `reuseport`, it reserves the port
 /// (resolving port 0) for a group of `SO_REUSEPORT` listeners without taking connections.
 pub fn tcp_bound(addr: SocketAddr, reuseport: bool) -> io::Result<OwnedFd> {
     let domain = if addr.is_ipv4() {
-        libc::AF_INET
+        AddressFamily::INET
     } else {
-        libc::AF_INET6
+        AddressFamily::INET6
     };
-    let raw = syscall!(socket(
+    let fd = rustix::net::socket_with(
         domain,
-        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        0
-    ))?;
-    // SAFETY: `socket` just returned this fd and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::sockopt::set_socket_reuseaddr(&fd, true)?;
     if reuseport {
-        set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        rustix::net::sockopt::set_socket_reuseport(&fd, true)?;
     }
     if addr.is_ipv6() {
-        set_int_opt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+        rustix::net::sockopt::set_ipv6_v6only(&fd, true)?;
     }
-    let (storage, len) = sockaddr_from(addr);
-    // SAFETY: `storage` is a valid sockaddr of `len` bytes for the socket's family.
-    syscall!(bind(
-        fd.as_raw_fd(),
-        &storage as *const libc::sockaddr_storage as *const libc::sockaddr,
-        len
-    ))?;
+    rustix::net::bind(&fd, &addr)?;
     Ok(fd)
 }
 
@@ -74,7 +79,7 @@ pub fn unix_listener(path: &Path, backlog: i32) -> io::Result<OwnedFd> {
         std::os::unix::net::UnixListener::bind(path).map_err(|e| explain_unix_bind(path, e))?;
     listener.set_nonblocking(true)?;
     let fd = OwnedFd::from(listener);
-    syscall!(listen(fd.as_raw_fd(), backlog))?;
+    listen(&fd, backlog)?;
     Ok(fd)
 }
 
@@ -92,7 +97,7 @@ pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
         Ok(()) => Err(socket_in_use(path)),
         // A listener whose accept queue is full: very much alive.
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(socket_in_use(path)),
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+        Err(e) if e.raw_os_error() == Some(Errno::CONNREFUSED.raw_os_error()) => {
             match std::fs::remove_file(path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
@@ -142,242 +147,116 @@ fn explain_unix_bind(path: &Path, error: io::Error) -> io::Error {
 /// whose queue is full; `ECONNREFUSED`: nobody listens. Non-blocking because a blocking
 /// connect to a full queue waits until the listener accepts, which may be never.
 pub fn probe_unix(path: &Path) -> io::Result<()> {
-    let (addr, len) = sockaddr_un_from(path)?;
-    let raw = syscall!(socket(
-        libc::AF_UNIX,
-        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        0
-    ))?;
-    // SAFETY: `socket` just returned this fd and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    syscall!(connect(
-        fd.as_raw_fd(),
-        &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-        len
-    ))?;
+    let addr = unix_addr(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, &addr)?;
     Ok(())
 }
 
-fn sockaddr_un_from(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+/// The `sockaddr_un` for `path`: `InvalidInput` for a path that cannot be one (empty, a NUL
+/// inside, or no room left in `sun_path` for the terminating NUL).
+fn unix_addr(path: &Path) -> io::Result<SocketAddrUnix> {
     use std::os::unix::ffi::OsStrExt;
-    // SAFETY: an all-zero sockaddr_un is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let bytes = path.as_os_str().as_bytes();
-    // One byte stays zero: the terminator.
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
+    let invalid = || {
+        io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{} cannot be a Unix socket path", path.display()),
-        ));
+        )
+    };
+    // sun_path is 108 bytes on Linux; one stays zero, the terminator.
+    const SUN_PATH: usize = 108;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= SUN_PATH || bytes.contains(&0) {
+        return Err(invalid());
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (to, from) in addr.sun_path.iter_mut().zip(bytes) {
-        *to = *from as libc::c_char;
-    }
-    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
-    Ok((addr, len as libc::socklen_t))
+    SocketAddrUnix::new(path).map_err(|_| invalid())
 }
 
 #[cfg(feature = "control")]
 /// `geteuid(2)`: the user this process acts as, which a Unix peer's `SO_PEERCRED` uid is
 /// compared with.
 pub fn effective_uid() -> u32 {
-    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// The local address of a bound IP socket (`getsockname(2)`), e.g. to learn the port that
-/// binding port 0 chose.
-pub fn local_addr(fd: &impl AsRawFd) -> io::Result<Option<SocketAddr>> {
-    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `storage` has room for any address and `len` says so.
-    syscall!(getsockname(
-        fd.as_raw_fd(),
-        storage.as_mut_ptr() as *mut libc::sockaddr,
-        &mut len
-    ))?;
-    // SAFETY: zeroed storage is a valid sockaddr_storage; the kernel filled `len` bytes.
-    Ok(match sockaddr_to(unsafe { &storage.assume_init() }) {
-        Peer::Ip(addr) => Some(addr),
-        Peer::Unix => None,
-    })
+/// binding port 0 chose; `None` for any other family.
+pub fn local_addr(fd: &impl AsFd) -> io::Result<Option<SocketAddr>> {
+    let addr = rustix::net::getsockname(fd)?;
+    Ok(SocketAddr::try_from(addr).ok())
 }
 
 /// `accept4(2)` with `SOCK_NONBLOCK | SOCK_CLOEXEC`: the connection and its peer.
-pub fn accept(listener: &impl AsRawFd) -> io::Result<(OwnedFd, Peer)> {
-    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `storage` has room for any address and `len` says so.
-    let raw = syscall!(accept4(
-        listener.as_raw_fd(),
-        storage.as_mut_ptr() as *mut libc::sockaddr,
-        &mut len,
-        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC
-    ))?;
-    // SAFETY: `accept4` returned a new fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: zeroed storage is a valid sockaddr_storage; the kernel filled `len` bytes.
-    let peer = sockaddr_to(unsafe { &storage.assume_init() });
-    Ok((fd, peer))
+pub fn accept(listener: &impl AsFd) -> io::Result<(OwnedFd, Peer)> {
+    let (fd, addr) =
+        rustix::net::acceptfrom_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    Ok((fd, Peer::from_any(addr)))
 }
 
 /// `socketpair(AF_UNIX, SOCK_SEQPACKET)`, both ends non-blocking and close-on-exec: the
 /// master–worker channel. Message boundaries are kept, so each `sendmsg` is one frame and
 /// carries its own fds.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` has room for the two fds socketpair writes.
-    syscall!(socketpair(
-        libc::AF_UNIX,
-        libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        0,
-        fds.as_mut_ptr()
-    ))?;
-    // SAFETY: socketpair returned two new fds that nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// `shutdown(fd, SHUT_WR)`: sends FIN now, even while another process still holds a copy of
 /// the socket. `ENOTCONN` (the peer is already gone) is not an error.
-pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
-    match syscall!(shutdown(fd.as_raw_fd(), libc::SHUT_WR)) {
-        Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
-        Err(e) => Err(e),
+pub fn shutdown_write(fd: &impl AsFd) -> io::Result<()> {
+    match rustix::net::shutdown(fd, Shutdown::Write) {
+        Ok(()) | Err(Errno::NOTCONN) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// `fcntl(F_SETFD)`: turns `FD_CLOEXEC` on or off.
-pub fn set_cloexec(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
-    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFD))?;
-    let flags = if on {
-        flags | libc::FD_CLOEXEC
-    } else {
-        flags & !libc::FD_CLOEXEC
-    };
-    syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFD, flags))?;
-    Ok(())
+pub fn set_cloexec(fd: &impl AsFd, on: bool) -> io::Result<()> {
+    let mut flags = rustix::io::fcntl_getfd(fd)?;
+    flags.set(FdFlags::CLOEXEC, on);
+    Ok(rustix::io::fcntl_setfd(fd, flags)?)
 }
 
 /// `fcntl(F_SETFL)`: turns `O_NONBLOCK` on or off.
-pub fn set_nonblocking(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
-    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
-    let flags = if on {
-        flags | libc::O_NONBLOCK
-    } else {
-        flags & !libc::O_NONBLOCK
-    };
-    syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFL, flags))?;
-    Ok(())
-}
-
-fn set_int_opt(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
-    // SAFETY: `value` is a live c_int and the length says so.
-    syscall!(setsockopt(
-        fd.as_raw_fd(),
-        level,
-        name,
-        &value as *const i32 as *const libc::c_void,
-        size_of::<i32>() as libc::socklen_t
-    ))?;
-    Ok(())
-}
-
-fn sockaddr_from(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: an all-zero sockaddr_storage is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: v6.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
-fn sockaddr_to(storage: &libc::sockaddr_storage) -> Peer {
-    match storage.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
-            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-            Peer::Ip(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
-            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            Peer::Ip(SocketAddr::V6(SocketAddrV6::new(
-                ip,
-                u16::from_be(sin6.sin6_port),
-                sin6.sin6_flowinfo,
-                sin6.sin6_scope_id,
-            )))
-        }
-        _ => Peer::Unix,
-    }
+pub fn set_nonblocking(fd: &impl AsFd, on: bool) -> io::Result<()> {
+    let mut flags = rustix::fs::fcntl_getfl(fd)?;
+    flags.set(rustix::fs::OFlags::NONBLOCK, on);
+    Ok(rustix::fs::fcntl_setfl(fd, flags)?)
 }
 
 /// Whether a connected stream's peer has gone: `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte
 /// reads the end of the stream (it closed without sending anything still unread) or an error
 /// (reset). A peer that sent data, or nothing yet, is still there.
-pub fn peer_gone(fd: &impl AsRawFd) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: `byte` is one live, writable byte and the length says so.
-    let read = syscall!(recv(
-        fd.as_raw_fd(),
-        &mut byte as *mut u8 as *mut libc::c_void,
-        1,
-        libc::MSG_PEEK | libc::MSG_DONTWAIT
-    ));
-    match read {
-        Ok(0) => true,
+pub fn peer_gone(fd: &impl AsFd) -> bool {
+    let mut byte = [0u8; 1];
+    match rustix::net::recv(fd, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((_, 0)) => true,
         Ok(_) => false,
-        Err(e) => !matches!(
-            e.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-        ),
+        Err(e) => !matches!(e, Errno::AGAIN | Errno::INTR),
     }
 }
 
-#[cfg(feature = "bench")]
-/// `poll(2)` for readability: true if `fd` became readable within `timeout_ms`.
-pub fn wait_readable(fd: &impl AsRawFd, timeout_ms: i32) -> io::Result<bool> {
-    let mut pollfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pollfd` is one live pollfd and the count says so.
-    let ready = syscall!(poll(&mut pollfd, 1, timeout_ms))?;
+#[cfg(any(feature = "bench", feature = "control"))]
+/// `poll(2)` for readability: true if `fd` became readable within `timeout_ms` (negative:
+/// no limit).
+pub fn wait_readable(fd: &impl AsFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut pollfd = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+    let timeout = u32::try_from(timeout_ms)
+        .ok()
+        .map(|ms| rustix::event::Timespec {
+            tv_sec: i64::from(ms / 1000),
+            tv_nsec: i64::from(ms % 1000) * 1_000_000,
+        });
+    let ready = rustix::event::poll(&mut pollfd, timeout.as_ref())?;
     Ok(ready > 0)
 }
 
@@ -459,5 +338,116 @@ mod tests {
         drop(UnixListener::bind(&stale).unwrap());
         let _fd = unix_listener(&stale, 16).expect("a stale socket is replaced");
         assert!(UnixStream::connect(&stale).is_ok());
+    }
+
+    #[test]
+    fn an_accepted_unix_connection_has_a_unix_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.sock");
+        let fd = unix_listener(&path, 16).unwrap();
+        assert_eq!(local_addr(&fd).unwrap(), None, "not an IP socket");
+        let _client = UnixStream::connect(&path).unwrap();
+        let (_conn, peer) = accept(&fd).unwrap();
+        assert_eq!(peer, Peer::Unix);
+    }
+
+    #[test]
+    fn an_ipv6_listener_takes_no_ipv4_connections() {
+        let fd = tcp_listener("[::]:0".parse().unwrap(), 16, false).unwrap();
+        let port = local_addr(&fd).unwrap().unwrap().port();
+        let refused = std::net::TcpStream::connect(("127.0.0.1", port));
+        assert!(refused.is_err(), "IPV6_V6ONLY is set");
+    }
+
+    #[test]
+    fn a_probe_tells_a_live_socket_from_a_stale_one_and_refuses_bad_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.sock");
+        let _listener = UnixListener::bind(&live).unwrap();
+        probe_unix(&live).expect("a listener answers");
+
+        let stale = dir.path().join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        let refused = probe_unix(&stale).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::ECONNREFUSED));
+        remove_stale_socket(&stale).unwrap();
+        assert!(!stale.exists(), "the stale socket is removed");
+
+        let missing = probe_unix(&dir.path().join("missing.sock")).unwrap_err();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        for bad in ["", "a\0b"] {
+            let err = probe_unix(Path::new(bad)).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+        }
+        let long = dir.path().join("x".repeat(108));
+        let err = probe_unix(&long).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn shutting_down_an_unconnected_socket_is_not_an_error() {
+        let fd = tcp_bound("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        shutdown_write(&fd).expect("ENOTCONN is not an error");
+    }
+
+    #[test]
+    fn shutdown_write_sends_the_end_of_the_stream() {
+        use std::io::Read;
+        let fd = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        let mut client = std::net::TcpStream::connect(local_addr(&fd).unwrap().unwrap()).unwrap();
+        let (conn, _) = accept(&fd).unwrap();
+        let copy = conn.try_clone().unwrap();
+        shutdown_write(&conn).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(
+            client.read_to_end(&mut rest).unwrap(),
+            0,
+            "FIN while a copy is open"
+        );
+        drop(copy);
+    }
+
+    #[test]
+    fn fd_flags_turn_on_and_off() {
+        let (a, _b) = seqpacket_pair().unwrap();
+        let cloexec = |fd: &OwnedFd| {
+            rustix::io::fcntl_getfd(fd)
+                .unwrap()
+                .contains(FdFlags::CLOEXEC)
+        };
+        let nonblocking = |fd: &OwnedFd| {
+            rustix::fs::fcntl_getfl(fd)
+                .unwrap()
+                .contains(rustix::fs::OFlags::NONBLOCK)
+        };
+        assert!(cloexec(&a) && nonblocking(&a), "socketpair sets both");
+        set_cloexec(&a, false).unwrap();
+        set_nonblocking(&a, false).unwrap();
+        assert!(!cloexec(&a) && !nonblocking(&a));
+        set_cloexec(&a, true).unwrap();
+        set_nonblocking(&a, true).unwrap();
+        assert!(cloexec(&a) && nonblocking(&a));
+    }
+
+    #[test]
+    fn accepted_connections_are_nonblocking_and_cloexec() {
+        let fd = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        let _client = std::net::TcpStream::connect(local_addr(&fd).unwrap().unwrap()).unwrap();
+        let (conn, _) = accept(&fd).unwrap();
+        assert!(rustix::io::fcntl_getfd(&conn)
+            .unwrap()
+            .contains(FdFlags::CLOEXEC));
+        assert!(rustix::fs::fcntl_getfl(&conn)
+            .unwrap()
+            .contains(rustix::fs::OFlags::NONBLOCK));
+    }
+
+    #[test]
+    fn wait_readable_times_out_then_sees_data() {
+        use std::io::Write;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!wait_readable(&b, 10).unwrap());
+        (&a).write_all(b"x").unwrap();
+        assert!(wait_readable(&b, -1).unwrap());
     }
 }

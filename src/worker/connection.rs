@@ -4,7 +4,7 @@
 //! `linger` for its close.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -129,8 +129,8 @@ impl Drop for Connection {
             return;
         };
         let fd = match &stream {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
         };
         // The peer must see FIN now, not when the last copy of the fd closes.
         let _ = sys::socket::shutdown_write(&fd);

@@ -516,9 +516,7 @@ impl Counts {
             let counters = Counters::create()?;
             let mut bytes = Vec::new();
             frame::encode_counters(&mut bytes);
-            channel
-                .send(&bytes, &[std::os::fd::AsRawFd::as_raw_fd(&counters.fd())])
-                .await?;
+            channel.send(&bytes, &[counters.fd()]).await?;
             Ok::<_, std::io::Error>(counters)
         };
         match shared.await {
