@@ -496,6 +496,10 @@ async fn wait_idle(shared: &Shared, timeout: Duration) {
     }
 }
 
+/// Environment variable: `0` makes a Rust worker report by STATUS frames instead of shared
+/// counters (to compare the two, or where memfds are not allowed).
+pub const ENV_SHARED_COUNTERS: &str = "HANDOFF_SHARED_COUNTERS";
+
 /// Where a worker counts the connections it received and finished.
 #[derive(Debug)]
 enum Counts {
@@ -513,6 +517,9 @@ impl Counts {
     /// READY, so before any connection); its own counters if either step fails.
     async fn share(channel: &Channel) -> Counts {
         let shared = async {
+            if std::env::var_os(ENV_SHARED_COUNTERS).is_some_and(|v| v == "0") {
+                return Err(std::io::Error::other(format!("{ENV_SHARED_COUNTERS}=0")));
+            }
             let counters = Counters::create()?;
             let mut bytes = Vec::new();
             frame::encode_counters(&mut bytes);
