@@ -378,8 +378,15 @@ impl Table {
     pub fn sync(&mut self) -> Vec<(usize, u32, Lost)> {
         let mut changed = std::mem::take(&mut self.changed);
         changed.clear();
+        // With every connection it got finished, nothing of a process can move (it
+        // received no more than was sent, finished no more than it received); in the kernel
+        // modes it accepts for itself, so anything can.
+        let idle_is_settled = self.balancer.is_some();
         for (index, slot) in self.slots.iter().enumerate() {
             for p in slot.processes() {
+                if idle_is_settled && p.active() == 0 {
+                    continue;
+                }
                 let Some(status) = p.shared_totals() else {
                     continue;
                 };
