@@ -140,6 +140,39 @@ mod tests {
         args: RunArgs,
     }
 
+    /// The README's flag table states each default the flags have (demo knobs that default
+    /// to nothing aside).
+    #[test]
+    fn the_readme_states_the_flag_defaults() {
+        use clap::CommandFactory;
+        let readme = include_str!("../../README.md");
+        let command = Run::command();
+        for arg in command.get_arguments() {
+            let (Some(long), [default]) = (arg.get_long(), arg.get_default_values()) else {
+                continue;
+            };
+            let default = default.to_str().unwrap();
+            if default == "0" {
+                continue;
+            }
+            let flag = format!("`--{long}");
+            let row = readme
+                .lines()
+                .find(|line| line.starts_with('|') && line.contains(&flag))
+                .unwrap_or_else(|| panic!("no README row for {flag}`"));
+            let stated = [
+                format!("({default})"),
+                format!("`{default}`"),
+                format!(", {default})"),
+                format!("`{default}` (default)"),
+            ];
+            assert!(
+                stated.iter().any(|s| row.contains(s.as_str())),
+                "the README row of {flag}` does not state its default {default}: {row}"
+            );
+        }
+    }
+
     #[test]
     fn flag_defaults_are_the_configs() {
         let args = Run::try_parse_from(["run"]).unwrap().args;
