@@ -54,7 +54,7 @@ fn fake_worker(channel: OwnedFd, acks: Acks) {
             let counters = shm::Counters::create().unwrap();
             let mut bytes = Vec::new();
             frame::encode_counters(&mut bytes);
-            scm::send_with_fds(&channel, &bytes, &[counters.fd()]).unwrap();
+            scm::send_with_fds(&channel, &bytes, &[counters.fd().unwrap()]).unwrap();
             Some(counters)
         }
     };

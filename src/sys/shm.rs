@@ -51,7 +51,9 @@ const _: () = assert!(std::mem::size_of::<Region>() <= LEN);
 #[derive(Debug)]
 pub struct Counters {
     region: NonNull<Region>,
-    fd: OwnedFd,
+    /// The memfd, kept by the worker to send; the master closes it once mapped (the mapping
+    /// stays), so a worker's region costs the master no fd.
+    fd: Option<OwnedFd>,
 }
 
 // SAFETY: the region holds only atomics, shared by design; the pointer stays valid until
@@ -92,7 +94,8 @@ impl Counters {
         if size < LEN as u64 {
             return Err(invalid("the counters memfd is smaller than a page"));
         }
-        let counters = Counters::mmap(fd)?;
+        let mut counters = Counters::mmap(fd)?;
+        counters.fd = None;
         let version = counters
             .region()
             .version
@@ -120,7 +123,10 @@ impl Counters {
         }?;
         let region = NonNull::new(ptr.cast::<Region>())
             .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
-        Ok(Counters { region, fd })
+        Ok(Counters {
+            region,
+            fd: Some(fd),
+        })
     }
 
     /// The shared counters.
@@ -130,9 +136,9 @@ impl Counters {
         unsafe { self.region.as_ref() }
     }
 
-    /// The memfd, to send to the master.
-    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The memfd, to send to the master (`None` in the master, which closed it).
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.fd.as_ref().map(AsFd::as_fd)
     }
 }
 
@@ -153,7 +159,7 @@ mod tests {
     #[test]
     fn both_mappings_see_the_same_counters() {
         let worker = Counters::create().unwrap();
-        let master = Counters::map(worker.fd().try_clone_to_owned().unwrap()).unwrap();
+        let master = Counters::map(worker.fd().unwrap().try_clone_to_owned().unwrap()).unwrap();
         worker.region().received.fetch_add(3, Ordering::SeqCst);
         worker.region().closed.fetch_add(1, Ordering::SeqCst);
         assert_eq!(master.region().received.load(Ordering::SeqCst), 3);
@@ -169,9 +175,18 @@ mod tests {
     }
 
     #[test]
+    fn the_master_keeps_the_mapping_but_not_the_fd() {
+        let worker = Counters::create().unwrap();
+        let master = Counters::map(worker.fd().unwrap().try_clone_to_owned().unwrap()).unwrap();
+        assert!(master.fd().is_none(), "closed once mapped");
+        worker.region().received.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(master.region().received.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
     fn a_worker_cannot_shrink_the_region_under_the_master() {
         let worker = Counters::create().unwrap();
-        let file = std::fs::File::from(worker.fd().try_clone_to_owned().unwrap());
+        let file = std::fs::File::from(worker.fd().unwrap().try_clone_to_owned().unwrap());
         assert!(file.set_len(0).is_err(), "sealed against shrinking");
     }
 
@@ -188,7 +203,7 @@ mod tests {
 
         let worker = Counters::create().unwrap();
         worker.region().version.store(99, Ordering::SeqCst);
-        let error = Counters::map(worker.fd().try_clone_to_owned().unwrap()).unwrap_err();
+        let error = Counters::map(worker.fd().unwrap().try_clone_to_owned().unwrap()).unwrap_err();
         assert!(error.to_string().contains("version 99"), "{error}");
     }
 }

@@ -523,7 +523,8 @@ impl Counts {
             let counters = Counters::create()?;
             let mut bytes = Vec::new();
             frame::encode_counters(&mut bytes);
-            channel.send(&bytes, &[counters.fd()]).await?;
+            let fd = counters.fd().expect("a new region has its fd");
+            channel.send(&bytes, &[fd]).await?;
             Ok::<_, std::io::Error>(counters)
         };
         match shared.await {

@@ -568,7 +568,8 @@ async fn a_worker_that_leaves_connections_unacknowledged_gets_nothing_new_until_
 /// Process `pid` of slot 0 shares its totals in memory; returns the worker's mapping.
 fn share_counters(t: &mut Table, pid: u32) -> crate::sys::shm::Counters {
     let worker = crate::sys::shm::Counters::create().unwrap();
-    let master = crate::sys::shm::Counters::map(worker.fd().try_clone_to_owned().unwrap()).unwrap();
+    let master =
+        crate::sys::shm::Counters::map(worker.fd().unwrap().try_clone_to_owned().unwrap()).unwrap();
     t.find_mut(0, pid).unwrap().attach_counters(master);
     worker
 }
