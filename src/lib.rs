@@ -42,13 +42,13 @@
 #![deny(missing_docs, missing_debug_implementations, unsafe_code)]
 
 mod balance;
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 mod bench;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod cli;
 mod config;
-#[cfg(feature = "demo")]
+#[cfg(feature = "cli")]
 mod demo;
 mod ipc;
 mod master;
@@ -59,7 +59,7 @@ mod sys;
 mod worker;
 
 /// The pieces `cargo bench` drives from outside the crate; not an API.
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod internals {
     pub use crate::balance::{Balance, Candidate, LeastLoaded, RoundRobin, Strategy, TwoChoices};

@@ -5,7 +5,7 @@
 //! other syscalls; the parsers are pure and tested on sample text.
 
 use std::io;
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 use std::time::Duration;
 
 /// Process `pid`'s resident set size in bytes, from `/proc/PID/status`.
@@ -39,27 +39,27 @@ pub fn open_fds() -> io::Result<usize> {
         .saturating_sub(1))
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 /// The fields of `/proc/PID/stat` after the command name (which may hold spaces and `)`).
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat(&stat)
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 fn parse_stat(stat: &str) -> Option<Vec<String>> {
     let (_, rest) = stat.rsplit_once(')')?;
     Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 /// User + system CPU time `pid` has used, or `None` if it is gone.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
     let fields = stat_fields(pid)?;
     ticks_to_time(&fields, crate::sys::process::clock_ticks_per_second())
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 fn ticks_to_time(fields: &[String], ticks_per_second: u64) -> Option<Duration> {
     // After the name: state(0) ppid(1) ... utime(11) stime(12).
     let utime: u64 = fields.get(11)?.parse().ok()?;
@@ -72,13 +72,13 @@ fn ticks_to_time(fields: &[String], ticks_per_second: u64) -> Option<Duration> {
     )
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 /// Whether `pid` exists and has not exited (a zombie counts as gone).
 pub fn is_running(pid: u32) -> bool {
     stat_fields(pid).is_some_and(|f| f.first().is_some_and(|state| state != "Z" && state != "X"))
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 /// The processes whose parent is `pid`, in pid order.
 pub fn children(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -96,7 +96,7 @@ pub fn children(pid: u32) -> Vec<u32> {
     found
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 /// The running kernel (`/proc/sys/kernel/osrelease`).
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -124,7 +124,7 @@ mod tests {
         assert!(open_fds().unwrap() >= 3, "stdin, stdout, stderr");
     }
 
-    #[cfg(feature = "bench")]
+    #[cfg(feature = "cli")]
     #[test]
     fn parses_stat_with_a_strange_command_name() {
         let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 5 0 0";
@@ -135,7 +135,7 @@ mod tests {
         assert_eq!(parse_stat("no name here"), None);
     }
 
-    #[cfg(feature = "bench")]
+    #[cfg(feature = "cli")]
     #[test]
     fn this_process_is_running_and_uses_cpu() {
         let me = std::process::id();

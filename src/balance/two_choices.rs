@@ -21,7 +21,7 @@ impl Default for TwoChoices {
 
 impl TwoChoices {
     /// A balancer with a fixed seed, for reproducible tests and benchmarks.
-    #[cfg(any(test, feature = "bench"))]
+    #[cfg(any(test, feature = "cli"))]
     pub fn with_seed(seed: u64) -> Self {
         TwoChoices {
             rng: fastrand::Rng::with_seed(seed),

@@ -9,7 +9,7 @@ mod accept;
 #[cfg(feature = "control")]
 mod control;
 mod ctx;
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 pub(crate) mod harness;
 mod kernel;
 mod lifecycle;

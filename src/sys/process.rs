@@ -132,7 +132,7 @@ pub fn signal(pid: u32, signal: i32) -> io::Result<bool> {
     }
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 /// CPU time (user + system) this process has used so far, all its threads together:
 /// `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`, the same total `getrusage(RUSAGE_SELF)` splits
 /// into user and system time, at nanosecond rather than tick resolution.
@@ -142,7 +142,7 @@ pub fn self_cpu_time() -> std::time::Duration {
     ))
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 /// Ticks of `/proc/PID/stat` per second (`sysconf(_SC_CLK_TCK)`, which rustix reads from the
 /// auxiliary vector); 100 if the kernel did not say.
 pub fn clock_ticks_per_second() -> u64 {
@@ -183,7 +183,7 @@ pub fn inherited_channel(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 /// CPU time the calling thread has used (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`): what a
 /// benchmark charges to the master's one thread, excluding time spent blocked.
 pub fn thread_cpu_time() -> std::time::Duration {
@@ -192,7 +192,7 @@ pub fn thread_cpu_time() -> std::time::Duration {
     ))
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 fn timespec_duration(ts: rustix::time::Timespec) -> std::time::Duration {
     // A CPU-time clock is never negative.
     std::time::Duration::new(
@@ -201,7 +201,7 @@ fn timespec_duration(ts: rustix::time::Timespec) -> std::time::Duration {
     )
 }
 
-#[cfg(feature = "bench")]
+#[cfg(feature = "cli")]
 /// Makes the child started by `cmd` receive SIGTERM when this process dies
 /// (`prctl(PR_SET_PDEATHSIG)`), e.g. the servers `handoff bench` starts: a killed benchmark
 /// must not leave them running. Call it on the thread that stays alive (PDEATHSIG follows
@@ -327,7 +327,7 @@ mod tests {
         assert_eq!(fd_limit().unwrap(), (hard, hard));
     }
 
-    #[cfg(feature = "bench")]
+    #[cfg(feature = "cli")]
     #[test]
     fn cpu_clocks_advance_with_work() {
         let (process, thread) = (self_cpu_time(), thread_cpu_time());

@@ -245,7 +245,7 @@ pub fn peer_gone(fd: &impl AsFd) -> bool {
     }
 }
 
-#[cfg(any(feature = "bench", feature = "control"))]
+#[cfg(feature = "control")]
 /// `poll(2)` for readability: true if `fd` became readable within `timeout_ms` (negative:
 /// no limit).
 pub fn wait_readable(fd: &impl AsFd, timeout_ms: i32) -> io::Result<bool> {
