@@ -91,6 +91,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// A Unix socket path where the master answers `status` with JSON.
     pub control: Option<PathBuf>,
+    /// An address where the master serves Prometheus text at `/metrics`.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Respawn delays.
     pub(crate) backoff: Backoff,
     /// When a worker is replaced by a fresh one (age, connections, memory).
@@ -212,6 +214,12 @@ impl Config {
                 "--control: this build has no control socket (the `control` feature)".into(),
             );
         }
+        if self.metrics.is_some() && !cfg!(feature = "prometheus") {
+            return Err(
+                "--metrics: this build has no Prometheus endpoint (the `prometheus` feature)"
+                    .into(),
+            );
+        }
         check_paths(self)?;
         if self.limits.max_age.is_some_and(|age| age < MIN_MAX_AGE) {
             return Err(format!(
@@ -249,6 +257,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(1),
             control: None,
+            metrics: None,
             backoff: Backoff::default(),
             limits: Limits::default(),
             jitter_percent: 10.0,

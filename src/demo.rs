@@ -81,13 +81,26 @@ pub fn burn(duration: Duration) {
 /// Serves every connection the master hands over until the worker drains.
 pub async fn serve(mut incoming: Incoming, cost: Cost) -> Result<(), BoxError> {
     let pid = Bytes::from(std::process::id().to_string());
+    // Through the worker's recorder: added up across the cluster at `--metrics`.
+    let figures = Figures {
+        requests: metrics::counter!("demo_requests_total"),
+        duration: metrics::histogram!("demo_request_duration_seconds"),
+    };
     while let Some(conn) = incoming.accept().await {
-        tokio::spawn(connection(conn, cost, pid.clone(), incoming.drain_signal()));
+        let drain = incoming.drain_signal();
+        tokio::spawn(connection(conn, cost, pid.clone(), figures.clone(), drain));
     }
     Ok(())
 }
 
-async fn connection(conn: Connection, cost: Cost, pid: Bytes, mut drain: Drain) {
+/// What the demo counts per request.
+#[derive(Clone)]
+struct Figures {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+async fn connection(conn: Connection, cost: Cost, pid: Bytes, figures: Figures, mut drain: Drain) {
     let asked = Arc::new(AtomicBool::new(false));
     let first_request = Arc::new(tokio::sync::Notify::new());
     let (seen, notify) = (asked.clone(), first_request.clone());
@@ -95,8 +108,11 @@ async fn connection(conn: Connection, cost: Cost, pid: Bytes, mut drain: Drain) 
         if !seen.swap(true, Ordering::Relaxed) {
             notify.notify_one();
         }
+        let start = std::time::Instant::now();
         burn(cost.pick(&mut fastrand::Rng::new()));
         leak(cost.leak_per_request);
+        figures.requests.increment(1);
+        figures.duration.record(start.elapsed().as_secs_f64());
         let response = Response::builder()
             .header("content-type", "text/plain")
             .header("x-worker-pid", pid.as_ref())

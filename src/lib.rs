@@ -75,10 +75,13 @@ use std::time::Duration;
 
 pub use balance::Strategy;
 pub use config::{Config, ListenAddr};
-pub use master::MasterError;
+pub use ipc::message::MessageError;
+pub use master::{FromWorker, Master, MasterError};
 pub use supervise::Limits;
 pub use sys::socket::Peer;
-pub use worker::{BoxError, Connection, Drain, Incoming, Stream, WorkerError};
+pub use worker::{
+    BoxError, Connection, Drain, Inbox, Incoming, Messenger, Origin, Received, Stream, WorkerError,
+};
 
 /// Why [`Server::run`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +99,14 @@ pub enum Error {
 #[derive(Debug, Clone)]
 pub struct Server {
     config: Config,
+    handler: master::MasterHandler,
 }
 
 /// Builds a [`Server`].
 #[derive(Debug, Clone, Default)]
 pub struct Builder {
     config: Config,
+    handler: master::MasterHandler,
 }
 
 impl Builder {
@@ -144,6 +149,13 @@ impl Builder {
     /// A Unix socket where the master answers `status` (see `handoff ctl`).
     pub fn control(mut self, path: PathBuf) -> Self {
         self.config.control = Some(path);
+        self
+    }
+
+    /// An address where the master serves Prometheus text at `/metrics`: its own figures
+    /// and the workers' `metrics`, added up across the cluster (the `prometheus` feature).
+    pub fn metrics(mut self, addr: std::net::SocketAddr) -> Self {
+        self.config.metrics = Some(addr);
         self
     }
 
@@ -215,10 +227,26 @@ impl Builder {
         self
     }
 
+    /// Runs `handler` in the master (on its thread, once) with a [`Master`] handle: it
+    /// receives the messages of type `M` workers send with [`Messenger::send`] and
+    /// [`Messenger::request`], and sends to one worker or all of them. Without a handler,
+    /// messages to the master are dropped (counted) and requests answered with an error;
+    /// workers still reach each other with [`Messenger::broadcast`].
+    pub fn master<M, F, Fut>(mut self, handler: F) -> Self
+    where
+        M: serde::Serialize + serde::de::DeserializeOwned + 'static,
+        F: FnOnce(Master<M>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        self.handler = master::MasterHandler::new(handler);
+        self
+    }
+
     /// The finished configuration.
     pub fn build(self) -> Server {
         Server {
             config: self.config,
+            handler: self.handler,
         }
     }
 }
@@ -231,7 +259,10 @@ impl Server {
 
     /// From a complete configuration.
     pub fn from_config(config: Config) -> Self {
-        Server { config }
+        Server {
+            config,
+            handler: master::MasterHandler::default(),
+        }
     }
 
     /// In the master: binds, starts the workers (this binary re-executed with the same
@@ -254,7 +285,8 @@ impl Server {
             if worker::is_worker() {
                 Ok(worker::run(serve, self.config.worker_threads)?)
             } else {
-                Ok(master::run(self.config, supervise::Program::CurrentExe)?)
+                let program = supervise::Program::CurrentExe;
+                Ok(master::run(self.config, program, self.handler)?)
             }
         })
     }
@@ -263,10 +295,8 @@ impl Server {
     /// the worker protocol.
     pub fn run_command(self, command: Vec<OsString>) -> Result<(), Error> {
         off_any_runtime(move || {
-            Ok(master::run(
-                self.config,
-                supervise::Program::Command(command),
-            )?)
+            let program = supervise::Program::Command(command);
+            Ok(master::run(self.config, program, self.handler)?)
         })
     }
 }

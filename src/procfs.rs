@@ -5,7 +5,7 @@
 //! other syscalls; the parsers are pure and tested on sample text.
 
 use std::io;
-#[cfg(feature = "cli")]
+#[cfg(any(feature = "control", feature = "prometheus"))]
 use std::time::Duration;
 
 /// Process `pid`'s resident set size in bytes, from `/proc/PID/status`.
@@ -39,27 +39,27 @@ pub fn open_fds() -> io::Result<usize> {
         .saturating_sub(1))
 }
 
-#[cfg(feature = "cli")]
+#[cfg(any(feature = "control", feature = "prometheus"))]
 /// The fields of `/proc/PID/stat` after the command name (which may hold spaces and `)`).
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat(&stat)
 }
 
-#[cfg(feature = "cli")]
+#[cfg(any(feature = "control", feature = "prometheus"))]
 fn parse_stat(stat: &str) -> Option<Vec<String>> {
     let (_, rest) = stat.rsplit_once(')')?;
     Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
-#[cfg(feature = "cli")]
+#[cfg(any(feature = "control", feature = "prometheus"))]
 /// User + system CPU time `pid` has used, or `None` if it is gone.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
     let fields = stat_fields(pid)?;
     ticks_to_time(&fields, crate::sys::process::clock_ticks_per_second())
 }
 
-#[cfg(feature = "cli")]
+#[cfg(any(feature = "control", feature = "prometheus"))]
 fn ticks_to_time(fields: &[String], ticks_per_second: u64) -> Option<Duration> {
     // After the name: state(0) ppid(1) ... utime(11) stime(12).
     let utime: u64 = fields.get(11)?.parse().ok()?;

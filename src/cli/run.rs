@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// Unix socket where the master answers `status` (see `handoff ctl`).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Serve Prometheus text at http://ADDR/metrics: the master's figures and the workers'
+    /// `metrics`, added up across the cluster (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Replace a worker once it has run this long (e.g. 1h). Its replacement starts first;
     /// the old one drains once the new one is ready.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -113,6 +117,7 @@ fn config(args: RunArgs) -> Config {
         max_pending: args.max_pending,
         shutdown_timeout: args.shutdown_timeout,
         control: args.control,
+        metrics: args.metrics,
         limits: Limits {
             max_age: args.max_age,
             max_connections: args.max_connections,

@@ -9,6 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
 
 use super::frame::{self, Frame, FrameError, MAX_FRAME_LEN};
+use super::message::MessageFault;
 use crate::sys::scm;
 
 /// Why a frame could not be received.
@@ -135,12 +136,16 @@ fn check(received: scm::Received, buf: &[u8]) -> Result<(Frame, Vec<OwnedFd>), C
         return Err(ChannelError::Closed);
     }
     if received.truncated || received.len > MAX_FRAME_LEN {
+        if received.len > 1 && buf[1] == frame::KIND_MESSAGE && received.fds.is_empty() {
+            // One message too long: that message is dropped, the channel stays.
+            return Ok((Frame::Message(Err(MessageFault::TooLong)), Vec::new()));
+        }
         return Err(FrameError::TooLong.into());
     }
     let frame = frame::decode(&buf[..received.len])?;
     let declared = match &frame {
         Frame::Connections(entries) | Frame::Listeners(entries) => entries.len(),
-        Frame::Counters => 1,
+        Frame::Counters | Frame::Metrics => 1,
         _ => 0,
     };
     let arrived = received.fds.len();

@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use super::message::{Message, MessageFault, ENVELOPE_LEN, MAX_PAYLOAD};
 use crate::sys::scm::MAX_FDS;
 use crate::sys::socket::Peer;
 
@@ -13,8 +14,12 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
 /// Bytes of one connection entry in a [`Frame::Connections`] body.
 pub const CONNECTION_ENTRY_LEN: usize = 32;
-/// The largest frame either side sends: a full batch of connections.
-pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_FDS * CONNECTION_ENTRY_LEN;
+/// The largest frame either side sends: a message with the largest payload (a full batch
+/// of connections is 8,104 bytes).
+pub const MAX_FRAME_LEN: usize = HEADER_LEN + ENVELOPE_LEN + MAX_PAYLOAD;
+/// Bytes of one histogram sample in a [`Frame::Samples`] body: a metric's slot (u32) and
+/// the value (f64).
+pub const SAMPLE_LEN: usize = 12;
 /// Bytes of a [`Frame::Status`] body.
 pub const STATUS_BODY_LEN: usize = 16;
 
@@ -25,6 +30,9 @@ const KIND_LISTENERS: u8 = 4;
 const KIND_DRAINING: u8 = 5;
 const KIND_REFUSED: u8 = 6;
 const KIND_COUNTERS: u8 = 7;
+pub(crate) const KIND_MESSAGE: u8 = 8;
+const KIND_METRICS: u8 = 10;
+const KIND_SAMPLES: u8 = 11;
 
 /// One handed-off connection, as described next to its fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +56,7 @@ pub struct Status {
 }
 
 /// A decoded frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Frame {
     /// master → worker: connections, one fd each, in the same order as the entries.
@@ -79,6 +87,16 @@ pub enum Frame {
     /// its received and finished totals (see `sys::shm`), so the master reads them without
     /// a frame per connection. Optional: a worker that never sends it reports by STATUS.
     Counters,
+    /// Either way: a message between the workers' code and the master's (see
+    /// [`super::message`]). A message the peer got wrong arrives as its fault, to be dropped
+    /// and counted, not as a broken channel.
+    Message(Result<Message, MessageFault>),
+    /// worker → master, once, before READY: the fd of a sealed memfd holding the worker's
+    /// `metrics` counters and gauges (see `sys::shm::MetricsRegion`). Optional.
+    Metrics,
+    /// worker → master: histogram samples recorded since the last such frame, each a metric
+    /// slot of the worker's metrics region and a value.
+    Samples(Vec<(u32, f64)>),
 }
 
 impl Frame {
@@ -92,6 +110,9 @@ impl Frame {
             Frame::Draining(_) => "draining",
             Frame::Refused { .. } => "refused",
             Frame::Counters => "counters",
+            Frame::Message(_) => "message",
+            Frame::Metrics => "metrics",
+            Frame::Samples(_) => "samples",
         }
     }
 }
@@ -201,6 +222,28 @@ pub fn encode_counters(out: &mut Vec<u8>) {
     header(out, KIND_COUNTERS, 1, 0);
 }
 
+/// Writes a [`Frame::Metrics`] frame into `out` (cleared first); its fd goes with it.
+pub fn encode_metrics(out: &mut Vec<u8>) {
+    header(out, KIND_METRICS, 1, 0);
+}
+
+/// Writes a [`Frame::Message`] frame for `message` into `out` (cleared first).
+pub fn encode_message(out: &mut Vec<u8>, message: &Message) {
+    header(out, KIND_MESSAGE, 0, ENVELOPE_LEN + message.payload.len());
+    message.encode_body(out);
+}
+
+/// Writes a [`Frame::Samples`] frame into `out` (cleared first): at most
+/// [`MAX_PAYLOAD`] / [`SAMPLE_LEN`] samples, the rest are the caller's to send next.
+pub fn encode_samples(out: &mut Vec<u8>, samples: &[(u32, f64)]) {
+    debug_assert!(samples.len() * SAMPLE_LEN <= MAX_PAYLOAD);
+    header(out, KIND_SAMPLES, 0, samples.len() * SAMPLE_LEN);
+    for (slot, value) in samples {
+        out.extend_from_slice(&slot.to_le_bytes());
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+}
+
 /// Writes a [`Frame::Status`] frame into `out` (cleared first).
 pub fn encode_status(out: &mut Vec<u8>, status: Status) {
     encode_status_kind(out, KIND_STATUS, status);
@@ -277,6 +320,16 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
         KIND_READY => Err(shape("ready")),
         KIND_COUNTERS if count == 1 && body.is_empty() => Ok(Frame::Counters),
         KIND_COUNTERS => Err(shape("counters")),
+        KIND_METRICS if count == 1 && body.is_empty() => Ok(Frame::Metrics),
+        KIND_METRICS => Err(shape("metrics")),
+        KIND_MESSAGE if count == 0 => Ok(Frame::Message(Message::parse(body))),
+        KIND_MESSAGE => Err(shape("message")),
+        KIND_SAMPLES if count == 0 && body.len() % SAMPLE_LEN == 0 && body.len() <= MAX_PAYLOAD => {
+            Ok(Frame::Samples(
+                body.chunks_exact(SAMPLE_LEN).map(decode_sample).collect(),
+            ))
+        }
+        KIND_SAMPLES => Err(shape("samples")),
         KIND_STATUS | KIND_DRAINING if count == 0 && body.len() == STATUS_BODY_LEN => {
             let status = decode_status(body);
             Ok(if kind == KIND_STATUS {
@@ -296,6 +349,13 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
         KIND_REFUSED => Err(shape("refused")),
         other => Err(FrameError::UnknownKind(other)),
     }
+}
+
+fn decode_sample(sample: &[u8]) -> (u32, f64) {
+    (
+        u32::from_le_bytes(sample[0..4].try_into().expect("4 bytes")),
+        f64::from_le_bytes(sample[4..12].try_into().expect("8 bytes")),
+    )
 }
 
 fn decode_status(body: &[u8]) -> Status {

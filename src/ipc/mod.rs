@@ -5,6 +5,7 @@
 
 pub mod channel;
 pub mod frame;
+pub mod message;
 
 pub use channel::{Channel, ChannelError};
 pub use frame::ConnectionHeader;

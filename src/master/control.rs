@@ -24,8 +24,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use super::cluster::display_key;
 use super::ctx::Ctx;
 use super::table::{Phase, Process, Table};
+use crate::procfs;
 use crate::supervise::Reason;
 use crate::sys;
 
@@ -280,6 +282,8 @@ fn respond(ctx: &Ctx, command: &str) -> String {
                 "restarting": table.restarting,
                 "workers": slots(&table),
                 "draining": draining(&table),
+                "messages": ctx.post.counters(),
+                "metrics": worker_metrics(ctx),
             })
             .to_string()
         }
@@ -288,6 +292,20 @@ fn respond(ctx: &Ctx, command: &str) -> String {
                 .to_string()
         }
     }
+}
+
+/// The workers' `metrics`, added up across the cluster, by key as Prometheus writes it.
+fn worker_metrics(ctx: &Ctx) -> serde_json::Value {
+    let figures = ctx.cluster.figures();
+    let counters = figures
+        .counters
+        .iter()
+        .filter_map(|(key, total)| Some((display_key(key)?, serde_json::json!(total))));
+    let gauges = figures
+        .gauges
+        .iter()
+        .filter_map(|(key, value)| Some((display_key(key)?, serde_json::json!(value))));
+    serde_json::Value::Object(counters.chain(gauges).collect())
 }
 
 /// The control socket's view of one slot in use.
@@ -309,8 +327,10 @@ struct SlotReport {
     recycling: Option<Reason>,
     /// The replacement's pid, while it starts.
     successor: Option<u32>,
-    /// Resident set of its process in KiB, when memory is watched.
+    /// Resident set of its process in KiB.
     rss_kib: Option<u64>,
+    /// CPU time its process has used (user + system), in milliseconds.
+    cpu_ms: Option<u64>,
     /// How its process reports its totals: `memory` (shared counters) or `frames`.
     reports: Option<&'static str>,
 }
@@ -345,7 +365,12 @@ fn slots(table: &Table) -> Vec<SlotReport> {
                 uptime_ms: p.map_or(0, |p| p.started.elapsed().as_millis() as u64),
                 recycling: p.and_then(|p| p.retire),
                 successor: slot.successor.as_ref().map(|s| s.pid),
-                rss_kib: p.and_then(|p| p.rss).map(|b| b / 1024),
+                rss_kib: p
+                    .and_then(|p| p.rss.or_else(|| procfs::rss(p.pid).ok()))
+                    .map(|b| b / 1024),
+                cpu_ms: p
+                    .and_then(|p| procfs::cpu_time(p.pid))
+                    .map(|t| t.as_millis() as u64),
                 reports: p.map(|p| match p.shares_counters() {
                     true => "memory",
                     false => "frames",

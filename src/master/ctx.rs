@@ -9,7 +9,9 @@ use std::rc::Rc;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
+use super::cluster::Cluster;
 use super::kernel::Handout;
+use super::post::Post;
 use super::table::Table;
 use crate::ipc::frame::MAX_FRAME_LEN;
 use crate::ipc::Channel;
@@ -24,6 +26,10 @@ pub(crate) struct Ctx {
     /// Buffers for encoding what is sent.
     pub scratch: RefCell<Scratch>,
     pub launcher: Launcher,
+    /// Messages: routing what workers send, queues of what waits for a full channel.
+    pub post: Rc<Post>,
+    /// The workers' `metrics`, added up.
+    pub cluster: Cluster,
     #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub listening: Vec<String>,
     pub handout: Handout,
@@ -36,6 +42,8 @@ impl Ctx {
             links: RefCell::new(HashMap::new()),
             scratch: RefCell::new(Scratch::default()),
             launcher,
+            post: Rc::new(Post::default()),
+            cluster: Cluster::default(),
             listening,
             handout,
         }

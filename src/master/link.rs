@@ -111,8 +111,9 @@ fn send_all(ctx: &Ctx) -> Vec<(usize, u32, io::Error)> {
     broken
 }
 
-/// Applies a frame from process `pid` of slot `index`: COUNTERS maps the region its fd
-/// names (see `sys::shm`); every other frame goes to the table.
+/// Applies a frame from process `pid` of slot `index`: COUNTERS and METRICS map the region
+/// their fd names (see `sys::shm`), MESSAGE goes to the post, SAMPLES to the cluster's
+/// metrics; every other frame goes to the table.
 fn apply(
     ctx: &Ctx,
     index: usize,
@@ -120,9 +121,33 @@ fn apply(
     frame: Frame,
     fds: Vec<OwnedFd>,
 ) -> Result<Heard, Lost> {
-    let Frame::Counters = frame else {
-        return ctx.table.borrow_mut().on_frame(index, pid, frame);
-    };
+    match frame {
+        Frame::Message(message) => {
+            ctx.post.route(index, pid, message);
+            return Ok(Heard::News);
+        }
+        Frame::Metrics => {
+            let fd = fds.into_iter().next().expect("the channel checked: one fd");
+            ctx.cluster
+                .attach(pid, fd)
+                .map_err(|e| Lost::Protocol(ProtocolError(format!("its METRICS region: {e}"))))?;
+            return Ok(Heard::News);
+        }
+        Frame::Samples(samples) => {
+            let dropped = ctx.cluster.samples(pid, &samples);
+            if dropped > 0 {
+                tracing::debug!(
+                    worker = index,
+                    pid,
+                    dropped,
+                    "samples of no histogram dropped"
+                );
+            }
+            return Ok(Heard::News);
+        }
+        Frame::Counters => {}
+        other => return ctx.table.borrow_mut().on_frame(index, pid, other),
+    }
     let fd = fds.into_iter().next().expect("the channel checked: one fd");
     let counters = Counters::map(fd)
         .map_err(|e| Lost::Protocol(ProtocolError(format!("its COUNTERS region: {e}"))))?;
@@ -162,6 +187,7 @@ pub(crate) fn open(ctx: &Rc<Ctx>, index: usize, pid: u32, channel: Channel) {
         channel.clone(),
         writer.clone(),
     ));
+    ctx.post.open(index, pid, channel.clone(), writer.clone());
     let link = Link {
         channel,
         writer,
@@ -172,6 +198,7 @@ pub(crate) fn open(ctx: &Rc<Ctx>, index: usize, pid: u32, channel: Channel) {
 
 /// Closes process `pid`'s link (its tasks stop); it has left the table.
 pub(crate) fn close(ctx: &Ctx, pid: u32) {
+    ctx.post.close(pid);
     let link = ctx.links.borrow_mut().remove(&pid);
     drop(link);
 }
@@ -333,7 +360,15 @@ async fn write_channel(
                 Ok(guard) => guard,
                 Err(e) => return give_up(&ctx, index, pid, Lost::channel(e.into())),
             };
-            let result = transmit_one(&ctx, index, pid);
+            let result = match transmit_one(&ctx, index, pid) {
+                // Connections first; then the messages that waited for room.
+                Flush::Done => match ctx.post.flush(pid) {
+                    Ok(true) => Flush::Done,
+                    Ok(false) => Flush::Blocked,
+                    Err(e) => Flush::Broken(e),
+                },
+                other => other,
+            };
             match result {
                 Flush::Done => break,
                 Flush::Blocked => guard.clear_ready(),

@@ -6,14 +6,19 @@
 //! exits with none left behind.
 
 mod accept;
+mod cluster;
 #[cfg(feature = "control")]
 mod control;
 mod ctx;
+mod handler;
 #[cfg(feature = "cli")]
 pub(crate) mod harness;
 mod kernel;
 mod lifecycle;
 mod link;
+mod post;
+#[cfg(feature = "prometheus")]
+mod prometheus;
 mod table;
 mod workers;
 
@@ -33,6 +38,8 @@ use crate::supervise::{Launcher, Program, SpawnError};
 use crate::sys;
 use crate::sys::socket::Peer;
 use ctx::Ctx;
+pub(crate) use handler::MasterHandler;
+pub use handler::{FromWorker, Master};
 use kernel::Handout;
 use link::flush;
 use table::Table;
@@ -68,6 +75,15 @@ pub enum MasterError {
     /// The worker program cannot be started.
     #[error("the worker program cannot be started")]
     Program(#[source] SpawnError),
+    /// The `--metrics` address could not be bound.
+    #[error("binding the metrics address {addr} failed")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Signal handlers could not be installed.
     #[error("installing signal handlers failed")]
     Signals(#[source] io::Error),
@@ -77,7 +93,7 @@ pub enum MasterError {
 type Listener = Rc<AsyncFd<OwnedFd>>;
 
 /// Runs a master until SIGTERM, SIGINT or SIGQUIT; returns once every worker has exited.
-pub fn run(config: Config, program: Program) -> Result<(), MasterError> {
+pub fn run(config: Config, program: Program, handler: MasterHandler) -> Result<(), MasterError> {
     config.validate().map_err(MasterError::Config)?;
     let launcher = Launcher::new(program).map_err(MasterError::Program)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -85,7 +101,7 @@ pub fn run(config: Config, program: Program) -> Result<(), MasterError> {
         .build()
         .map_err(MasterError::Runtime)?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, master(config, launcher))
+    local.block_on(&runtime, master(config, launcher, handler))
 }
 
 /// Binds every listen address: listening sockets, or, for `kernel-reuseport`, bound
@@ -175,7 +191,11 @@ fn fd_room(workers: usize) -> Result<usize, MasterError> {
     Ok(room)
 }
 
-async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
+async fn master(
+    config: Config,
+    launcher: Launcher,
+    handler: MasterHandler,
+) -> Result<(), MasterError> {
     let mut stop_signals = StopSignals::install().map_err(MasterError::Signals)?;
     let lifecycle_signals = lifecycle::Signals::install().map_err(MasterError::Signals)?;
     crate::signals::ignore_stray(crate::signals::Role::Master);
@@ -189,6 +209,9 @@ async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
         })?),
         None => None,
     };
+    handler.start(&ctx.post);
+    #[cfg(feature = "prometheus")]
+    let metrics_task = serve_metrics(&ctx, config.metrics)?;
     for index in 0..config.workers {
         workers::start_worker(&ctx, index);
     }
@@ -217,6 +240,10 @@ async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
     if let Some(task) = control_task {
         task.abort();
     }
+    #[cfg(feature = "prometheus")]
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     remove_socket_files(&config);
     let counters = ctx.table.borrow().counters;
     tracing::info!(
@@ -228,6 +255,29 @@ async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
         "master stopped"
     );
     Ok(())
+}
+
+/// Binds `--metrics` and serves scrapes there; histogram samples go to its exporter.
+#[cfg(feature = "prometheus")]
+fn serve_metrics(
+    ctx: &Rc<Ctx>,
+    addr: Option<std::net::SocketAddr>,
+) -> Result<Option<JoinHandle<()>>, MasterError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener =
+        prometheus::bind(addr).map_err(|source| MasterError::Metrics { addr, source })?;
+    let exporter = prometheus::Exporter::new();
+    let sink = exporter.clone();
+    ctx.cluster
+        .set_sink(Box::new(move |key, value| sink.record(key, value)));
+    tracing::info!(address = %listener.local_addr().unwrap_or(addr), "serving metrics");
+    Ok(Some(spawn_local(prometheus::serve(
+        ctx.clone(),
+        exporter,
+        listener,
+    ))))
 }
 
 /// Binds the listeners, sizes the fd budget and builds the shared state; returns it with

@@ -146,6 +146,8 @@ async fn watch_exit(
 ) {
     let status = child.wait().await;
     let uptime = started.elapsed();
+    // It can count no more: its metrics' final values join the totals of workers gone.
+    ctx.cluster.retire(pid);
     // Its last frames first: a DRAINING among them makes this exit an expected one (and its
     // slot is then refilled by the handover, not by this exit).
     link::read_last_frames(&ctx, index, pid);

@@ -142,7 +142,7 @@ pub fn self_cpu_time() -> std::time::Duration {
     ))
 }
 
-#[cfg(feature = "cli")]
+#[cfg(any(feature = "control", feature = "prometheus"))]
 /// Ticks of `/proc/PID/stat` per second (`sysconf(_SC_CLK_TCK)`, which rustix reads from the
 /// auxiliary vector); 100 if the kernel did not say.
 pub fn clock_ticks_per_second() -> u64 {

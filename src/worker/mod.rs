@@ -8,6 +8,8 @@ mod axum;
 mod connection;
 mod linger;
 mod own;
+mod post;
+mod recorder;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -19,6 +21,8 @@ use tokio::sync::{watch, Notify};
 
 pub use connection::{Connection, Stream};
 use own::OwnListeners;
+use post::WorkerPost;
+pub use post::{Inbox, Messenger, Origin, Received};
 
 use crate::ipc::channel::frame_buffer;
 use crate::ipc::frame::{self, Frame, Status};
@@ -70,7 +74,9 @@ pub fn is_worker() -> bool {
 /// State shared by the accept side, the connections and the reporter task.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    channel: Channel,
+    channel: Arc<Channel>,
+    /// Messages: the inbox, requests waiting for replies.
+    post: Arc<WorkerPost>,
     counts: Counts,
     active: AtomicU64,
     report: Notify,
@@ -92,7 +98,9 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn new(channel: Channel, counts: Counts, drain: watch::Sender<bool>) -> Self {
+        let channel = Arc::new(channel);
         Shared {
+            post: Arc::new(WorkerPost::new(channel.clone())),
             channel,
             counts,
             active: AtomicU64::new(0),
@@ -312,6 +320,7 @@ impl Incoming {
                         self.shared.fail(e.into());
                     }
                 }
+                Ok((Frame::Message(message), _)) => self.shared.post.deliver(message),
                 Ok((Frame::Listeners(headers), fds)) => {
                     self.shared.eager_reports.store(false, Ordering::Relaxed);
                     if let Err(e) = self.own.install(headers, fds) {
@@ -322,6 +331,20 @@ impl Incoming {
                 Err(e) => self.shared.fail(e),
             }
         }
+    }
+
+    /// A handle that sends messages of type `M` to the master and, through it, to the
+    /// other workers. Messages to this worker arrive while [`Incoming::accept`] is being
+    /// called (as `axum::serve` does).
+    pub fn messenger<M: serde::Serialize>(&self) -> Messenger<M> {
+        Messenger::new(self.shared.post.clone())
+    }
+
+    /// The messages of type `M` the master and other workers send this worker: the first
+    /// call takes the inbox, later calls get `None`. Until it is taken, messages to this
+    /// worker are dropped (and counted).
+    pub fn inbox<M: serde::de::DeserializeOwned>(&self) -> Option<Inbox<M>> {
+        Inbox::claim(&self.shared.post)
     }
 
     /// A handle that completes when this worker starts draining.
@@ -435,8 +458,21 @@ where
     let channel = sys::process::inherited_channel(fd).map_err(WorkerError::TakeChannel)?;
     let channel = Channel::new(channel).map_err(WorkerError::TakeChannel)?;
     let counts = Counts::share(&channel).await;
+    let samples = recorder::install(&channel).await;
     let (drain_tx, drain_rx) = watch::channel(false);
     let shared = Arc::new(Shared::new(channel, counts, drain_tx));
+    let sampler = samples.clone().map(|samples| {
+        let channel = shared.channel.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(recorder::SAMPLE_PERIOD);
+            loop {
+                every.tick().await;
+                if samples.flush(&channel).await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
     let heartbeat = env_duration(ENV_HEARTBEAT_MS, Duration::from_secs(1));
     let reporter = tokio::spawn(report(shared.clone(), heartbeat));
     let closer = {
@@ -465,6 +501,12 @@ where
     wait_idle(&shared, env_duration(ENV_DRAIN_MS, Duration::from_secs(30))).await;
     reporter.abort();
     closer.abort();
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
+    if let Some(samples) = samples {
+        let _ = samples.flush(&shared.channel).await;
+    }
     shared.lingering.close_all();
     let _ = shared.try_send_status();
 

@@ -156,3 +156,49 @@ fn the_hyper_example_serves_on_multi_threaded_workers_and_stops_cleanly() {
     );
     stop(hyper);
 }
+
+/// `GET path` on a new connection with `Connection: close`.
+fn get_path(addr: SocketAddr, path: &str) -> crate::util::Response {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    read_response(&mut BufReader::new(stream)).unwrap()
+}
+
+#[test]
+fn global_stats_adds_every_worker_s_requests_and_every_worker_knows_the_total() {
+    let mut cmd = example("global_stats");
+    cmd.args(["--listen", "127.0.0.1:0", "--workers", "4"]);
+    let (stats, addr) = start(cmd, 4);
+    let mut served_by = std::collections::HashSet::new();
+    for _ in 0..400 {
+        let response = get_path(addr, "/");
+        assert_eq!(response.status, 200, "{}", stats.log());
+        served_by.insert(response.pid);
+    }
+    assert!(served_by.len() >= 2, "one worker took everything");
+    // Workers report every second and the master broadcasts each new total: ask until two
+    // different workers say 400 (a total past 400 would be a count made twice).
+    let mut knowing = std::collections::HashSet::new();
+    let agreed = wait_until(PATIENCE, || {
+        let response = get_path(addr, "/stats");
+        let total: u64 = response
+            .body
+            .trim()
+            .trim_start_matches("{\"global_requests\": ")
+            .trim_end_matches('}')
+            .parse()
+            .expect("a number");
+        assert!(total <= 400, "counted twice: {}", response.body);
+        if total == 400 {
+            knowing.insert(response.pid);
+        }
+        knowing.len() >= 2
+    });
+    assert!(agreed, "workers never agreed on 400:\n{}", stats.log());
+    stop(stats);
+}
