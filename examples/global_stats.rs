@@ -1,7 +1,8 @@
 //! The seed's "internal messages" example on handoff's messages: each worker counts the
 //! requests to `/` and sends its count to the master every second; the master keeps the
 //! global total and broadcasts it to every worker; `GET /stats` on any worker answers
-//! `{"global_requests": N}`. Every answer carries `x-worker-pid`.
+//! `{"global_requests": N}`, and `GET /ask` asks the master for its total there and then
+//! (a request and its reply). Every answer carries `x-worker-pid`.
 //!
 //! Run with: cargo run --release --example global_stats -- --listen 127.0.0.1:3000 --workers 4
 //! Then:     curl http://127.0.0.1:3000/ ; sleep 1.5 ; curl http://127.0.0.1:3000/stats
@@ -25,6 +26,8 @@ enum Stats {
     Served(u64),
     /// master → every worker: the cluster's total so far.
     Global(u64),
+    /// worker → master, a request: the total now (the reply is a `u64`).
+    Ask,
 }
 
 /// A worker's figures: its requests not yet reported, and the last global total it heard.
@@ -50,13 +53,29 @@ async fn stats(State(counts): State<Arc<Counts>>) -> Reply {
     reply(format!("{{\"global_requests\": {global}}}\n"))
 }
 
+async fn ask(State(messenger): State<Messenger<Stats>>) -> Reply {
+    match messenger
+        .request::<u64>(&Stats::Ask, Duration::from_secs(1))
+        .await
+    {
+        Ok(total) => reply(format!("{{\"global_requests\": {total}}}\n")),
+        Err(e) => reply(format!("{{\"error\": \"{e}\"}}\n")),
+    }
+}
+
 /// The master's side: add up what workers report, tell everyone the new total.
 async fn master(mut master: Master<Stats>) {
     let mut total = 0;
     while let Some(message) = master.recv().await {
-        if let Stats::Served(n) = message.body {
-            total += n;
-            let _ = master.broadcast(&Stats::Global(total));
+        match message.body {
+            Stats::Served(n) => {
+                total += n;
+                let _ = master.broadcast(&Stats::Global(total));
+            }
+            Stats::Ask => {
+                let _ = master.reply(&message, &total);
+            }
+            Stats::Global(_) => {}
         }
     }
 }
@@ -98,10 +117,14 @@ async fn main() -> Result<(), handoff::Error> {
                     report(&reporting, &sender).await;
                 }
             });
+            let asking = Router::new()
+                .route("/ask", get(ask))
+                .with_state(messenger.clone());
             let app = Router::new()
                 .route("/", get(hello))
                 .route("/stats", get(stats))
-                .with_state(counts.clone());
+                .with_state(counts.clone())
+                .merge(asking);
             let shutdown = incoming.shutdown_signal();
             axum::serve(incoming, app)
                 .with_graceful_shutdown(shutdown)

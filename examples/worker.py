@@ -19,6 +19,9 @@ master sends. Read it top to bottom:
   4. serve each connection on its own thread (HTTP/1.1 "hola, mundo", like the embedded
      demo) and send STATUS when one finishes;
   5. send STATUS at least every HANDOFF_HEARTBEAT_MS;
+  5b. messages (MESSAGE frames, JSON payloads): this worker says hello to every other
+     worker once it is ready (relayed by the master), keeps what it hears, and answers
+     `GET /messages` with it;
   6. on EOF on the channel or SIGTERM: take no more, let the connections finish (at most
      HANDOFF_DRAIN_TIMEOUT_MS), send a last STATUS and exit 0.
 
@@ -27,6 +30,7 @@ If the master breaks the protocol the worker says so on stderr and exits with st
 
 import array
 import errno
+import json
 import os
 import select
 import signal
@@ -45,6 +49,7 @@ KIND_STATUS = 3  # worker -> master: acknowledgement, load report, heartbeat
 KIND_LISTENERS = 4  # master -> worker, kernel baseline modes only: n listening sockets
 KIND_DRAINING = 5  # worker -> master: draining on its own; final count of what it received
 KIND_REFUSED = 6  # worker -> master: out of fds; the last `count` connections go back
+KIND_MESSAGE = 8  # either way: a message (envelope + payload), no fds
 
 # version u8, kind u8, count u16, body_len u32; all little-endian.
 HEADER = struct.Struct("<BBHI")
@@ -53,8 +58,18 @@ ENTRY = struct.Struct("<QHBBHH16s")
 # received_total u64, closed_total u64.
 STATUS = struct.Struct("<QQ")
 
+# MESSAGE envelope: route u8, encoding u8, failed u8, reserved u8, from u32, id u64.
+ENVELOPE = struct.Struct("<BBBBIQ")
+ROUTE_TO_MASTER, ROUTE_TO_WORKER, ROUTE_BROADCAST, ROUTE_RELAY, ROUTE_REQUEST, ROUTE_REPLY = (
+    range(1, 7)
+)
+ENCODING_JSON = 2
+FROM_MASTER = 0xFFFFFFFF
+MAX_PAYLOAD = 64 * 1024
+
 MAX_FDS = 253  # SCM_MAX_FD: the most fds one message can carry
-MAX_FRAME_LEN = HEADER.size + MAX_FDS * ENTRY.size
+# The largest frame is a message with the largest payload (a full CONNECTIONS is 8,104).
+MAX_FRAME_LEN = HEADER.size + ENVELOPE.size + MAX_PAYLOAD
 FD_SIZE = array.array("i").itemsize  # a C int
 
 FAMILY_UNIX, FAMILY_IPV4, FAMILY_IPV6 = 0, 4, 6
@@ -130,6 +145,7 @@ class Channel:
         self.received_total = 0  # connections taken from the channel
         self.closed_total = 0  # connections finished
         self.active = 0  # received_total - closed_total
+        self.heard = []  # the last messages received: (sender, value)
 
     def _send(self, frame):
         """Sends one frame (one datagram) with no fds. Call with the lock held."""
@@ -140,6 +156,15 @@ class Channel:
             return
         if sent != len(frame):  # SOCK_SEQPACKET sends a datagram whole or not at all
             raise RuntimeError(f"short send on the channel: {sent} of {len(frame)} bytes")
+
+    def send_message(self, route, value, request_id=0):
+        """Sends `value` as JSON on `route` (to the master, or relayed to every worker)."""
+        payload = json.dumps(value).encode()
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError(f"a {len(payload)}-byte message is over {MAX_PAYLOAD} bytes")
+        body = ENVELOPE.pack(route, ENCODING_JSON, 0, 0, 0, request_id) + payload
+        with self.lock:
+            self._send(HEADER.pack(VERSION, KIND_MESSAGE, 0, len(body)) + body)
 
     def send_ready(self):
         with self.lock:
@@ -212,8 +237,12 @@ class Channel:
             if not data and not fds:
                 return None  # EOF: the master closed its sending side
             if flags & socket.MSG_TRUNC or len(data) > MAX_FRAME_LEN:
+                if len(data) > 1 and data[1] == KIND_MESSAGE and not fds:
+                    return KIND_MESSAGE, None, []  # one message too long: dropped
                 raise ProtocolError(f"frame longer than the {MAX_FRAME_LEN}-byte limit")
             kind, count, body = decode(data)
+            if kind == KIND_MESSAGE and not fds:
+                return kind, body, fds
             if kind not in (KIND_CONNECTIONS, KIND_LISTENERS):
                 raise ProtocolError(f"unexpected frame kind {kind} from the master")
             if flags & socket.MSG_CTRUNC:
@@ -245,6 +274,9 @@ def decode(data):
             raise ProtocolError(
                 f"kind {kind} frame with count {count} and a {len(body)}-byte body"
             )
+    elif kind == KIND_MESSAGE:
+        if count != 0:
+            raise ProtocolError(f"message frame with count {count}")
     elif kind in (KIND_READY, KIND_STATUS, KIND_DRAINING, KIND_REFUSED):
         pass  # valid frames, but only a worker sends them (refused by the caller)
     else:
@@ -278,7 +310,7 @@ def serve_connection(conn, channel, drain):
         # The fd arrived non-blocking and shares its file status flags with the master's copy:
         # leave it so. A timeout makes Python poll internally, so sendall() still works.
         conn.settimeout(IO_TIMEOUT)
-        http_session(conn, drain)
+        http_session(conn, drain, channel)
     except OSError:
         pass  # the client went away, or stalled past IO_TIMEOUT
     finally:
@@ -303,7 +335,7 @@ def wait_readable(conn, drain, timeout):
     return any(fd == conn.fileno() for fd, _ in events)
 
 
-def http_session(conn, drain):
+def http_session(conn, drain, channel):
     pending = b""  # bytes received and not yet used (pipelined requests stay here)
     answered = 0
     while True:
@@ -324,7 +356,7 @@ def http_session(conn, drain):
         request = parse_head(head)
         if request is None:
             return respond(conn, 400, keep_alive=False)
-        method, version, headers = request
+        method, path, version, headers = request
 
         connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
         if version == "HTTP/1.1":
@@ -348,14 +380,18 @@ def http_session(conn, drain):
                 pending += data
             pending = pending[length:]
         keep_alive = keep_alive and not drain.started
-        respond(conn, 200, keep_alive, head_only=method == "HEAD", version=version)
+        body = BODY
+        if path == "/messages":
+            with channel.lock:
+                body = (json.dumps({"heard": channel.heard}) + "\n").encode()
+        respond(conn, 200, keep_alive, head_only=method == "HEAD", version=version, body=body)
         answered += 1
         if not keep_alive:
             return
 
 
 def parse_head(head):
-    """(method, version, headers with lower-case names) or None if malformed."""
+    """(method, path, version, headers with lower-case names) or None if malformed."""
     lines = head.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
@@ -366,14 +402,14 @@ def parse_head(head):
         if not colon or not name or name != name.strip():
             return None
         headers[name.lower()] = value.strip()
-    return parts[0], parts[2], headers
+    return parts[0], parts[1], parts[2], headers
 
 
 REASONS = {200: "OK", 400: "Bad Request", 431: "Request Header Fields Too Large"}
 
 
-def respond(conn, status, keep_alive, head_only=False, version="HTTP/1.1"):
-    body = BODY if status == 200 else b""
+def respond(conn, status, keep_alive, head_only=False, version="HTTP/1.1", body=BODY):
+    body = body if status == 200 else b""
     lines = [
         f"HTTP/1.1 {status} {REASONS[status]}",
         "content-type: text/plain",
@@ -396,6 +432,26 @@ def heartbeat(channel, interval):
     while True:
         channel.send_status()
         time.sleep(interval)
+
+
+def take_message(channel, body):
+    """Keeps a message from the master or another worker; a malformed one is dropped."""
+    if body is None or len(body) < ENVELOPE.size:
+        return log("dropping a malformed or oversized message")
+    route, encoding, failed, _, sender, _ = ENVELOPE.unpack_from(body)
+    if route not in (ROUTE_TO_WORKER, ROUTE_BROADCAST, ROUTE_RELAY, ROUTE_REPLY):
+        return log(f"dropping a message on route {route}")
+    payload = body[ENVELOPE.size :]
+    if failed:
+        return log(f"the master refused a request: {payload.decode(errors='replace')}")
+    if encoding != ENCODING_JSON:
+        return log(f"dropping a message in encoding {encoding}: this worker reads JSON")
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return log("dropping a message that is not JSON")
+    with channel.lock:
+        channel.heard = (channel.heard + [("master" if sender == FROM_MASTER else sender, value)])[-100:]
 
 
 def take_connections(channel, drain, body, fds):
@@ -508,6 +564,8 @@ def main():
 
     # Initialisation is done: only now may the master send connections.
     channel.send_ready()
+    # Every other worker hears of this one (the master relays the message to each).
+    channel.send_message(ROUTE_RELAY, {"hello": PID})
     threading.Thread(
         target=heartbeat, args=(channel, heartbeat_interval), name="heartbeat", daemon=True
     ).start()
@@ -529,7 +587,9 @@ def main():
                 drain.start("the master closed the channel")
                 break
             kind, body, fds = frame
-            if kind == KIND_CONNECTIONS:
+            if kind == KIND_MESSAGE:
+                take_message(channel, body)
+            elif kind == KIND_CONNECTIONS:
                 take_connections(channel, drain, body, fds)
             else:
                 take_listeners(channel, drain, body, fds)

@@ -11,6 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
@@ -62,6 +63,38 @@ pub(crate) struct Post {
     handler: RefCell<Option<mpsc::Sender<Inbound>>>,
     serial: Cell<u64>,
     counters: Cell<PostCounters>,
+    log_budget: LogBudget,
+}
+
+/// Log lines about dropped messages, at most, per second.
+pub const MAX_DROP_LINES: u32 = 10;
+
+/// A budget of log lines per second; what it silences is counted for the next line.
+#[derive(Debug, Default)]
+struct LogBudget {
+    window: Cell<Option<Instant>>,
+    lines: Cell<u32>,
+    silenced: Cell<u64>,
+}
+
+impl LogBudget {
+    /// `Some(lines silenced since the last one)` if a line may be logged at `now`.
+    fn spend(&self, now: Instant) -> Option<u64> {
+        let window_over = self
+            .window
+            .get()
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if window_over {
+            self.window.set(Some(now));
+            self.lines.set(0);
+        }
+        if self.lines.get() >= MAX_DROP_LINES {
+            self.silenced.set(self.silenced.get() + 1);
+            return None;
+        }
+        self.lines.set(self.lines.get() + 1);
+        Some(self.silenced.replace(0))
+    }
 }
 
 impl Post {
@@ -108,11 +141,13 @@ impl Post {
         self.counters.set(counters);
     }
 
+    /// Drops a message: counted, and one log line for it while the lines of the last
+    /// second stay under [`MAX_DROP_LINES`] (a flood is summed up in the next line).
     pub fn drop_one(&self, slot: usize, pid: u32, why: &dyn std::fmt::Display) {
         self.count(|c| c.dropped += 1);
         let dropped = self.counters.get().dropped;
-        if dropped == 1 || dropped % 1000 == 0 {
-            tracing::warn!(worker = slot, pid, dropped, reason = %why, "dropping a message");
+        if let Some(silenced) = self.log_budget.spend(Instant::now()) {
+            tracing::warn!(worker = slot, pid, dropped, silenced, reason = %why, "dropping a message");
         }
     }
 
@@ -267,4 +302,25 @@ pub(crate) fn failure(request: &Message, why: &str) -> Vec<u8> {
     let mut bytes = Vec::new();
     frame::encode_message(&mut bytes, &message);
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_messages_log_ten_lines_a_second_and_sum_up_the_rest() {
+        let budget = LogBudget::default();
+        let start = Instant::now();
+        for _ in 0..MAX_DROP_LINES {
+            assert_eq!(budget.spend(start), Some(0));
+        }
+        assert_eq!(budget.spend(start), None);
+        assert_eq!(budget.spend(start + Duration::from_millis(500)), None);
+        assert_eq!(
+            budget.spend(start + Duration::from_secs(1)),
+            Some(2),
+            "the next window's first line counts what was silenced"
+        );
+    }
 }

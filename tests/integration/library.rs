@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::util::{read_response, wait_until, Spawned, PATIENCE};
+use crate::util::{http_get_path, read_response, wait_until, Spawned, PATIENCE};
 
 /// target/debug/examples/NAME: `cargo test` builds the examples before it runs any test
 /// (`cargo test --test integration library::` alone does not: build them with `cargo build --examples`).
@@ -157,18 +157,6 @@ fn the_hyper_example_serves_on_multi_threaded_workers_and_stops_cleanly() {
     stop(hyper);
 }
 
-/// `GET path` on a new connection with `Connection: close`.
-fn get_path(addr: SocketAddr, path: &str) -> crate::util::Response {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    read_response(&mut BufReader::new(stream)).unwrap()
-}
-
 #[test]
 fn global_stats_adds_every_worker_s_requests_and_every_worker_knows_the_total() {
     let mut cmd = example("global_stats");
@@ -176,7 +164,7 @@ fn global_stats_adds_every_worker_s_requests_and_every_worker_knows_the_total() 
     let (stats, addr) = start(cmd, 4);
     let mut served_by = std::collections::HashSet::new();
     for _ in 0..400 {
-        let response = get_path(addr, "/");
+        let response = http_get_path(addr, "/").unwrap();
         assert_eq!(response.status, 200, "{}", stats.log());
         served_by.insert(response.pid);
     }
@@ -185,7 +173,7 @@ fn global_stats_adds_every_worker_s_requests_and_every_worker_knows_the_total() 
     // different workers say 400 (a total past 400 would be a count made twice).
     let mut knowing = std::collections::HashSet::new();
     let agreed = wait_until(PATIENCE, || {
-        let response = get_path(addr, "/stats");
+        let response = http_get_path(addr, "/stats").unwrap();
         let total: u64 = response
             .body
             .trim()
@@ -200,5 +188,13 @@ fn global_stats_adds_every_worker_s_requests_and_every_worker_knows_the_total() 
         knowing.len() >= 2
     });
     assert!(agreed, "workers never agreed on 400:\n{}", stats.log());
+    // A request and its reply: the master's total, there and then.
+    let asked = http_get_path(addr, "/ask").unwrap();
+    assert_eq!(
+        asked.body,
+        "{\"global_requests\": 400}\n",
+        "{}",
+        stats.log()
+    );
     stop(stats);
 }

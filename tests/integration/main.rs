@@ -10,5 +10,6 @@ mod core;
 mod hardening;
 mod library;
 mod lifecycle;
+mod metrics;
 mod python_worker;
 mod util;

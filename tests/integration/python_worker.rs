@@ -481,3 +481,74 @@ fn a_worker_that_drains_at_once_every_time_is_backed_off_not_respawned_in_a_loop
         "{spawned} spawns: a loop, not a backoff\n{log}"
     );
 }
+
+#[test]
+fn python_workers_hear_each_other_through_the_master_in_json() {
+    let master = start("examples/worker.py");
+    let pids = master.wait_all_ready();
+    // Each worker says hello once ready; the master relays it to the other one, stamped
+    // with the sender's slot. Ask until both workers answer /messages with the other's.
+    let mut heard_by = HashSet::new();
+    let both = wait_until(PATIENCE, || {
+        let response = crate::util::http_get_path(master.addr, "/messages").unwrap();
+        let heard: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+        let from_other = heard["heard"].as_array().unwrap().iter().any(|entry| {
+            entry[1]["hello"]
+                .as_u64()
+                .is_some_and(|pid| pid != u64::from(response.pid))
+        });
+        if from_other {
+            heard_by.insert(response.pid);
+        }
+        heard_by.len() == 2
+    });
+    assert!(
+        both,
+        "heard by {heard_by:?} of {pids:?}; log:\n{}",
+        master.log()
+    );
+    let status = master.status();
+    assert_eq!(status["messages"]["received"], 2, "{status}");
+    assert_eq!(status["messages"]["delivered"], 2, "{status}");
+    assert_eq!(status["messages"]["dropped"], 0, "{status}");
+}
+
+#[test]
+fn broken_messages_are_dropped_counted_and_logged_and_their_worker_keeps_serving() {
+    let master = start("tests/fixtures/message_garbage_worker.py");
+    let pids = master.wait_all_ready();
+    let mut dropped = 0;
+    let counted = wait_until(PATIENCE, || {
+        dropped = master.status()["messages"]["dropped"].as_u64().unwrap();
+        dropped >= 5
+    });
+    assert!(counted, "dropped {dropped}; log:\n{}", master.log());
+    assert_eq!(dropped, 5, "each broken message once");
+    let log = master.log();
+    assert_eq!(
+        crate::util::log_lines(&log, &["dropping a message"]),
+        5,
+        "one line each:\n{log}"
+    );
+    for reason in [
+        "shorter than its 16-byte envelope",
+        "unknown message route 9",
+        "Reply",
+        "encoding 7",
+        "longer than",
+    ] {
+        assert!(
+            crate::util::log_lines(&log, &["dropping a message", reason]) == 1,
+            "{reason}:\n{log}"
+        );
+    }
+    // The sender was not replaced, and both workers serve.
+    assert_eq!(master.wait_all_ready(), pids, "no worker replaced");
+    let mut seen = HashSet::new();
+    for _ in 0..4 {
+        let response = master.get();
+        assert_eq!(response.body, "hola, mundo\n");
+        seen.insert(response.pid);
+    }
+    assert_eq!(seen, pids.into_iter().collect(), "{}", master.log());
+}

@@ -378,9 +378,15 @@ pub fn send_request(addr: SocketAddr) -> BufReader<TcpStream> {
 
 /// One `GET /` on a new connection with `Connection: close`.
 pub fn http_get(addr: SocketAddr) -> std::io::Result<Response> {
+    http_get_path(addr, "/")
+}
+
+/// One `GET path` on a new connection with `Connection: close`.
+pub fn http_get_path(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
     read_response(&mut BufReader::new(stream))
 }
 
