@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -19,38 +19,42 @@ pub struct CtlArgs {
 }
 
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
-    // A master serving many control connections closes idle ones to make room, and may
-    // close ours before reading it: try again a few times before giving up.
-    let mut attempt = 0;
-    let reply = loop {
-        attempt += 1;
-        match ask(&args) {
-            Ok(reply) if !reply.is_empty() => break reply,
-            Ok(_) if attempt < ATTEMPTS => {}
-            Ok(_) => anyhow::bail!(
-                "the master at {:?} closed the control connection without answering \
-                 {ATTEMPTS} times (it is serving too many control connections); try again",
-                args.control
-            ),
-            Err(e) if attempt < ATTEMPTS && is_reset(&e) => {}
-            Err(e) => return Err(e),
-        }
-        std::thread::sleep(Duration::from_millis(100 * attempt));
-    };
+    let reply = ask(&args.control, &args.command)?;
     std::io::stdout()
         .write_all(reply.as_bytes())
         .context("writing the reply")?;
     Ok(())
 }
 
+/// Sends `command` to the master at `control` and returns its answer. A master serving
+/// many control connections closes idle ones to make room, and may close ours before
+/// reading it: this tries again a few times before giving up.
+pub fn ask(control: &Path, command: &str) -> anyhow::Result<String> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match ask_once(control, command) {
+            Ok(reply) if !reply.is_empty() => return Ok(reply),
+            Ok(_) if attempt < ATTEMPTS => {}
+            Ok(_) => anyhow::bail!(
+                "the master at {control:?} closed the control connection without answering \
+                 {ATTEMPTS} times (it is serving too many control connections); try again"
+            ),
+            Err(e) if attempt < ATTEMPTS && is_reset(&e) => {}
+            Err(e) => return Err(e),
+        }
+        std::thread::sleep(Duration::from_millis(100 * attempt));
+    }
+}
+
 /// How many times `ctl` asks before it gives up.
 const ATTEMPTS: u64 = 4;
 
-fn ask(args: &CtlArgs) -> anyhow::Result<String> {
-    let mut stream = UnixStream::connect(&args.control)
-        .with_context(|| format!("connecting to the control socket {:?}", args.control))?;
+fn ask_once(control: &Path, command: &str) -> anyhow::Result<String> {
+    let mut stream = UnixStream::connect(control)
+        .with_context(|| format!("connecting to the control socket {control:?}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    writeln!(stream, "{}", args.command).context("sending the command")?;
+    writeln!(stream, "{command}").context("sending the command")?;
     let mut reply = String::new();
     stream
         .read_to_string(&mut reply)

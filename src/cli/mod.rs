@@ -4,6 +4,7 @@ mod bench;
 mod ctl;
 mod parse;
 mod run;
+mod top;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ enum Command {
     Run(run::RunArgs),
     /// Ask a running master (started with --control) for its status.
     Ctl(ctl::CtlArgs),
+    /// A live view of a running master's workers (started with --control), like `top`.
+    Top(top::TopArgs),
     /// Compare handoff's strategies with the kernel's and node's on this machine.
     Bench(bench::BenchArgs),
 }
@@ -43,6 +46,7 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Top(args) => top::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -389,3 +389,43 @@ fn handoff_ctl_answers_while_control_connections_churn() {
         failures.len()
     );
 }
+
+#[test]
+fn top_once_prints_every_worker_with_its_rates_and_the_totals() {
+    let master = Master::start(&["--workers", "2"]);
+    let pids = master.wait_all_ready();
+    for _ in 0..10 {
+        assert_eq!(master.get().status, 200);
+    }
+    let output = Command::new(BIN)
+        .args(["top", "--once", "--interval", "200ms", "--control"])
+        .arg(&master.control)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let frame = String::from_utf8(output.stdout).unwrap();
+    assert!(frame.contains("workers 2/2 ready"), "{frame}");
+    assert!(frame.contains("accepted 10"), "{frame}");
+    assert!(frame.contains("SLOT") && frame.contains("REQ/S") && frame.contains("RESTARTS"));
+    for pid in pids {
+        let line = frame
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(&pid.to_string()))
+            .unwrap_or_else(|| panic!("no line for {pid}:\n{frame}"));
+        assert_eq!(line.split_whitespace().nth(2), Some("ready"), "{line}");
+    }
+}
+
+#[test]
+fn top_says_clearly_when_no_master_answers() {
+    let output = Command::new(BIN)
+        .args(["top", "--once", "--control", "/nonexistent/handoff.sock"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("connecting to the control socket"),
+        "{error}"
+    );
+}
