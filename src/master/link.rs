@@ -274,10 +274,17 @@ async fn read_channel(ctx: Rc<Ctx>, index: usize, pid: u32, channel: Rc<Channel>
     loop {
         // One recvmsg per frame; the one that finds the queue empty clears the readiness
         // (a raw read past it would cost a second empty recvmsg per wake-up).
+        let mut message = false;
         let verdict = match channel.recv_frame(&mut buf).await {
-            Ok((frame, fds)) => apply(&ctx, index, pid, frame, fds),
+            Ok((frame, fds)) => {
+                message = matches!(frame, Frame::Message(_));
+                apply(&ctx, index, pid, frame, fds)
+            }
             Err(e) => Err(Lost::channel(e)),
         };
+        if message {
+            tokio::task::yield_now().await;
+        }
         match verdict {
             Ok(Heard::News) => flush(&ctx),
             Ok(Heard::Repeat) => {
