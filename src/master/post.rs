@@ -307,6 +307,107 @@ pub(crate) fn failure(request: &Message, why: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::socket::seqpacket_pair;
+
+    fn relay(payload: usize) -> Message {
+        Message {
+            route: Route::Relay,
+            encoding: Encoding::Json,
+            failed: false,
+            from: 0,
+            id: 0,
+            payload: vec![b' '; payload],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_reads_nothing_costs_the_master_at_most_its_queue() {
+        let post = Post::default();
+        let (sender, _sender_peer) = seqpacket_pair().unwrap();
+        let (slow, _slow_peer) = seqpacket_pair().unwrap();
+        post.open(
+            0,
+            1,
+            Rc::new(Channel::new(sender).unwrap()),
+            Rc::new(Notify::new()),
+        );
+        post.open(
+            1,
+            2,
+            Rc::new(Channel::new(slow).unwrap()),
+            Rc::new(Notify::new()),
+        );
+        // Worker 1 relays 60 KiB messages to worker 2, which never reads.
+        for _ in 0..200 {
+            post.route(0, 1, Ok(relay(60 * 1024)));
+        }
+        let counters = post.counters();
+        assert_eq!(counters.received, 200);
+        assert!(counters.dropped > 0, "{counters:?}");
+        assert_eq!(
+            counters.delivered + counters.dropped + queued(&post, 2),
+            200
+        );
+        let bytes = post.addresses.borrow()[&2].queued_bytes;
+        assert!(bytes <= MAX_QUEUED_BYTES, "{bytes}");
+    }
+
+    fn queued(post: &Post, pid: u32) -> u64 {
+        post.addresses.borrow()[&pid].queue.len() as u64
+    }
+
+    #[tokio::test]
+    async fn a_request_nobody_handles_is_answered_with_an_error_at_once() {
+        let post = Post::default();
+        let (master, worker) = seqpacket_pair().unwrap();
+        post.open(
+            0,
+            1,
+            Rc::new(Channel::new(master).unwrap()),
+            Rc::new(Notify::new()),
+        );
+        let mut request = relay(2);
+        request.route = Route::Request;
+        request.id = 9;
+        post.route(0, 1, Ok(request));
+        let worker = Channel::new(worker).unwrap();
+        let mut buf = crate::ipc::channel::frame_buffer();
+        let (frame, _) = worker.recv_frame(&mut buf).await.unwrap();
+        let crate::ipc::frame::Frame::Message(Ok(reply)) = frame else {
+            panic!("{frame:?}")
+        };
+        assert_eq!(
+            (reply.route, reply.id, reply.failed),
+            (Route::Reply, 9, true)
+        );
+        let why = String::from_utf8(reply.payload).unwrap();
+        assert!(why.contains("no master handler"), "{why}");
+        assert_eq!(post.counters().dropped, 1);
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_falls_behind_loses_messages_it_cannot_hold_not_the_master() {
+        let post = Post::default();
+        let (master, _worker) = seqpacket_pair().unwrap();
+        post.open(
+            0,
+            1,
+            Rc::new(Channel::new(master).unwrap()),
+            Rc::new(Notify::new()),
+        );
+        let mut inbox = post.attach_handler();
+        let mut message = relay(1);
+        message.route = Route::ToMaster;
+        for _ in 0..HANDLER_CAPACITY + 10 {
+            post.route(0, 1, Ok(message.clone()));
+        }
+        assert_eq!(post.counters().dropped, 10);
+        let mut held = 0;
+        while inbox.try_recv().is_ok() {
+            held += 1;
+        }
+        assert_eq!(held, HANDLER_CAPACITY);
+    }
 
     #[test]
     fn dropped_messages_log_ten_lines_a_second_and_sum_up_the_rest() {
