@@ -12,6 +12,7 @@ use tokio::task::AbortHandle;
 use super::cluster::Cluster;
 use super::kernel::Handout;
 use super::post::Post;
+use super::systemd::Notifier;
 use super::table::Table;
 use crate::ipc::frame::MAX_FRAME_LEN;
 use crate::ipc::Channel;
@@ -30,6 +31,8 @@ pub(crate) struct Ctx {
     pub post: Rc<Post>,
     /// The workers' `metrics`, added up.
     pub cluster: Cluster,
+    /// What systemd is told (nothing without `NOTIFY_SOCKET`).
+    pub systemd: Notifier,
     #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub listening: Vec<String>,
     pub handout: Handout,
@@ -44,6 +47,7 @@ impl Ctx {
             launcher,
             post: Rc::new(Post::default()),
             cluster: Cluster::default(),
+            systemd: Notifier::from_env(),
             listening,
             handout,
         }

@@ -362,6 +362,7 @@ fn rolling_restart(ctx: &Rc<Ctx>) {
         batch = table.restart_batch,
         "SIGHUP: rolling restart"
     );
+    ctx.systemd.reloading();
 }
 
 /// Asks for restart replacements while fewer than a batch are starting.

@@ -19,6 +19,7 @@ mod link;
 mod post;
 #[cfg(feature = "prometheus")]
 mod prometheus;
+mod systemd;
 mod table;
 mod workers;
 
@@ -84,6 +85,9 @@ pub enum MasterError {
         #[source]
         source: io::Error,
     },
+    /// The sockets systemd passed (`LISTEN_FDS`) cannot be used.
+    #[error("taking the sockets systemd passed (LISTEN_FDS) failed")]
+    Activation(#[source] io::Error),
     /// Signal handlers could not be installed.
     #[error("installing signal handlers failed")]
     Signals(#[source] io::Error),
@@ -93,7 +97,20 @@ pub enum MasterError {
 type Listener = Rc<AsyncFd<OwnedFd>>;
 
 /// Runs a master until SIGTERM, SIGINT or SIGQUIT; returns once every worker has exited.
-pub fn run(config: Config, program: Program, handler: MasterHandler) -> Result<(), MasterError> {
+pub fn run(
+    mut config: Config,
+    program: Program,
+    handler: MasterHandler,
+) -> Result<(), MasterError> {
+    let activated = systemd::activated().map_err(MasterError::Activation)?;
+    if !activated.is_empty() {
+        if !config.listen.is_empty() {
+            tracing::info!(
+                "listening on the sockets systemd passed (LISTEN_FDS) instead of --listen"
+            );
+        }
+        config.listen = activated.iter().map(|a| a.addr.clone()).collect();
+    }
     config.validate().map_err(MasterError::Config)?;
     let launcher = Launcher::new(program).map_err(MasterError::Program)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -101,7 +118,7 @@ pub fn run(config: Config, program: Program, handler: MasterHandler) -> Result<(
         .build()
         .map_err(MasterError::Runtime)?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, master(config, launcher, handler))
+    local.block_on(&runtime, master(config, launcher, handler, activated))
 }
 
 /// Binds every listen address: listening sockets, or, for `kernel-reuseport`, bound
@@ -195,12 +212,14 @@ async fn master(
     config: Config,
     launcher: Launcher,
     handler: MasterHandler,
+    activated: Vec<systemd::Activated>,
 ) -> Result<(), MasterError> {
     let mut stop_signals = StopSignals::install().map_err(MasterError::Signals)?;
     let lifecycle_signals = lifecycle::Signals::install().map_err(MasterError::Signals)?;
     crate::signals::ignore_stray(crate::signals::Role::Master);
     let config = Rc::new(config);
-    let (ctx, listeners) = prepare(&config, launcher)?;
+    let activation = !activated.is_empty();
+    let (ctx, listeners) = prepare(&config, launcher, activated)?;
     #[cfg(feature = "control")]
     let control = match &config.control {
         Some(path) => Some(control::bind(path).map_err(|source| MasterError::Control {
@@ -216,6 +235,7 @@ async fn master(
         workers::start_worker(&ctx, index);
     }
     let lifecycle_task = spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals));
+    let systemd_task = spawn_local(systemd::run(ctx.clone()));
     let accepting: Vec<JoinHandle<()>> = listeners
         .iter()
         .enumerate()
@@ -230,6 +250,8 @@ async fn master(
 
     let first = stop_signals.recv().await;
     tracing::info!("{first}: stopping");
+    ctx.systemd.stopping();
+    systemd_task.abort();
     let stop = stop(&ctx, listeners, accepting);
     tokio::select! {
         _ = stop => {}
@@ -244,7 +266,10 @@ async fn master(
     if let Some(task) = metrics_task {
         task.abort();
     }
-    remove_socket_files(&config);
+    if !activation {
+        // Sockets systemd passed are its own, and stay.
+        remove_socket_files(&config);
+    }
     let counters = ctx.table.borrow().counters;
     tracing::info!(
         accepted = counters.accepted,
@@ -285,8 +310,22 @@ fn serve_metrics(
 fn prepare(
     config: &Rc<Config>,
     mut launcher: Launcher,
+    activated: Vec<systemd::Activated>,
 ) -> Result<(Rc<Ctx>, Vec<Listener>), MasterError> {
-    let bound = bind(config)?;
+    let bound = if activated.is_empty() {
+        bind(config)?
+    } else if config.strategy == Strategy::KernelReuseport {
+        return Err(MasterError::Config(
+            "kernel-reuseport binds a socket per worker: it cannot use the sockets systemd \
+             passed (LISTEN_FDS)"
+                .into(),
+        ));
+    } else {
+        activated
+            .into_iter()
+            .map(|a| (a.name, a.peer, a.fd))
+            .collect()
+    };
     let listening: Vec<String> = bound.iter().map(|(name, _, _)| name.clone()).collect();
     for name in &listening {
         tracing::info!(address = %name, "listening");

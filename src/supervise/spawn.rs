@@ -59,6 +59,16 @@ pub enum SpawnError {
     },
 }
 
+/// The service manager's variables, which workers never inherit.
+const SERVICE_MANAGER_ENV: [&str; 6] = [
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
 /// What a master starts as each worker, settled when it starts.
 #[derive(Debug)]
 pub struct Launcher {
@@ -185,6 +195,11 @@ pub fn spawn(
         sys::socket::seqpacket_pair().map_err(SpawnError::CreateChannel)?;
     let mut cmd = launcher.command()?;
     cmd.envs(launcher.env.iter().map(|(k, v)| (k, v)));
+    // systemd's words are for the master: a worker must not notify, take the activated
+    // sockets or feed the watchdog in its place.
+    for inherited in SERVICE_MANAGER_ENV {
+        cmd.env_remove(inherited);
+    }
     cmd.env(super::ENV_FD, sys::process::CHANNEL_FD.to_string())
         .env(super::ENV_WORKER, slot.to_string())
         .env(super::ENV_SPAWN, spawn.to_string())

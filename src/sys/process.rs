@@ -183,6 +183,32 @@ pub fn inherited_channel(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+/// Takes ownership of a listening socket the service manager passed at `fd` (systemd's
+/// socket activation, `LISTEN_FDS`), after checking that it is an open `SOCK_STREAM`
+/// socket that listens; makes it close-on-exec (workers must not inherit it) and
+/// non-blocking. Call once per fd.
+pub fn activated_listener(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD on any number only reads this process's fd table: EBADF if it is not
+    // open, and no memory of ours is touched.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) }.into())?;
+    // SAFETY: `fd` is open (F_GETFD succeeded); nothing closes it while it is borrowed for
+    // the two getsockopt calls below.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let stream = rustix::net::sockopt::socket_type(borrowed)? == rustix::net::SocketType::STREAM;
+    if !stream || !rustix::net::sockopt::socket_acceptconn(borrowed)? {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {fd} from LISTEN_FDS is not a listening stream socket"),
+        ));
+    }
+    // SAFETY: the fd is open, the service manager passed it to this process for its sole
+    // use (LISTEN_PID is ours), and the caller takes each LISTEN_FDS fd once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    super::socket::set_cloexec(&owned, true)?;
+    super::socket::set_nonblocking(&owned, true)?;
+    Ok(owned)
+}
+
 #[cfg(feature = "cli")]
 /// CPU time the calling thread has used (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`): what a
 /// benchmark charges to the master's one thread, excluding time spent blocked.

@@ -5,6 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use rustix::io::{Errno, FdFlags};
@@ -189,6 +190,16 @@ pub fn effective_uid() -> u32 {
 pub fn local_addr(fd: &impl AsFd) -> io::Result<Option<SocketAddr>> {
     let addr = rustix::net::getsockname(fd)?;
     Ok(SocketAddr::try_from(addr).ok())
+}
+
+/// The path a unix socket is bound to.
+pub fn unix_path(fd: &impl AsFd) -> io::Result<std::path::PathBuf> {
+    let addr = rustix::net::getsockname(fd)?;
+    let unix = SocketAddrUnix::try_from(addr)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "not a unix socket"))?;
+    unix.path()
+        .map(|path| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path.to_bytes())))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "an unnamed unix socket"))
 }
 
 /// `accept4(2)` with `SOCK_NONBLOCK | SOCK_CLOEXEC`: the connection and its peer.

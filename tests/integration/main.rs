@@ -12,4 +12,5 @@ mod library;
 mod lifecycle;
 mod metrics;
 mod python_worker;
+mod systemd;
 mod util;
