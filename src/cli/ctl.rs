@@ -13,16 +13,42 @@ pub struct CtlArgs {
     /// The master's control socket (its --control).
     #[arg(long, value_name = "PATH")]
     control: PathBuf,
-    /// The command: `status`.
-    #[arg(default_value = "status")]
-    command: String,
+    /// The command: `status` (the default), `reload` (a rolling restart; returns when every
+    /// worker was replaced), `scale N` (returns when N workers are ready) or `stop` (returns
+    /// when the master is gone). An answer with an error exits non-zero.
+    #[arg(default_value = "status", num_args = 1..)]
+    command: Vec<String>,
 }
 
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
-    let reply = ask(&args.control, &args.command)?;
+    let command = args.command.join(" ");
+    let reply = ask(&args.control, &command)?;
     std::io::stdout()
         .write_all(reply.as_bytes())
         .context("writing the reply")?;
+    let answer: serde_json::Value = serde_json::from_str(&reply)
+        .with_context(|| format!("the master's answer is not JSON: {reply:?}"))?;
+    if let Some(error) = answer.get("error") {
+        anyhow::bail!("{command}: {}", error.as_str().unwrap_or_default());
+    }
+    if command == "stop" {
+        wait_gone(&args.control)?;
+    }
+    Ok(())
+}
+
+/// How long `ctl stop` waits for the master to finish stopping.
+const STOP_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Waits until nothing answers at `control` any more: the master removed its socket.
+fn wait_gone(control: &Path) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + STOP_PATIENCE;
+    while UnixStream::connect(control).is_ok() {
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("the master at {control:?} is still there after {STOP_PATIENCE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(())
 }
 

@@ -41,7 +41,7 @@ const BACKLOG: i32 = 1024;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a connection told to make room may still take to deliver a line it has begun.
 const EVICTED_GRACE: Duration = Duration::from_millis(200);
-/// How long a whole answer may take, reading the command included.
+/// How long writing an answer may take (a peer that does not read it is dropped).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most one log line about refused peers per this long.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
@@ -100,7 +100,7 @@ pub(crate) async fn serve(ctx: Rc<Ctx>, listener: AsyncFd<OwnedFd>) {
         let ctx = ctx.clone();
         tokio::task::spawn_local(async move {
             let _permit = permit;
-            let _ = tokio::time::timeout(ANSWER_TIMEOUT, answer(&ctx, stream, turn)).await;
+            let _ = answer(&ctx, stream, turn).await;
         });
     }
 }
@@ -154,7 +154,7 @@ async fn accept(listener: &AsyncFd<OwnedFd>) -> io::Result<UnixStream> {
     }
 }
 
-async fn answer(ctx: &Ctx, stream: UnixStream, turn: Turn) -> io::Result<()> {
+async fn answer(ctx: &Rc<Ctx>, stream: UnixStream, turn: Turn) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     {
@@ -181,10 +181,20 @@ async fn answer(ctx: &Ctx, stream: UnixStream, turn: Turn) -> io::Result<()> {
         };
         drop(turn);
     }
-    let reply = respond(ctx, line.trim());
-    write.write_all(reply.as_bytes()).await?;
-    write.write_all(b"\n").await?;
-    write.shutdown().await
+    // An operation answers when it is done, bounded by its own patience; a status at once.
+    let reply = match super::operate::operate(ctx, line.trim()).await {
+        Some(done) => done.to_string(),
+        None => respond(ctx, line.trim()),
+    };
+    let written = async {
+        write.write_all(reply.as_bytes()).await?;
+        write.write_all(b"\n").await?;
+        write.shutdown().await
+    };
+    // A peer that does not read its answer does not hold the connection.
+    tokio::time::timeout(ANSWER_TIMEOUT, written)
+        .await
+        .unwrap_or(Ok(()))
 }
 
 /// Accepted connections still waiting for their command line, oldest first.
@@ -287,10 +297,10 @@ fn respond(ctx: &Ctx, command: &str) -> String {
             })
             .to_string()
         }
-        other => {
-            serde_json::json!({ "error": format!("unknown command {other:?}; try \"status\"") })
-                .to_string()
-        }
+        other => serde_json::json!({ "error": format!(
+                "unknown command {other:?}; try status, reload, scale N or stop"
+            ) })
+        .to_string(),
     }
 }
 

@@ -33,6 +33,8 @@ pub(crate) struct Ctx {
     pub cluster: Cluster,
     /// What systemd is told (nothing without `NOTIFY_SOCKET`).
     pub systemd: Notifier,
+    /// Notified to stop the master as a stop signal would (`handoff ctl stop`).
+    pub stop: Notify,
     #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub listening: Vec<String>,
     pub handout: Handout,
@@ -48,6 +50,7 @@ impl Ctx {
             post: Rc::new(Post::default()),
             cluster: Cluster::default(),
             systemd: Notifier::from_env(),
+            stop: Notify::new(),
             listening,
             handout,
         }

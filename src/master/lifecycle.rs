@@ -85,8 +85,8 @@ pub(crate) async fn run(ctx: Rc<Ctx>, mut signals: Signals) {
             _ = memory.tick(), if watch_memory => check_memory(&ctx),
             _ = wake.notified() => {}
             Some(()) = signals.hup.recv() => rolling_restart(&ctx),
-            Some(()) = signals.ttin.recv() => scale_up(&ctx),
-            Some(()) = signals.ttou.recv() => scale_down(&ctx),
+            Some(()) = signals.ttin.recv() => drop(scale_up(&ctx)),
+            Some(()) = signals.ttou.recv() => drop(scale_down(&ctx)),
         }
         reconcile(&ctx);
     }
@@ -343,7 +343,7 @@ fn abort_unresponsive(ctx: &Rc<Ctx>, index: usize, pid: u32, why: Lost) {
 }
 
 /// SIGHUP: queues every serving worker for replacement, a batch at a time.
-fn rolling_restart(ctx: &Rc<Ctx>) {
+pub(crate) fn rolling_restart(ctx: &Rc<Ctx>) {
     let mut guard = ctx.table.borrow_mut();
     let table = &mut *guard;
     if table.stopping {
@@ -401,12 +401,12 @@ fn advance_restart(table: &mut Table) {
     }
 }
 
-/// SIGTTIN: one worker slot more.
-fn scale_up(ctx: &Rc<Ctx>) {
+/// SIGTTIN: one worker slot more; false if there cannot be one.
+pub(crate) fn scale_up(ctx: &Rc<Ctx>) -> bool {
     let index = {
         let mut table = ctx.table.borrow_mut();
         if table.stopping {
-            return;
+            return false;
         }
         let workers = table.workers + 1;
         if workers > MAX_WORKERS {
@@ -414,14 +414,14 @@ fn scale_up(ctx: &Rc<Ctx>) {
                 workers = table.workers,
                 "SIGTTIN: already at the most workers ({MAX_WORKERS}); keeping them"
             );
-            return;
+            return false;
         }
         if table.max_held_with(workers) < workers {
             tracing::warn!(
                 workers = table.workers,
                 "SIGTTIN: the fd limit leaves no room for another worker; keeping them"
             );
-            return;
+            return false;
         }
         let index = table.add_slot();
         tracing::info!(
@@ -432,25 +432,34 @@ fn scale_up(ctx: &Rc<Ctx>) {
         index
     };
     start_worker(ctx, index);
+    true
 }
 
-/// SIGTTOU: one worker slot less (its processes drain), never below one.
-fn scale_down(ctx: &Rc<Ctx>) {
-    {
+/// SIGTTOU: one worker slot less (its processes drain), never below one; false if there
+/// is only one.
+pub(crate) fn scale_down(ctx: &Rc<Ctx>) -> bool {
+    let removed = {
         let mut table = ctx.table.borrow_mut();
         if table.stopping {
-            return;
+            return false;
         }
         match table.remove_slot() {
-            Some(index) => tracing::info!(
-                worker = index,
-                workers = table.workers,
-                "SIGTTOU: removing a worker"
-            ),
-            None => tracing::warn!("SIGTTOU: only one worker left; keeping it"),
+            Some(index) => {
+                tracing::info!(
+                    worker = index,
+                    workers = table.workers,
+                    "SIGTTOU: removing a worker"
+                );
+                true
+            }
+            None => {
+                tracing::warn!("SIGTTOU: only one worker left; keeping it");
+                false
+            }
         }
-    }
+    };
     flush(ctx);
+    removed
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub(crate) mod harness;
 mod kernel;
 mod lifecycle;
 mod link;
+#[cfg(feature = "control")]
+mod operate;
 mod post;
 #[cfg(feature = "prometheus")]
 mod prometheus;
@@ -248,7 +250,10 @@ async fn master(
     #[cfg(not(feature = "control"))]
     let control_task: Option<JoinHandle<()>> = None;
 
-    let first = stop_signals.recv().await;
+    let first = tokio::select! {
+        signal = stop_signals.recv() => signal,
+        () = ctx.stop.notified() => "handoff ctl stop",
+    };
     tracing::info!("{first}: stopping");
     ctx.systemd.stopping();
     systemd_task.abort();

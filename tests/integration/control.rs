@@ -429,3 +429,66 @@ fn top_says_clearly_when_no_master_answers() {
         "{error}"
     );
 }
+
+/// `handoff ctl --control PATH WORDS...`: its exit status, stdout and stderr.
+fn ctl(master: &Master, words: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(&master.control)
+        .args(words)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn ctl_reload_returns_once_every_worker_was_replaced_and_is_ready() {
+    let master = Master::start(&["--workers", "3", "--drain-timeout", "5s"]);
+    let before = master.wait_all_ready();
+    let output = ctl(&master, &["reload"]);
+    assert!(output.status.success(), "{output:?}\n{}", master.log());
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let after: Vec<u32> = serde_json::from_value(answer["workers"].clone()).unwrap();
+    assert_eq!(after.len(), 3, "{answer}");
+    assert!(
+        after.iter().all(|pid| !before.contains(pid)),
+        "{before:?} -> {after:?}"
+    );
+    // Answered when done: the status agrees at once.
+    let status = master.status();
+    assert_eq!(status["restarting"], false, "{status}");
+    assert_eq!(crate::util::ready_workers(&status), 3, "{status}");
+    assert_eq!(master.get().status, 200);
+}
+
+#[test]
+fn ctl_scale_returns_with_that_many_ready_workers_and_refuses_nonsense() {
+    let master = Master::start(&["--workers", "2"]);
+    let up = ctl(&master, &["scale", "4"]);
+    assert!(up.status.success(), "{up:?}\n{}", master.log());
+    assert_eq!(crate::util::ready_workers(&master.status()), 4);
+    let down = ctl(&master, &["scale", "1"]);
+    assert!(down.status.success(), "{down:?}");
+    assert_eq!(master.status()["workers"].as_array().unwrap().len(), 1);
+    for nonsense in [&["scale", "0"][..], &["scale", "lots"], &["reboot"]] {
+        let refused = ctl(&master, nonsense);
+        assert!(!refused.status.success(), "{nonsense:?} exited 0");
+        let error = String::from_utf8_lossy(&refused.stderr);
+        assert!(error.contains(&nonsense.join(" ")), "{error}");
+    }
+    assert_eq!(master.get().status, 200, "still serving");
+}
+
+#[test]
+fn ctl_stop_returns_once_the_master_is_gone() {
+    let mut master = Master::start(&["--workers", "2"]);
+    let output = ctl(&master, &["stop"]);
+    assert!(output.status.success(), "{output:?}\n{}", master.log());
+    let exited = master.wait_exit(PATIENCE);
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    assert!(!master.control.exists(), "the control socket is removed");
+    assert!(
+        master.log().contains("handoff ctl stop: stopping"),
+        "{}",
+        master.log()
+    );
+}
