@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
+use std::time::Duration;
 
 use crate::util::{
     cpu_ticks, fd_count, http_get, process_exists, read_response, rss_kib, send_request,
@@ -573,4 +574,30 @@ fn rust_workers_count_in_shared_memory_and_the_master_reads_exact_totals() {
                 .all(|w| w["active"] == 0 && w["pending"] == 0)
     });
     assert!(settled, "{}", master.status());
+}
+
+#[test]
+fn a_sigkilled_master_leaves_no_worker_once_their_in_flight_work_is_done() {
+    let master = Master::start(&["--workers", "2", "--work-us", "300000"]);
+    let workers: Vec<u32> = master.worker_pids().into_iter().flatten().collect();
+    // Requests in flight on both workers when the master dies.
+    let mut in_flight: Vec<_> = (0..2).map(|_| send_request(master.addr)).collect();
+    assert!(wait_until(PATIENCE, || master.status()["counters"]
+        ["accepted"]
+        .as_u64()
+        .unwrap()
+        >= 2));
+    master.signal("KILL");
+    for reader in &mut in_flight {
+        let response = read_response(reader).expect("what a worker holds is finished");
+        assert_eq!(response.status, 200);
+    }
+    let gone = wait_until(Duration::from_secs(5), || {
+        workers.iter().all(|pid| !process_exists(*pid))
+    });
+    assert!(
+        gone,
+        "workers outlived a SIGKILLed master:\n{}",
+        master.log()
+    );
 }
