@@ -167,8 +167,10 @@ fn received_fds_are_close_on_exec_and_fd_counts_return_to_baseline() {
         .collect();
     let served: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
     assert_eq!(served, 10_000);
+    // At most the baseline: a control connection of the last status may still have been
+    // open when it was counted.
     assert!(
-        wait_until(PATIENCE, || fd_count(master.pid()) == baseline),
+        wait_until(PATIENCE, || fd_count(master.pid()) <= baseline),
         "master fds {} after 10,000 connections, baseline {baseline}",
         fd_count(master.pid())
     );
