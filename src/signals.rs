@@ -3,7 +3,7 @@
 //! nginx and gunicorn, leaves a master defunct and its workers gone); handoff catches each
 //! one a user may send, logs it and carries on. The signals that do act are handled where
 //! they act: SIGTERM/SIGINT/SIGQUIT stop (`master::run`, the worker runtime), SIGHUP,
-//! SIGTTIN and SIGTTOU drive the lifecycle (`master::lifecycle`).
+//! SIGTTIN, SIGTTOU and SIGUSR2 (a live upgrade) drive the lifecycle (`master::lifecycle`).
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -11,7 +11,6 @@ use tokio::signal::unix::{signal, SignalKind};
 /// with their names. Real-time signals (SIGRTMIN..SIGRTMAX) are added by [`stray_signals`].
 const STRAY: &[(libc::c_int, &str)] = &[
     (libc::SIGUSR1, "SIGUSR1"),
-    (libc::SIGUSR2, "SIGUSR2"),
     (libc::SIGALRM, "SIGALRM"),
     (libc::SIGVTALRM, "SIGVTALRM"),
     (libc::SIGPROF, "SIGPROF"),
@@ -23,9 +22,11 @@ const STRAY: &[(libc::c_int, &str)] = &[
 ];
 
 /// Signals the master acts on that would stop or end a worker: `pkill -HUP app` (gunicorn's
-/// habit) or `pkill -TTIN app` reach the workers too.
+/// habit), `pkill -USR2 app` (nginx's and gunicorn's upgrade) or `pkill -TTIN app` reach the
+/// workers too.
 const MASTER_ONLY: &[(libc::c_int, &str)] = &[
     (libc::SIGHUP, "SIGHUP"),
+    (libc::SIGUSR2, "SIGUSR2"),
     (libc::SIGTTIN, "SIGTTIN"),
     (libc::SIGTTOU, "SIGTTOU"),
 ];
@@ -58,9 +59,7 @@ fn stray_signals(role: Role) -> Vec<(libc::c_int, String)> {
 fn meaning(signal: libc::c_int) -> &'static str {
     match signal {
         libc::SIGUSR1 => "handoff logs to stderr and has no log file to reopen: ignored",
-        libc::SIGUSR2 => {
-            "reserved for the live binary upgrade, which this version does not have: ignored"
-        }
+        libc::SIGUSR2 => "the master's signal for a live upgrade (send it to the master): ignored",
         _ => "ignored",
     }
 }
@@ -95,12 +94,7 @@ mod tests {
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        for habitual in [
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-            libc::SIGALRM,
-            libc::SIGRTMIN(),
-        ] {
+        for habitual in [libc::SIGUSR1, libc::SIGALRM, libc::SIGRTMIN()] {
             assert!(numbers.contains(&habitual), "{habitual}");
         }
         for acting in [
@@ -110,6 +104,7 @@ mod tests {
             libc::SIGHUP,
             libc::SIGTTIN,
             libc::SIGTTOU,
+            libc::SIGUSR2,
             libc::SIGCHLD,
         ] {
             assert!(!numbers.contains(&acting), "{acting}");
@@ -118,7 +113,7 @@ mod tests {
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        for meant_for_the_master in [libc::SIGHUP, libc::SIGTTIN, libc::SIGTTOU] {
+        for meant_for_the_master in [libc::SIGHUP, libc::SIGUSR2, libc::SIGTTIN, libc::SIGTTOU] {
             assert!(worker.contains(&meant_for_the_master));
         }
         assert!(

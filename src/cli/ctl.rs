@@ -20,6 +20,35 @@ pub struct CtlArgs {
     command: Vec<String>,
 }
 
+/// `handoff upgrade`: a live upgrade of the master.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// The master's control socket (its --control).
+    #[arg(long, value_name = "PATH")]
+    control: PathBuf,
+    /// The new binary [default: the master's own path, where a deploy put the new one].
+    #[arg(long, value_name = "PATH")]
+    binary: Option<PathBuf>,
+}
+
+/// Asks the master to start the new binary and hand it its sockets; returns once the new
+/// master is ready, or fails (non-zero) with the reason while the old one serves on.
+pub fn upgrade(args: UpgradeArgs) -> anyhow::Result<()> {
+    let mut command = vec!["upgrade".to_owned()];
+    if let Some(binary) = &args.binary {
+        let binary = std::path::absolute(binary).context("the --binary path")?;
+        anyhow::ensure!(
+            !binary.to_string_lossy().contains(char::is_whitespace),
+            "--binary: a path with white space cannot go through the control socket"
+        );
+        command.push(binary.to_string_lossy().into_owned());
+    }
+    run(CtlArgs {
+        control: args.control,
+        command,
+    })
+}
+
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let command = args.command.join(" ");
     let reply = ask(&args.control, &command)?;

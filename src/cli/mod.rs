@@ -33,6 +33,9 @@ enum Command {
     Run(run::RunArgs),
     /// Ask a running master (started with --control) for its status.
     Ctl(ctl::CtlArgs),
+    /// Replace a running master (started with --control) by its binary started again, with no
+    /// connection refused: returns once the new master is ready, non-zero if it failed.
+    Upgrade(ctl::UpgradeArgs),
     /// A live view of a running master's workers (started with --control), like `top`.
     Top(top::TopArgs),
     /// Compare handoff's strategies with the kernel's and node's on this machine.
@@ -47,6 +50,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Run(args) => run::run(args),
         Command::Ctl(args) => ctl::run(args),
         Command::Top(args) => top::run(args),
+        Command::Upgrade(args) => ctl::upgrade(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -58,7 +58,7 @@ pub(crate) fn bind(path: &Path) -> io::Result<AsyncFd<OwnedFd>> {
     sys::async_fd(fd)
 }
 
-pub(crate) async fn serve(ctx: Rc<Ctx>, listener: AsyncFd<OwnedFd>) {
+pub(crate) async fn serve(ctx: Rc<Ctx>, listener: Rc<AsyncFd<OwnedFd>>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let waiting = Rc::new(Waiting::default());
     let master_uid = sys::socket::effective_uid();

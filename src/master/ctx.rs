@@ -2,9 +2,13 @@
 //! tasks that carry it), how to start a worker, and who accepts. One thread; a borrow is
 //! never held across an `.await`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::rc::Rc;
+
+use tokio::io::unix::AsyncFd;
 
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
@@ -17,6 +21,9 @@ use super::table::Table;
 use crate::ipc::frame::MAX_FRAME_LEN;
 use crate::ipc::Channel;
 use crate::supervise::Launcher;
+
+/// A listening socket the master accepts on, shared with its accept task.
+pub(crate) type Listener = Rc<AsyncFd<OwnedFd>>;
 
 /// The master's shared state.
 #[derive(Debug)]
@@ -33,8 +40,18 @@ pub(crate) struct Ctx {
     pub cluster: Cluster,
     /// What systemd is told (nothing without `NOTIFY_SOCKET`).
     pub systemd: Notifier,
-    /// Notified to stop the master as a stop signal would (`handoff ctl stop`).
+    /// Notified to stop the master as a stop signal would (`handoff ctl stop`, an upgrade).
     pub stop: Notify,
+    /// Where this master's binary was at its start: what an upgrade runs by default.
+    pub exe: Option<PathBuf>,
+    /// The sockets an upgrade hands over: listeners, control, metrics.
+    pub listeners: RefCell<Vec<Listener>>,
+    pub control_fd: RefCell<Option<Listener>>,
+    pub metrics_fd: RefCell<Option<OwnedFd>>,
+    /// An upgrade is under way.
+    pub upgrading: Cell<bool>,
+    /// A new master took over: the sockets are its own now.
+    pub handed_over: Cell<bool>,
     #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub listening: Vec<String>,
     pub handout: Handout,
@@ -51,6 +68,12 @@ impl Ctx {
             cluster: Cluster::default(),
             systemd: Notifier::from_env(),
             stop: Notify::new(),
+            exe: std::env::current_exe().ok(),
+            listeners: RefCell::new(Vec::new()),
+            control_fd: RefCell::new(None),
+            metrics_fd: RefCell::new(None),
+            upgrading: Cell::new(false),
+            handed_over: Cell::new(false),
             listening,
             handout,
         }

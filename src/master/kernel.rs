@@ -81,6 +81,11 @@ impl Handout {
         }
     }
 
+    /// Whether workers accept for themselves (the kernel baseline modes).
+    pub fn workers_accept(&self) -> bool {
+        !matches!(self, Handout::Master)
+    }
+
     /// Sends a new worker its listeners, if workers accept in this mode.
     pub fn send_to(&self, channel: &Channel) -> io::Result<()> {
         let mut bytes = Vec::new();

@@ -37,6 +37,7 @@ pub(crate) struct Signals {
     hup: Signal,
     ttin: Signal,
     ttou: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
@@ -46,6 +47,7 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
             ttin: signal(SignalKind::from_raw(libc::SIGTTIN))?,
             ttou: signal(SignalKind::from_raw(libc::SIGTTOU))?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 }
@@ -87,6 +89,12 @@ pub(crate) async fn run(ctx: Rc<Ctx>, mut signals: Signals) {
             Some(()) = signals.hup.recv() => rolling_restart(&ctx),
             Some(()) = signals.ttin.recv() => drop(scale_up(&ctx)),
             Some(()) = signals.ttou.recv() => drop(scale_down(&ctx)),
+            Some(()) = signals.usr2.recv() => {
+                tracing::info!("SIGUSR2: live upgrade");
+                let ctx = ctx.clone();
+                // Its result is logged; `handoff upgrade` reports it to the caller.
+                tokio::task::spawn_local(async move { super::upgrade::upgrade(&ctx, None).await });
+            }
         }
         reconcile(&ctx);
     }

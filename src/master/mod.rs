@@ -23,6 +23,7 @@ mod post;
 mod prometheus;
 mod systemd;
 mod table;
+mod upgrade;
 mod workers;
 
 use std::io;
@@ -31,7 +32,6 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::{spawn_local, JoinHandle};
 
@@ -40,7 +40,7 @@ use crate::config::{Config, ListenAddr};
 use crate::supervise::{Launcher, Program, SpawnError};
 use crate::sys;
 use crate::sys::socket::Peer;
-use ctx::Ctx;
+use ctx::{Ctx, Listener};
 pub(crate) use handler::MasterHandler;
 pub use handler::{FromWorker, Master};
 use kernel::Handout;
@@ -87,6 +87,9 @@ pub enum MasterError {
         #[source]
         source: io::Error,
     },
+    /// The sockets of the master this one replaces cannot be used.
+    #[error("taking over the sockets of the master being replaced failed")]
+    Upgrade(#[source] io::Error),
     /// The sockets systemd passed (`LISTEN_FDS`) cannot be used.
     #[error("taking the sockets systemd passed (LISTEN_FDS) failed")]
     Activation(#[source] io::Error),
@@ -95,23 +98,15 @@ pub enum MasterError {
     Signals(#[source] io::Error),
 }
 
-/// A listening socket the master accepts on, shared with its accept task.
-type Listener = Rc<AsyncFd<OwnedFd>>;
-
 /// Runs a master until SIGTERM, SIGINT or SIGQUIT; returns once every worker has exited.
 pub fn run(
     mut config: Config,
     program: Program,
     handler: MasterHandler,
 ) -> Result<(), MasterError> {
-    let activated = systemd::activated().map_err(MasterError::Activation)?;
-    if !activated.is_empty() {
-        if !config.listen.is_empty() {
-            tracing::info!(
-                "listening on the sockets systemd passed (LISTEN_FDS) instead of --listen"
-            );
-        }
-        config.listen = activated.iter().map(|a| a.addr.clone()).collect();
+    let given = Given::take()?;
+    if !given.listeners.is_empty() {
+        config.listen = given.listeners.iter().map(|a| a.addr.clone()).collect();
     }
     config.validate().map_err(MasterError::Config)?;
     let launcher = Launcher::new(program).map_err(MasterError::Program)?;
@@ -120,7 +115,49 @@ pub fn run(
         .build()
         .map_err(MasterError::Runtime)?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, master(config, launcher, handler, activated))
+    local.block_on(&runtime, master(config, launcher, handler, given))
+}
+
+/// Sockets a master gets at its start instead of binding them: from the master it replaces
+/// (a live upgrade), or from systemd (socket activation).
+#[derive(Debug, Default)]
+struct Given {
+    listeners: Vec<systemd::Activated>,
+    #[cfg_attr(not(feature = "control"), allow(dead_code))]
+    control: Option<OwnedFd>,
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    metrics: Option<OwnedFd>,
+    /// From the master being replaced: where to say when this one is ready.
+    handshake: Option<OwnedFd>,
+    /// The listeners are systemd's: they stay when this master stops.
+    from_systemd: bool,
+}
+
+impl Given {
+    fn take() -> Result<Given, MasterError> {
+        if let Some(inherited) = upgrade::inherited().map_err(MasterError::Upgrade)? {
+            tracing::info!("taking over the sockets of the master this one replaces");
+            return Ok(Given {
+                listeners: inherited.listeners,
+                control: inherited.control,
+                metrics: inherited.metrics,
+                handshake: Some(inherited.handshake),
+                from_systemd: false,
+            });
+        }
+        let listeners = systemd::activated().map_err(MasterError::Activation)?;
+        if !listeners.is_empty() {
+            tracing::info!(
+                "listening on the sockets systemd passed (LISTEN_FDS) instead of --listen"
+            );
+        }
+        let from_systemd = !listeners.is_empty();
+        Ok(Given {
+            listeners,
+            from_systemd,
+            ..Given::default()
+        })
+    }
 }
 
 /// Binds every listen address: listening sockets, or, for `kernel-reuseport`, bound
@@ -214,30 +251,29 @@ async fn master(
     config: Config,
     launcher: Launcher,
     handler: MasterHandler,
-    activated: Vec<systemd::Activated>,
+    given: Given,
 ) -> Result<(), MasterError> {
     let mut stop_signals = StopSignals::install().map_err(MasterError::Signals)?;
     let lifecycle_signals = lifecycle::Signals::install().map_err(MasterError::Signals)?;
     crate::signals::ignore_stray(crate::signals::Role::Master);
     let config = Rc::new(config);
-    let activation = !activated.is_empty();
-    let (ctx, listeners) = prepare(&config, launcher, activated)?;
+    let from_systemd = given.from_systemd;
+    let (ctx, listeners) = prepare(&config, launcher, given.listeners)?;
     #[cfg(feature = "control")]
-    let control = match &config.control {
-        Some(path) => Some(control::bind(path).map_err(|source| MasterError::Control {
-            path: path.clone(),
-            source,
-        })?),
-        None => None,
-    };
+    let control = control_listener(&config, given.control)?;
     handler.start(&ctx.post);
     #[cfg(feature = "prometheus")]
-    let metrics_task = serve_metrics(&ctx, config.metrics)?;
+    let metrics_task = serve_metrics(&ctx, config.metrics, given.metrics)?;
     for index in 0..config.workers {
         workers::start_worker(&ctx, index);
     }
-    let lifecycle_task = spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals));
-    let systemd_task = spawn_local(systemd::run(ctx.clone()));
+    if let Some(handshake) = given.handshake {
+        spawn_local(upgrade::announce_ready(ctx.clone(), handshake));
+    }
+    let mut tasks = vec![
+        spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals)),
+        spawn_local(systemd::run(ctx.clone())),
+    ];
     let accepting: Vec<JoinHandle<()>> = listeners
         .iter()
         .enumerate()
@@ -246,34 +282,41 @@ async fn master(
         })
         .collect();
     #[cfg(feature = "control")]
-    let control_task = control.map(|listener| spawn_local(control::serve(ctx.clone(), listener)));
+    let control_task = control.map(|listener| {
+        *ctx.control_fd.borrow_mut() = Some(listener.clone());
+        spawn_local(control::serve(ctx.clone(), listener))
+    });
     #[cfg(not(feature = "control"))]
     let control_task: Option<JoinHandle<()>> = None;
+    #[cfg(feature = "prometheus")]
+    tasks.extend(metrics_task);
+    *ctx.listeners.borrow_mut() = listeners.clone();
 
     let first = tokio::select! {
         signal = stop_signals.recv() => signal,
-        () = ctx.stop.notified() => "handoff ctl stop",
+        () = ctx.stop.notified() => if ctx.handed_over.get() { "upgraded" } else { "handoff ctl stop" },
     };
     tracing::info!("{first}: stopping");
     ctx.systemd.stopping();
-    systemd_task.abort();
+    if let Some(task) = control_task {
+        // Handed over, the control socket is the new master's alone from now on.
+        if ctx.handed_over.get() {
+            task.abort();
+        } else {
+            tasks.push(task);
+        }
+    }
+    ctx.listeners.borrow_mut().clear();
     let stop = stop(&ctx, listeners, accepting);
     tokio::select! {
         _ = stop => {}
         second = stop_signals.recv() => kill_all(&ctx, &format!("second stop signal ({second})")),
     }
     wait_all_exited(&ctx, Duration::from_secs(5)).await;
-    lifecycle_task.abort();
-    if let Some(task) = control_task {
-        task.abort();
-    }
-    #[cfg(feature = "prometheus")]
-    if let Some(task) = metrics_task {
-        task.abort();
-    }
-    if !activation {
-        // Sockets systemd passed are its own, and stay.
-        remove_socket_files(&config);
+    tasks.iter().for_each(JoinHandle::abort);
+    // Handed over, the sockets are the new master's; systemd's listeners are systemd's.
+    if !ctx.handed_over.get() {
+        remove_socket_files(&config, !from_systemd);
     }
     let counters = ctx.table.borrow().counters;
     tracing::info!(
@@ -287,17 +330,47 @@ async fn master(
     Ok(())
 }
 
+/// The control socket: the one handed over by the master this one replaces, or bound.
+#[cfg(feature = "control")]
+fn control_listener(
+    config: &Config,
+    given: Option<OwnedFd>,
+) -> Result<Option<Listener>, MasterError> {
+    let Some(path) = &config.control else {
+        return Ok(None);
+    };
+    let bound = match given {
+        Some(fd) => sys::async_fd(fd),
+        None => control::bind(path),
+    };
+    bound
+        .map(|l| Some(Rc::new(l)))
+        .map_err(|source| MasterError::Control {
+            path: path.clone(),
+            source,
+        })
+}
+
 /// Binds `--metrics` and serves scrapes there; histogram samples go to its exporter.
 #[cfg(feature = "prometheus")]
 fn serve_metrics(
     ctx: &Rc<Ctx>,
     addr: Option<std::net::SocketAddr>,
+    given: Option<OwnedFd>,
 ) -> Result<Option<JoinHandle<()>>, MasterError> {
     let Some(addr) = addr else {
         return Ok(None);
     };
-    let listener =
-        prometheus::bind(addr).map_err(|source| MasterError::Metrics { addr, source })?;
+    let listener = match given {
+        Some(fd) => Ok(std::net::TcpListener::from(fd)),
+        None => prometheus::bind(addr),
+    };
+    let listener = listener
+        .and_then(|l| {
+            *ctx.metrics_fd.borrow_mut() = Some(OwnedFd::from(l.try_clone()?));
+            Ok(l)
+        })
+        .map_err(|source| MasterError::Metrics { addr, source })?;
     let exporter = prometheus::Exporter::new();
     let sink = exporter.clone();
     ctx.cluster
@@ -315,21 +388,18 @@ fn serve_metrics(
 fn prepare(
     config: &Rc<Config>,
     mut launcher: Launcher,
-    activated: Vec<systemd::Activated>,
+    given: Vec<systemd::Activated>,
 ) -> Result<(Rc<Ctx>, Vec<Listener>), MasterError> {
-    let bound = if activated.is_empty() {
+    let bound = if given.is_empty() {
         bind(config)?
     } else if config.strategy == Strategy::KernelReuseport {
         return Err(MasterError::Config(
-            "kernel-reuseport binds a socket per worker: it cannot use the sockets systemd \
-             passed (LISTEN_FDS)"
+            "kernel-reuseport binds a socket per worker: it cannot use sockets passed to it \
+             (LISTEN_FDS, an upgrade)"
                 .into(),
         ));
     } else {
-        activated
-            .into_iter()
-            .map(|a| (a.name, a.peer, a.fd))
-            .collect()
+        given.into_iter().map(|a| (a.name, a.peer, a.fd)).collect()
     };
     let listening: Vec<String> = bound.iter().map(|(name, _, _)| name.clone()).collect();
     for name in &listening {
@@ -365,11 +435,12 @@ fn prepare(
     Ok((ctx, listeners))
 }
 
-/// Removes the socket files the master created: `unix:` listeners and the control socket.
-fn remove_socket_files(config: &Config) {
+/// Removes the socket files the master created: the control socket, and `unix:` listeners
+/// unless they are not its own.
+fn remove_socket_files(config: &Config, listeners: bool) {
     let socket_files = config.listen.iter().filter_map(|addr| match addr {
-        ListenAddr::Unix(path) => Some(path),
-        ListenAddr::Tcp(_) => None,
+        ListenAddr::Unix(path) if listeners => Some(path),
+        _ => None,
     });
     for path in socket_files.chain(&config.control) {
         let _ = std::fs::remove_file(path);

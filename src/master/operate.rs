@@ -1,8 +1,9 @@
 //! The control socket's operations, each answered when it is done (or has failed), so
 //! `handoff ctl` can exit non-zero on failure: `reload` (a rolling restart, answered once
 //! every worker was replaced and is ready), `scale N` (answered once N workers are
-//! ready), `stop` (a graceful stop; answered as it begins, the socket goes away when the
-//! master is gone).
+//! ready), `upgrade [BINARY]` (answered once the new master is ready, or with why it failed
+//! while this one serves on), `stop` (a graceful stop; answered as it begins, the socket
+//! goes away when the master is gone).
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,9 @@ pub(crate) async fn operate(ctx: &Rc<Ctx>, command: &str) -> Option<Value> {
                 "scale takes a worker count from 1 to {MAX_WORKERS}, not {n:?}"
             )),
         },
+        ("upgrade", binary, None) => super::upgrade::upgrade(ctx, binary.map(Into::into))
+            .await
+            .map(|pid| json!({ "ok": "upgraded", "pid": pid })),
         ("stop", None, _) => {
             ctx.stop.notify_one();
             Ok(json!({ "ok": "stopping" }))

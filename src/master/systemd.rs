@@ -38,25 +38,27 @@ pub(crate) struct Activated {
 
 /// The sockets of `LISTEN_FDS` when they are for this process; none otherwise.
 pub(crate) fn activated() -> std::io::Result<Vec<Activated>> {
-    let fds = sd_notify::listen_fds()?;
-    fds.map(|raw| {
-        let fd = sys::process::activated_listener(raw)?;
-        let (addr, name, peer) = match sys::socket::local_addr(&fd)? {
-            Some(local) => (ListenAddr::Tcp(local), local.to_string(), Peer::Ip(local)),
-            None => {
-                let path = sys::socket::unix_path(&fd)?;
-                let name = format!("unix:{}", path.display());
-                (ListenAddr::Unix(path), name, Peer::Unix)
-            }
-        };
-        Ok(Activated {
-            addr,
-            name,
-            peer,
-            fd,
-        })
+    sd_notify::listen_fds()?
+        .map(|raw| describe(sys::process::activated_listener(raw)?))
+        .collect()
+}
+
+/// A listening socket with its address.
+pub(crate) fn describe(fd: OwnedFd) -> std::io::Result<Activated> {
+    let (addr, name, peer) = match sys::socket::local_addr(&fd)? {
+        Some(local) => (ListenAddr::Tcp(local), local.to_string(), Peer::Ip(local)),
+        None => {
+            let path = sys::socket::unix_path(&fd)?;
+            let name = format!("unix:{}", path.display());
+            (ListenAddr::Unix(path), name, Peer::Unix)
+        }
+    };
+    Ok(Activated {
+        addr,
+        name,
+        peer,
+        fd,
     })
-    .collect()
 }
 
 /// Where the master is in systemd's eyes.
@@ -66,6 +68,7 @@ enum State {
     Ready,
     Reloading,
     Stopping,
+    HandedOver,
 }
 
 /// What the master tells systemd.
@@ -96,7 +99,7 @@ impl Notifier {
 
     /// SIGHUP: a rolling restart begins.
     pub fn reloading(&self) {
-        if !self.enabled || self.state.get() == State::Stopping {
+        if !self.enabled || matches!(self.state.get(), State::Stopping | State::HandedOver) {
             return;
         }
         self.state.set(State::Reloading);
@@ -106,9 +109,19 @@ impl Notifier {
         }
     }
 
-    /// A stop signal: the master is on its way out.
-    pub fn stopping(&self) {
+    /// This master handed over to a new one (a live upgrade): systemd's main process is now
+    /// `pid`, which is ready.
+    pub fn handed_over(&self, pid: u32) {
         if self.enabled {
+            self.state.set(State::HandedOver);
+            self.send(&[NotifyState::MainPid(pid), NotifyState::Ready]);
+        }
+    }
+
+    /// A stop signal: the master is on its way out (not when it handed over: the service
+    /// goes on).
+    pub fn stopping(&self) {
+        if self.enabled && self.state.get() != State::HandedOver {
             self.state.set(State::Stopping);
             self.send(&[NotifyState::Stopping]);
         }
@@ -121,7 +134,7 @@ impl Notifier {
             .iter()
             .filter(|s| s.process.as_ref().is_some_and(|p| p.phase == Phase::Ready))
             .count();
-        let all_ready = ready == table.workers;
+        let all_ready = table.all_ready();
         match self.state.get() {
             State::Starting if all_ready => self.ready(),
             State::Reloading if !table.restarting && all_ready => self.ready(),

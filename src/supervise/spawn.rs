@@ -59,8 +59,9 @@ pub enum SpawnError {
     },
 }
 
-/// The service manager's variables, which workers never inherit.
-const SERVICE_MANAGER_ENV: [&str; 6] = [
+/// The service manager's variables (and the upgrade's), which workers never inherit.
+const SERVICE_MANAGER_ENV: [&str; 7] = [
+    "HANDOFF_UPGRADE",
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
     "LISTEN_PID",

@@ -183,6 +183,72 @@ pub fn inherited_channel(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+/// Arranges for the spawned child (a new master taking over from this one) to find
+/// `fds` at fds 3, 4, ... in order (not close-on-exec) and to inherit no other fd above
+/// them. Unlike a worker it keeps this process group and does not die with this process: it
+/// outlives it. The copies it makes (returned) must stay open until the command is spawned.
+pub fn prepare_successor(
+    cmd: &mut std::process::Command,
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<Vec<OwnedFd>> {
+    let first = CHANNEL_FD;
+    let after = first + fds.len() as RawFd;
+    // Copies above every target, so that no dup2 below overwrites a source it still needs.
+    let copies: Vec<OwnedFd> = fds
+        .iter()
+        .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, after))
+        .collect::<Result<_, _>>()?;
+    let sources: Vec<RawFd> = copies.iter().map(AsRawFd::as_raw_fd).collect();
+    let hook = move || -> io::Result<()> {
+        for (target, &source) in (first..).zip(&sources) {
+            // SAFETY: dup2 touches no memory; it replaces whatever `target` was in this
+            // child's copy of the fd table, and nothing in the child uses that fd again
+            // before exec. `source` is open: the parent keeps the copies until spawn.
+            cvt(unsafe { libc::dup2(source, target) }.into())?;
+        }
+        // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing and touches no memory;
+        // it sets a flag on fds of this child's table (see `prepare_worker`).
+        let _ = cvt(unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                after as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            )
+        });
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec and makes only async-signal-safe calls
+    // (dup2, close_range); it allocates nothing (its `sources` were built before the fork)
+    // and takes no locks.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, hook);
+    }
+    Ok(copies)
+}
+
+/// Takes ownership of an fd this process inherited at `fd` from the master it takes over
+/// from (see [`prepare_successor`]), after checking that it is an open socket; makes it
+/// close-on-exec and non-blocking. Call once per fd.
+pub fn inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD on any number only reads this process's fd table.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) }.into())?;
+    // SAFETY: `fd` is open; nothing closes it while it is borrowed for the getsockopt.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::net::sockopt::socket_type(borrowed).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("inherited fd {fd} is not a socket"),
+        )
+    })?;
+    // SAFETY: the fd is open and was passed to this process for its sole use by the master
+    // it takes over from; the caller takes each inherited fd once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    super::socket::set_cloexec(&owned, true)?;
+    super::socket::set_nonblocking(&owned, true)?;
+    Ok(owned)
+}
+
 /// Takes ownership of a listening socket the service manager passed at `fd` (systemd's
 /// socket activation, `LISTEN_FDS`), after checking that it is an open `SOCK_STREAM`
 /// socket that listens; makes it close-on-exec (workers must not inherit it) and

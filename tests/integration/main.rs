@@ -13,4 +13,5 @@ mod lifecycle;
 mod metrics;
 mod python_worker;
 mod systemd;
+mod upgrade;
 mod util;

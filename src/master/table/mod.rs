@@ -277,6 +277,13 @@ impl Table {
     }
 
     /// Whether some slot's process is ready (could take a connection once it has room).
+    /// Whether every slot has a ready worker.
+    pub fn all_ready(&self) -> bool {
+        self.slots[..self.workers]
+            .iter()
+            .all(|s| s.process.as_ref().is_some_and(|p| p.phase == Phase::Ready))
+    }
+
     pub fn any_ready(&self) -> bool {
         self.slots[..self.workers]
             .iter()

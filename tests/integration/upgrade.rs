@@ -1,0 +1,94 @@
+//! Live upgrade: `handoff upgrade` starts the binary again and hands it the listening,
+//! control and metrics sockets; the old master stops only once the new one is ready, so no
+//! client is refused. A new binary that fails leaves the old master serving.
+
+use std::process::Command;
+
+use crate::util::{send_signal, status_at, wait_until, Load, Master, BIN, PATIENCE};
+
+fn upgrade(master: &Master, binary: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["upgrade", "--control"]).arg(&master.control);
+    if let Some(binary) = binary {
+        cmd.args(["--binary", binary]);
+    }
+    cmd.output().unwrap()
+}
+
+/// Stops whatever master answers at the control socket now (the one an upgrade started is
+/// no child of the test's).
+struct StopAtEnd(std::path::PathBuf);
+
+impl Drop for StopAtEnd {
+    fn drop(&mut self) {
+        if let Some(pid) = status_at(&self.0).and_then(|s| s["pid"].as_u64()) {
+            send_signal(pid as u32, "TERM");
+        }
+    }
+}
+
+#[test]
+fn three_upgrades_under_load_refuse_no_connection_and_fail_no_request() {
+    let master = Master::start(&["--workers", "2", "--metrics", "127.0.0.1:0"]);
+    let _stop = StopAtEnd(master.control.clone());
+    let first = master.pid();
+    let load = Load::start(master.addr, 300, 1_500);
+    assert!(load.wait_sent(200), "load started");
+    let mut pids = vec![first];
+    for _ in 0..3 {
+        let before = load.sent();
+        let output = upgrade(&master, None);
+        assert!(output.status.success(), "{output:?}\n{}", master.log());
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let pid = answer["pid"].as_u64().unwrap() as u32;
+        assert!(!pids.contains(&pid));
+        pids.push(pid);
+        // The new master answers the same control socket, ready.
+        let status = master.status();
+        assert_eq!(status["pid"].as_u64(), Some(u64::from(pid)), "{status}");
+        assert_eq!(crate::util::ready_workers(&status), 2, "{status}");
+        assert!(load.wait_sent(before + 200), "load goes on");
+    }
+    let report = load.finish();
+    assert!(
+        report.failures.is_empty(),
+        "{} of {} failed: {:?}\n{}",
+        report.failures.len(),
+        report.sent,
+        report.failure_kinds(),
+        master.log()
+    );
+    assert_eq!(report.ok, 1_500);
+    // The first master has gone, having drained its workers. (Its log pipe stays open:
+    // the new masters write to it too.)
+    let gone = wait_until(PATIENCE, || !crate::util::process_exists(first));
+    assert!(gone, "{}", master.log());
+    assert!(master.log().contains("upgraded: stopping"));
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_fails_leaves_the_old_master_serving() {
+    let master = Master::start(&["--workers", "2"]);
+    let _stop = StopAtEnd(master.control.clone());
+    let load = Load::start(master.addr, 200, 600);
+    for broken in ["/bin/false", "/nonexistent/handoff"] {
+        let output = upgrade(&master, Some(broken));
+        assert!(!output.status.success(), "{broken}: {output:?}");
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            error.contains("before it was ready") || error.contains("starting /nonexistent"),
+            "{broken}: {error}"
+        );
+        assert_eq!(
+            master.status()["pid"].as_u64(),
+            Some(u64::from(master.pid()))
+        );
+    }
+    assert!(load.wait_sent(100));
+    let report = load.finish();
+    assert!(report.failures.is_empty(), "{:?}", report.failure_kinds());
+    assert_eq!(master.get().status, 200);
+    assert!(wait_until(PATIENCE, || master.status()["workers"][0]
+        ["phase"]
+        == "ready"));
+}
