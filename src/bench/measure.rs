@@ -98,7 +98,7 @@ pub(super) fn unavailable(name: &str, reason: String) -> Row {
     Row {
         contender: name.to_owned(),
         unavailable: Some(reason),
-        capacity_rps: None,
+        capacity: None,
         capacity_vs_reuseport: None,
         offered_rps: None,
         achieved_rps: 0.0,
@@ -223,7 +223,7 @@ pub(super) fn row(name: &str, m: &Measured, offered: Option<f64>, cores: usize) 
     Row {
         contender: name.to_owned(),
         unavailable: None,
-        capacity_rps: None,
+        capacity: None,
         capacity_vs_reuseport: None,
         offered_rps: offered,
         achieved_rps: load.achieved,
