@@ -4,7 +4,8 @@
 # ${OUT:-target/bench/many-cores}. Prepared so that one call on a lent machine records the
 # figures docs/benchmarks.md asks for.
 #
-# Run with: scripts/bench-many-cores.sh            (about 10 minutes with node present)
+# Run with: scripts/bench-many-cores.sh            (about 15 minutes with node present: three
+# capacity runs per contender and workload)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-target/bench/many-cores}"
@@ -12,6 +13,6 @@ mkdir -p "$out"
 if [ ! -x target/release/handoff ]; then cargo build --release --quiet; fi
 { nproc; uname -r; grep -m1 'model name' /proc/cpuinfo || true; } > "$out/machine.txt"
 for workers in 8 16; do
-  timeout 280 ./target/release/handoff bench --workers "$workers" --duration 5s --capacity-duration 2s \
+  timeout 480 ./target/release/handoff bench --workers "$workers" --duration 5s --capacity-duration 2s \
     --json "$out/w$workers.json" --out "$out/w$workers" | tee "$out/w$workers.txt"
 done

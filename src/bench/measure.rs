@@ -98,7 +98,7 @@ pub(super) fn unavailable(name: &str, reason: String) -> Row {
     Row {
         contender: name.to_owned(),
         unavailable: Some(reason),
-        capacity_rps: None,
+        capacity: None,
         capacity_vs_reuseport: None,
         offered_rps: None,
         achieved_rps: 0.0,
@@ -120,20 +120,80 @@ pub(super) fn unavailable(name: &str, reason: String) -> Row {
     }
 }
 
-pub(super) fn row(name: &str, m: &Measured, offered: Option<f64>, cores: usize) -> Row {
-    let seconds = m.window.as_secs_f64().max(1e-9);
-    let requests: Vec<f64> = m
+/// Requests and CPU milliseconds per worker, in the order of `m.workers`.
+fn per_worker(m: &Measured) -> (Vec<f64>, Vec<f64>) {
+    let requests = m
         .workers
         .iter()
         .map(|pid| m.tally.by_pid.get(pid).copied().unwrap_or(0) as f64)
         .collect();
-    let cpu: Vec<f64> = (0..m.workers.len())
+    let cpu = (0..m.workers.len())
         .map(|i| {
             let before = m.before.workers.get(i).copied().flatten();
             let after = m.after.workers.get(i).copied().flatten();
             delta(before, after).as_secs_f64() * 1e3
         })
         .collect();
+    (requests, cpu)
+}
+
+/// The CPU figures of a window that the warnings look at.
+struct Load {
+    achieved: f64,
+    offered: Option<f64>,
+    generator_cores: f64,
+    server_cores: f64,
+    cores: usize,
+    generator_lag: Option<u64>,
+}
+
+/// What a reader should know about a run: errors, saturation, a busy or late generator,
+/// answers from unknown pids.
+fn warnings(m: &Measured, load: &Load) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let errors = m.tally.errors;
+    if errors.total() > 0 {
+        warnings.push(format!(
+            "{} errors (connect {}, timeout {}, status {}, reset {}, other {})",
+            errors.total(),
+            errors.connect,
+            errors.timeout,
+            errors.status,
+            errors.reset,
+            errors.other
+        ));
+    }
+    let achieved = load.achieved;
+    if let Some(offered) = load.offered {
+        if achieved < 0.9 * offered {
+            warnings.push(format!(
+                "achieved {achieved:.0} of the {offered:.0} req/s offered: saturated"
+            ));
+        }
+    }
+    let (generator, server, cores) = (load.generator_cores, load.server_cores, load.cores);
+    if generator >= 0.9 * cores as f64 || (generator > server && generator > 0.5) {
+        warnings.push(format!(
+            "the load generator used {generator:.2} cores (the server {server:.2} of {cores}): it may be the bottleneck"
+        ));
+    }
+    if let Some(p99) = load.generator_lag.filter(|p99| *p99 > 2_000) {
+        warnings.push(format!(
+            "the load generator sent late (p99 {p99} µs behind its schedule: CPU contention or an overloaded generator); latencies include it"
+        ));
+    }
+    if m.workers.len() > m.known {
+        warnings.push(format!(
+            "answers came from {} pids outside the worker list (restarted workers?)",
+            m.workers.len() - m.known
+        ));
+    }
+    warnings
+}
+
+pub(super) fn row(name: &str, m: &Measured, offered: Option<f64>, cores: usize) -> Row {
+    let seconds = m.window.as_secs_f64().max(1e-9);
+    let (requests, cpu) = per_worker(m);
     let request_shares = shares(&requests);
     let cpu_shares = shares(&cpu);
     let workers = m
@@ -148,63 +208,25 @@ pub(super) fn row(name: &str, m: &Measured, offered: Option<f64>, cores: usize) 
             cpu_share: cpu_shares[i],
         })
         .collect();
-    let master_cpu = delta(m.before.master, m.after.master);
-    let master_ms = master_cpu.as_secs_f64() * 1e3;
-    let generator_cores = m
-        .after
-        .generator
-        .saturating_sub(m.before.generator)
-        .as_secs_f64()
-        / seconds;
-    let server_cores = (cpu.iter().sum::<f64>() + master_ms) / 1e3 / seconds;
-    let errors = m.tally.errors;
-    let achieved = m.tally.ok as f64 / seconds;
-    let mut warnings = Vec::new();
-    if errors.total() > 0 {
-        warnings.push(format!(
-            "{} errors (connect {}, timeout {}, status {}, reset {}, other {})",
-            errors.total(),
-            errors.connect,
-            errors.timeout,
-            errors.status,
-            errors.reset,
-            errors.other
-        ));
-    }
-    if let Some(offered) = offered {
-        if achieved < 0.9 * offered {
-            warnings.push(format!(
-                "achieved {achieved:.0} of the {offered:.0} req/s offered: saturated"
-            ));
-        }
-    }
-    if generator_cores >= 0.9 * cores as f64
-        || (generator_cores > server_cores && generator_cores > 0.5)
-    {
-        warnings.push(format!(
-            "the load generator used {generator_cores:.2} cores (the server {server_cores:.2} of {cores}): it may be the bottleneck"
-        ));
-    }
+    let master_ms = delta(m.before.master, m.after.master).as_secs_f64() * 1e3;
+    let generator = m.after.generator.saturating_sub(m.before.generator);
     let lag = &m.tally.dispatch_lag;
-    let generator_lag = (!lag.is_empty()).then(|| lag.value_at_quantile(0.99));
-    if let Some(p99) = generator_lag.filter(|p99| *p99 > 2_000) {
-        warnings.push(format!(
-            "the load generator sent late (p99 {p99} µs behind its schedule: CPU contention or an overloaded generator); latencies include it"
-        ));
-    }
-    if m.workers.len() > m.known {
-        warnings.push(format!(
-            "answers came from {} pids outside the worker list (restarted workers?)",
-            m.workers.len() - m.known
-        ));
-    }
+    let load = Load {
+        achieved: m.tally.ok as f64 / seconds,
+        offered,
+        generator_cores: generator.as_secs_f64() / seconds,
+        server_cores: (cpu.iter().sum::<f64>() + master_ms) / 1e3 / seconds,
+        cores,
+        generator_lag: (!lag.is_empty()).then(|| lag.value_at_quantile(0.99)),
+    };
+    let errors = m.tally.errors;
     Row {
         contender: name.to_owned(),
         unavailable: None,
-        capacity_rps: None,
+        capacity: None,
         capacity_vs_reuseport: None,
         offered_rps: offered,
-        achieved_rps: achieved,
+        achieved_rps: load.achieved,
         requests: m.tally.ok,
         connections: m.tally.connects,
         errors,
@@ -221,10 +243,10 @@ pub(super) fn row(name: &str, m: &Measured, offered: Option<f64>, cores: usize) 
             us_per_connection: (m.tally.connects > 0)
                 .then(|| master_ms * 1e3 / m.tally.connects as f64),
         }),
-        load_generator_cores: generator_cores,
-        server_cores,
-        generator_lag_p99_us: generator_lag,
-        warnings,
+        load_generator_cores: load.generator_cores,
+        server_cores: load.server_cores,
+        generator_lag_p99_us: load.generator_lag,
+        warnings: warnings(m, &load),
     }
 }
 

@@ -1,20 +1,23 @@
 //! `handoff bench`: compares handoff's strategies with what a user would run instead, on the
-//! same machine, in the same run (see `shared/BENCHMARKS.md`).
+//! same machine, in the same run (how and why: `docs/benchmarks.md`).
 //!
 //! Runs in the bench process. For each workload it starts each contender in turn (a child
 //! `handoff run`, or node's cluster module), drives it with the built-in load generator
 //! ([`load`]) over 127.0.0.1, reads the CPU time of its master and workers from `/proc`
 //! ([`crate::procfs`]) before and after the measured window, stops it, and moves on. With a load
-//! fraction, a closed-loop pass first measures every contender's capacity and the open-loop
-//! pass then offers that fraction of the slowest one's to all. The result is a [`Report`]:
-//! a terminal table, JSON and an SVG picture ([`report`]).
+//! fraction, a closed-loop pass first measures every contender's capacity, several times with
+//! the contenders taking turns, and the open-loop pass then offers that fraction of the slowest
+//! median to all. The result is a [`Report`] with a one-line verdict per workload
+//! ([`verdict`]), shown as a terminal table, JSON and an SVG picture ([`report`]).
 
 pub mod contender;
+mod format;
 pub mod load;
 mod measure;
 pub mod report;
 pub mod stats;
 mod svg;
+pub mod verdict;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,7 +27,7 @@ use serde::Serialize;
 use contender::{ContenderError, Cost, Kind, Launcher, Running};
 use load::{Connections, Errors, LoadSpec, Pace};
 use measure::{measure, row, unavailable};
-use stats::Percentiles;
+use stats::{Capacity, Percentiles};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +160,8 @@ pub struct BenchConfig {
     pub warmup: Duration,
     /// The measured window of each capacity (closed-loop) run.
     pub capacity_duration: Duration,
+    /// Capacity runs per contender and workload (the contenders take turns between runs).
+    pub capacity_runs: usize,
     /// Closed-loop clients for new-connection workloads.
     pub clients: usize,
     /// Persistent connections of the keepalive workload.
@@ -172,7 +177,8 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    /// The full comparison: every contender and workload, 10 s each at half the capacity.
+    /// The full comparison: every contender and workload, three 3 s capacity runs, then 10 s
+    /// each at half the slowest capacity.
     pub fn standard(program: PathBuf) -> BenchConfig {
         BenchConfig {
             program,
@@ -183,6 +189,7 @@ impl BenchConfig {
             duration: Duration::from_secs(10),
             warmup: Duration::from_secs(1),
             capacity_duration: Duration::from_secs(3),
+            capacity_runs: 3,
             clients: 32,
             keepalive_connections: 32,
             long_lived_connections: 300,
@@ -192,7 +199,8 @@ impl BenchConfig {
         }
     }
 
-    /// Under a minute on two cores: hello and heavy-tail, about 3 s per contender.
+    /// About a minute on two cores: hello and heavy-tail, three 750 ms capacity runs and 1.5 s
+    /// at the offered rate per contender.
     pub fn quick(program: PathBuf) -> BenchConfig {
         BenchConfig {
             workloads: vec![Workload::Hello, Workload::HeavyTail],
@@ -226,9 +234,9 @@ pub struct Row {
     pub contender: String,
     /// Why it did not run, if it did not.
     pub unavailable: Option<String>,
-    /// Its closed-loop throughput in the capacity pass (requests/s).
-    pub capacity_rps: Option<f64>,
-    /// That capacity over `kernel-reuseport`'s in the same run.
+    /// Its closed-loop throughput in the capacity runs (requests/s).
+    pub capacity: Option<Capacity>,
+    /// Its median capacity over `kernel-reuseport`'s in the same run.
     pub capacity_vs_reuseport: Option<f64>,
     /// The open-loop rate offered (requests/s).
     pub offered_rps: Option<f64>,
@@ -303,6 +311,8 @@ pub struct WorkloadReport {
     pub offered_rps: Option<f64>,
     /// Where that rate came from.
     pub basis: String,
+    /// handoff against the kernel in one line (see [`verdict`]), when the figures allow one.
+    pub verdict: Option<String>,
     /// One row per contender.
     pub rows: Vec<Row>,
 }
@@ -316,6 +326,10 @@ pub struct Report {
     pub workers: usize,
     /// Measured window of each open-loop run, seconds.
     pub duration_s: f64,
+    /// Capacity runs per contender and workload (0: the rate was fixed, no capacity measured).
+    pub capacity_runs: usize,
+    /// Measured window of each capacity run, seconds.
+    pub capacity_duration_s: f64,
     /// Per workload.
     pub workloads: Vec<WorkloadReport>,
 }
@@ -347,11 +361,8 @@ pub fn run(
         .thread_name("bench-load")
         .build()
         .map_err(BenchError::Runtime)?;
-    let passes = if matches!(config.offered, Offered::Load(_)) {
-        2
-    } else {
-        1
-    };
+    let capacity_runs = capacity_runs(config);
+    let passes = 1 + capacity_runs;
     let mut session = Session {
         config,
         runtime,
@@ -377,6 +388,8 @@ pub fn run(
         },
         workers: config.workers,
         duration_s: config.duration.as_secs_f64(),
+        capacity_runs,
+        capacity_duration_s: config.capacity_duration.as_secs_f64(),
         workloads,
     })
 }
@@ -402,29 +415,11 @@ impl Session<'_> {
         });
     }
 
-    /// Every contender under `workload`: the capacity pass if the rate depends on it, then
+    /// Every contender under `workload`: the capacity runs if the rate depends on them, then
     /// the open-loop pass.
     fn workload(&mut self, workload: Workload) -> Result<WorkloadReport, BenchError> {
         let config = self.config;
-        let capacity: Vec<Result<Row, String>> = match config.offered {
-            Offered::Rate(_) => Vec::new(),
-            Offered::Load(_) => {
-                let clients = match workload.connections(config) {
-                    Connections::PerRequest => config.clients,
-                    Connections::KeepAlive { count } | Connections::Skewed { count } => count,
-                };
-                let pace = Pace::Closed { clients };
-                let mut rows = Vec::new();
-                for name in &config.contenders {
-                    self.tell(format!(
-                        "{}: {name}: capacity (closed loop)",
-                        workload.name()
-                    ));
-                    rows.push(self.one(name, workload, pace, config.capacity_duration));
-                }
-                rows
-            }
-        };
+        let capacity = self.capacity(workload);
         let (rate, basis) = match config.offered {
             Offered::Rate(rate) => (rate, "fixed by --rate".to_owned()),
             Offered::Load(fraction) => {
@@ -433,13 +428,13 @@ impl Session<'_> {
                     .iter()
                     .zip(&capacity)
                     .filter_map(|(name, c)| {
-                        let rps = c.as_ref().ok()?.achieved_rps;
+                        let rps = c.as_ref().ok()?.capacity.as_ref()?.median_rps;
                         (rps > 0.0).then_some((name, rps))
                     })
                     .min_by(|a, b| a.1.total_cmp(&b.1))
                     .ok_or_else(|| BenchError::NoCapacity(workload.name().to_owned()))?;
                 let basis = format!(
-                    "{:.0}% of the slowest capacity ({name} at {slowest:.0} req/s)",
+                    "{:.0}% of the slowest median capacity ({name} at {slowest:.0} req/s)",
                     fraction * 100.0
                 );
                 (fraction * slowest, basis)
@@ -450,7 +445,7 @@ impl Session<'_> {
             .iter()
             .zip(&capacity)
             .find(|(name, _)| *name == "kernel-reuseport")
-            .and_then(|(_, c)| c.as_ref().ok().map(|r| r.achieved_rps))
+            .and_then(|(_, c)| c.as_ref().ok()?.capacity.as_ref().map(|c| c.median_rps))
             .filter(|rps| *rps > 0.0);
         let mut rows = Vec::new();
         for (i, name) in config.contenders.iter().enumerate() {
@@ -459,20 +454,20 @@ impl Session<'_> {
                 workload.name()
             ));
             let mut row = match capacity.get(i) {
-                // It did not start for the capacity pass: no second try.
+                // It did not start for a capacity run: no second try.
                 Some(Err(reason)) => unavailable(name, reason.clone()),
                 _ => self
                     .one(name, workload, Pace::Open { rate }, config.duration)
                     .unwrap_or_else(|reason| unavailable(name, reason)),
             };
-            if let Some(Ok(capacity)) = capacity.get(i) {
-                row.capacity_rps = Some(capacity.achieved_rps);
-                row.capacity_vs_reuseport = reuseport.map(|r| capacity.achieved_rps / r);
-                let notes = capacity
-                    .warnings
-                    .iter()
-                    .map(|w| format!("capacity pass: {w}"));
-                row.warnings.extend(notes);
+            if let Some(Ok(pass)) = capacity.get(i) {
+                row.capacity_vs_reuseport = pass
+                    .capacity
+                    .as_ref()
+                    .zip(reuseport)
+                    .map(|(c, r)| c.median_rps / r);
+                row.capacity = pass.capacity.clone();
+                row.warnings.extend(pass.warnings.iter().cloned());
             }
             rows.push(row);
         }
@@ -481,8 +476,39 @@ impl Session<'_> {
             description: workload.describe(config),
             offered_rps: Some(rate),
             basis,
+            verdict: verdict::for_workload(&rows),
             rows,
         })
+    }
+
+    /// The closed-loop runs of every contender under `workload`, the contenders taking turns
+    /// so that a slow spell of the machine touches them all; one entry per contender, an error
+    /// for one that did not start (it is not tried again). Empty when the rate is fixed.
+    fn capacity(&mut self, workload: Workload) -> Vec<Result<CapacityPass, String>> {
+        let config = self.config;
+        let runs = capacity_runs(config);
+        let clients = match workload.connections(config) {
+            Connections::PerRequest => config.clients,
+            Connections::KeepAlive { count } | Connections::Skewed { count } => count,
+        };
+        let pace = Pace::Closed { clients };
+        let mut passes: Vec<Result<CapacityPass, String>> = (0..config.contenders.len())
+            .map(|_| Ok(CapacityPass::default()))
+            .collect();
+        for run in 1..=runs {
+            for (name, pass) in config.contenders.iter().zip(&mut passes) {
+                self.tell(format!(
+                    "{}: {name}: capacity run {run} of {runs} (closed loop)",
+                    workload.name()
+                ));
+                let Ok(so_far) = pass else { continue };
+                match self.one(name, workload, pace, config.capacity_duration) {
+                    Ok(row) => so_far.add(run, row),
+                    Err(reason) => *pass = Err(reason),
+                }
+            }
+        }
+        passes
     }
 
     /// Starts contender `name`, runs one load against it, stops it.
@@ -512,6 +538,32 @@ impl Session<'_> {
             Pace::Closed { .. } => None,
         };
         Ok(row(name, &measured, offered, self.cores))
+    }
+}
+
+/// One contender's capacity runs so far.
+#[derive(Debug, Default)]
+struct CapacityPass {
+    runs: Vec<f64>,
+    capacity: Option<Capacity>,
+    warnings: Vec<String>,
+}
+
+impl CapacityPass {
+    fn add(&mut self, run: usize, row: Row) {
+        self.runs.push(row.achieved_rps);
+        self.capacity = Capacity::of(self.runs.clone());
+        let notes = row.warnings.into_iter();
+        self.warnings
+            .extend(notes.map(|w| format!("capacity run {run}: {w}")));
+    }
+}
+
+/// How many capacity runs `config` makes per contender and workload.
+fn capacity_runs(config: &BenchConfig) -> usize {
+    match config.offered {
+        Offered::Rate(_) => 0,
+        Offered::Load(_) => config.capacity_runs.max(1),
     }
 }
 

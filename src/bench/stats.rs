@@ -73,6 +73,48 @@ impl Percentiles {
     }
 }
 
+/// A closed-loop capacity measured in several runs: every run, and their median, lowest and
+/// highest, in requests per second.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Capacity {
+    /// Each run's requests per second, in the order run.
+    pub runs_rps: Vec<f64>,
+    /// The median run (the mean of the middle two for an even count).
+    pub median_rps: f64,
+    /// The slowest run.
+    pub min_rps: f64,
+    /// The fastest run.
+    pub max_rps: f64,
+}
+
+impl Capacity {
+    /// The spread of `runs`; `None` when there are none (or one is not a number).
+    pub fn of(runs: Vec<f64>) -> Option<Capacity> {
+        if runs.is_empty() || runs.iter().any(|r| r.is_nan()) {
+            return None;
+        }
+        let mut sorted = runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
+        Some(Capacity {
+            median_rps: median,
+            min_rps: sorted[0],
+            max_rps: sorted[n - 1],
+            runs_rps: runs,
+        })
+    }
+
+    /// Whether the two min–max ranges share any value.
+    pub fn overlaps(&self, other: &Capacity) -> bool {
+        self.min_rps <= other.max_rps && other.min_rps <= self.max_rps
+    }
+}
+
 /// A histogram for latencies from 1 µs to an hour at 3 significant digits.
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid")
@@ -110,6 +152,23 @@ mod tests {
         let s = shares(&[1.0, 3.0]);
         assert!(close(s[0], 0.25) && close(s[1], 0.75));
         assert_eq!(shares(&[0.0, 0.0]), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn capacity_is_the_median_and_range_of_its_runs() {
+        let c = Capacity::of(vec![900.0, 1200.0, 1000.0]).unwrap();
+        assert_eq!(
+            (c.median_rps, c.min_rps, c.max_rps),
+            (1000.0, 900.0, 1200.0)
+        );
+        assert_eq!(c.runs_rps, vec![900.0, 1200.0, 1000.0], "kept in run order");
+        let even = Capacity::of(vec![4.0, 1.0, 3.0, 2.0]).unwrap();
+        assert_eq!(even.median_rps, 2.5);
+        assert_eq!(Capacity::of(Vec::new()), None);
+        assert_eq!(Capacity::of(vec![1.0, f64::NAN]), None);
+        let apart = Capacity::of(vec![1300.0, 1400.0]).unwrap();
+        assert!(c.overlaps(&Capacity::of(vec![1200.0, 1500.0]).unwrap()));
+        assert!(!c.overlaps(&apart) && !apart.overlaps(&c));
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! `handoff bench`: runs the comparison of `handoff::bench` and prints its table; `--json`
-//! and `--out` write it for tools and people.
+//! `handoff bench`: runs the comparison of `handoff::bench`, prints its table, and writes the
+//! table, the JSON and the SVG picture into a folder: `target/bench/<UTC time>/` unless
+//! `--out` names one.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::Args;
@@ -12,9 +13,13 @@ use super::parse::parse_duration;
 use crate::bench::{self, contender, report, BenchConfig, Offered, Workload};
 use crate::demo;
 
+/// Where a run's folder goes without `--out`, relative to the current directory.
+const DEFAULT_OUT: &str = "target/bench";
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Under a minute on two cores: 4 workers, hello and heavy-tail, ~3 s per contender.
+    /// About a minute on two cores: 4 workers, hello and heavy-tail, three 750 ms capacity runs
+    /// and 1.5 s at the offered rate per contender.
     #[arg(long)]
     quick: bool,
     /// Worker processes per contender [default: 4].
@@ -43,6 +48,10 @@ pub struct BenchArgs {
     /// Measured time of each capacity (closed-loop) run [default: 3s; with --quick: 750ms].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     capacity_duration: Option<Duration>,
+    /// Capacity runs per contender and workload, the contenders taking turns; the table shows
+    /// their lowest–highest, the ratios use the median [default: 3].
+    #[arg(long, value_name = "N")]
+    capacity_runs: Option<usize>,
     /// Closed-loop clients for the new-connection workloads [default: 32].
     #[arg(long, value_name = "N")]
     clients: Option<usize>,
@@ -55,7 +64,8 @@ pub struct BenchArgs {
     /// Also write the report as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
-    /// Write report.svg and report.json into this folder.
+    /// Write report.svg, report.json and table.txt into this folder [default: a new
+    /// target/bench/<UTC time>/ under the current directory].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 }
@@ -112,6 +122,10 @@ fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
         anyhow::ensure!(!capacity.is_zero(), "--capacity-duration must be positive");
         config.capacity_duration = capacity;
     }
+    if let Some(runs) = args.capacity_runs {
+        anyhow::ensure!(runs > 0, "--capacity-runs must be at least 1");
+        config.capacity_runs = runs;
+    }
     if let Some(clients) = args.clients {
         config.clients = clients.max(1);
     }
@@ -161,9 +175,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         report::write_json(&report, path)?;
         eprintln!("handoff bench: wrote {}", path.display());
     }
-    if let Some(dir) = &args.out {
-        let svg = report::write_dir(&report, dir)?;
-        eprintln!("handoff bench: wrote {}", svg.display());
-    }
+    let dir = match &args.out {
+        Some(dir) => dir.clone(),
+        None => report::new_run_dir(Path::new(DEFAULT_OUT), SystemTime::now())
+            .context("creating the output folder (--out names another)")?,
+    };
+    report::write_dir(&report, &dir)?;
+    eprintln!(
+        "handoff bench: wrote {} in {}",
+        report::FILES.join(", "),
+        dir.display()
+    );
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `handoff bench` end to end: the real binary starts real contenders on 127.0.0.1 and
-//! drives them briefly at a low rate. Checks the shape and sanity of each row, never timings.
+//! drives them briefly at a low rate. Checks the shape and sanity of each row and of what is
+//! written (table, JSON, picture), never timings. Every run has its own current directory, so
+//! the default `target/bench/` lands in a temporary folder.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -138,7 +140,9 @@ fn every_contender_produces_a_sane_error_free_row() {
             "--out",
             dir.path().join("svg").to_str().unwrap(),
         ],
-        |_| {},
+        |cmd| {
+            cmd.current_dir(dir.path());
+        },
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -159,16 +163,54 @@ fn every_contender_produces_a_sane_error_free_row() {
             assert_eq!(row["offered_rps"].as_f64(), Some(150.0));
         }
     }
-    // The table names every contender; the picture exists and is SVG.
+    // The table names every contender under a legend, fits 120 columns, gives a verdict;
+    // the picture exists and is SVG, and the folder holds the same table.
     for name in &contenders {
         assert!(
             stdout.contains(name),
             "{name} missing from the table:\n{stdout}"
         );
     }
+    assert!(
+        stdout.find("evenness ").unwrap() < stdout.find("\nhello — ").unwrap(),
+        "a legend above the tables:\n{stdout}"
+    );
+    for line in stdout.lines() {
+        assert!(line.chars().count() <= 120, "wider than 120: {line:?}");
+    }
+    for workload in workloads {
+        let verdict = workload["verdict"].as_str().expect("a verdict");
+        assert!(verdict.starts_with("handoff-least: "), "{verdict}");
+    }
+    assert_eq!(
+        stdout.matches("\nverdict: handoff-least: ").count(),
+        workloads.len(),
+        "{stdout}"
+    );
     let svg = std::fs::read_to_string(dir.path().join("svg/report.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.contains("verdict: handoff-least"),
+        "the verdicts are drawn"
+    );
     assert!(dir.path().join("svg/report.json").is_file());
+    let table = std::fs::read_to_string(dir.path().join("svg/table.txt")).unwrap();
+    assert_eq!(table, stdout, "table.txt is the printed table");
+    assert!(
+        !dir.path().join("target").exists(),
+        "--out replaces the default folder"
+    );
+}
+
+/// The one run folder `handoff bench` made under `cwd/target/bench/`.
+fn default_folder(cwd: &Path) -> std::path::PathBuf {
+    let base = cwd.join("target/bench");
+    let entries: Vec<_> = std::fs::read_dir(&base)
+        .unwrap_or_else(|e| panic!("{base:?}: {e}"))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries.into_iter().next().unwrap()
 }
 
 #[test]
@@ -191,26 +233,54 @@ fn a_load_fraction_offers_that_part_of_the_measured_capacity() {
             "300ms",
             "--warmup",
             "100ms",
+            "--capacity-runs",
+            "2",
             "--clients",
             "4",
             "--json",
             json.to_str().unwrap(),
         ],
-        |_| {},
+        |cmd| {
+            cmd.current_dir(dir.path());
+        },
     );
     let context = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "{context}");
     let report = read_json(&json);
     let workload = &report["workloads"][0];
     let row = &workload["rows"][0];
-    let capacity = row["capacity_rps"].as_f64().unwrap();
-    assert!(capacity > 0.0);
+    let capacity = &row["capacity"];
+    let runs: Vec<f64> = capacity["runs_rps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_f64().unwrap())
+        .collect();
+    assert_eq!(runs.len(), 2, "{capacity}");
+    let median = capacity["median_rps"].as_f64().unwrap();
+    assert!(median > 0.0);
+    // serde_json's default float parsing may be off by an ulp: compare loosely.
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+    assert!(close(median, (runs[0] + runs[1]) / 2.0), "{capacity}");
+    let min = capacity["min_rps"].as_f64().unwrap();
+    assert!(close(min, runs[0].min(runs[1])), "{capacity}");
     let offered = workload["offered_rps"].as_f64().unwrap();
     assert!(
-        (offered - 0.25 * capacity).abs() < 1e-6 * capacity.max(1.0),
-        "{offered} vs {capacity}"
+        (offered - 0.25 * median).abs() < 1e-6 * median.max(1.0),
+        "{offered} vs {median}"
     );
     assert_sane(row, &context);
+    // Without --out, the picture, the JSON and the table land in target/bench/<UTC time>/,
+    // and the last line says where.
+    let folder = default_folder(dir.path());
+    for file in ["report.svg", "report.json", "table.txt"] {
+        assert!(folder.join(file).is_file(), "{file} in {folder:?}");
+    }
+    let name = folder.file_name().unwrap().to_str().unwrap();
+    assert!(
+        context.trim_end().lines().last().unwrap().contains(name),
+        "{context}"
+    );
 }
 
 #[test]
@@ -236,7 +306,7 @@ fn a_contender_that_cannot_start_is_reported_unavailable_not_skipped() {
         ],
         // No node here, whatever the machine has.
         |cmd| {
-            cmd.env("PATH", dir.path());
+            cmd.env("PATH", dir.path()).current_dir(dir.path());
         },
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
