@@ -44,6 +44,7 @@
 mod balance;
 #[cfg(feature = "bench")]
 mod bench;
+mod bpf;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod cli;

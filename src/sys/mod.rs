@@ -8,6 +8,7 @@
 //! worker inherits, which [`process::inherited_channel`] turns into an `OwnedFd`.
 #![allow(unsafe_code)]
 
+pub mod bpf;
 pub mod process;
 pub mod scm;
 pub mod shm;
