@@ -172,12 +172,6 @@ impl Asm {
         self.push(encode(JMP | K | cond as u8, dst, R0, 0, imm))
     }
 
-    /// `if dst cond src goto label`.
-    pub fn jump_reg(&mut self, cond: Cond, dst: Reg, src: Reg, to: Label) -> &mut Self {
-        self.jumps.push((self.insns.len(), to));
-        self.push(encode(JMP | X | cond as u8, dst, src, 0, 0))
-    }
-
     /// The instructions, every jump patched. Fails on a label never placed or a jump out of
     /// the 16-bit range.
     pub fn finish(mut self) -> Result<Vec<[u8; 8]>, String> {
@@ -224,14 +218,14 @@ mod tests {
         asm.place(back)
             .jump_imm(Cond::Eq, R0, 0, ahead)
             .alu_imm(Alu::Add, R0, 1)
-            .jump_reg(Cond::Ge, R0, R1, back)
+            .jump_imm(Cond::Ge, R0, 9, back)
             .place(ahead)
             .exit();
         let insns = asm.finish().unwrap();
         assert_eq!(i16::from_le_bytes([insns[0][2], insns[0][3]]), 2);
         assert_eq!(i16::from_le_bytes([insns[2][2], insns[2][3]]), -3);
         assert_eq!(insns[0][0], 0x15); // jeq imm
-        assert_eq!(insns[2][0], 0x3d); // jge reg
+        assert_eq!(insns[2][0], 0x35); // jge imm
     }
 
     #[test]

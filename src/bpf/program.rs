@@ -20,8 +20,6 @@ const SK_PASS: i32 = 1;
 /// a register set to a constant per slot, so the verifier sees one unknown value after the
 /// scan instead of one state per slot it could have picked.
 const INDEX_BITS: i32 = 8;
-/// The key of an absent slot (and of none picked yet): above every present slot's.
-const NONE: u64 = u64::MAX >> 1;
 const _: () = assert!(MAX_SLOTS <= 1 << INDEX_BITS && MAX_SLOTS.is_power_of_two());
 
 /// Byte offset of a word of the load array.
@@ -77,8 +75,8 @@ pub(crate) fn least_loaded(loads: i32, sockets: i32) -> Vec<[u8; 8]> {
 /// Compares slot `slot` with the best so far, without a branch but the early exit (a branch
 /// per comparison would give the verifier a state per path: 2^64 of them). key = load << 16
 /// | rank << 8 | slot, load clamped to [0, 2^47), rank = (slot − start) mod n, so that among
-/// equal loads the slot nearest after the random start wins; an absent slot's key is
-/// [`NONE`]. All keys are below 2^63, so the sign of a difference orders two keys.
+/// equal loads the slot nearest after the random start wins; an absent slot's key (and
+/// the best before any) is 2^63 − 1, above every present slot's. All keys are below 2^63, so the sign of a difference orders two keys.
 fn scan_slot(asm: &mut Asm, slot: usize, done: super::asm::Label) {
     let i = slot as i32;
     asm.jump_imm(Cond::Le, R5, i, done)

@@ -140,7 +140,7 @@ fn check(received: scm::Received, buf: &[u8]) -> Result<(Frame, Vec<OwnedFd>), C
     let frame = frame::decode(&buf[..received.len])?;
     let declared = match &frame {
         Frame::Connections(entries) | Frame::Listeners(entries) => entries.len(),
-        Frame::Counters => 1,
+        Frame::Counters | Frame::Loads { .. } => 1,
         _ => 0,
     };
     let arrived = received.fds.len();

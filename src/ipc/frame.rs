@@ -25,6 +25,9 @@ const KIND_LISTENERS: u8 = 4;
 const KIND_DRAINING: u8 = 5;
 const KIND_REFUSED: u8 = 6;
 const KIND_COUNTERS: u8 = 7;
+const KIND_LOADS: u8 = 9;
+/// Bytes of a [`Frame::Loads`] body.
+pub const LOADS_BODY_LEN: usize = 8;
 
 /// One handed-off connection, as described next to its fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +82,15 @@ pub enum Frame {
     /// its received and finished totals (see `sys::shm`), so the master reads them without
     /// a frame per connection. Optional: a worker that never sends it reports by STATUS.
     Counters,
+    /// master → worker, only in `kernel-least`, before LISTENERS: the fd of the load array
+    /// (a `BPF_F_MMAPABLE` BPF array map of one element of `value_len` bytes), where the
+    /// worker subtracts 1 from the 64-bit word `word` when a connection finishes.
+    Loads {
+        /// The index of this worker's slot's 64-bit word in the value.
+        word: u32,
+        /// The value's length in bytes, a multiple of 8, to map.
+        value_len: u32,
+    },
 }
 
 impl Frame {
@@ -92,6 +104,7 @@ impl Frame {
             Frame::Draining(_) => "draining",
             Frame::Refused { .. } => "refused",
             Frame::Counters => "counters",
+            Frame::Loads { .. } => "loads",
         }
     }
 }
@@ -201,6 +214,13 @@ pub fn encode_counters(out: &mut Vec<u8>) {
     header(out, KIND_COUNTERS, 1, 0);
 }
 
+/// Writes a [`Frame::Loads`] frame into `out` (cleared first); its fd goes with it.
+pub fn encode_loads(out: &mut Vec<u8>, word: u32, value_len: u32) {
+    header(out, KIND_LOADS, 1, LOADS_BODY_LEN);
+    out.extend_from_slice(&word.to_le_bytes());
+    out.extend_from_slice(&value_len.to_le_bytes());
+}
+
 /// Writes a [`Frame::Status`] frame into `out` (cleared first).
 pub fn encode_status(out: &mut Vec<u8>, status: Status) {
     encode_status_kind(out, KIND_STATUS, status);
@@ -277,6 +297,15 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
         KIND_READY => Err(shape("ready")),
         KIND_COUNTERS if count == 1 && body.is_empty() => Ok(Frame::Counters),
         KIND_COUNTERS => Err(shape("counters")),
+        KIND_LOADS if count == 1 && body.len() == LOADS_BODY_LEN => {
+            let word = u32::from_le_bytes(body[0..4].try_into().expect("4 bytes"));
+            let value_len = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));
+            if value_len == 0 || value_len % 8 != 0 || u64::from(word) * 8 >= u64::from(value_len) {
+                return Err(shape("loads"));
+            }
+            Ok(Frame::Loads { word, value_len })
+        }
+        KIND_LOADS => Err(shape("loads")),
         KIND_STATUS | KIND_DRAINING if count == 0 && body.len() == STATUS_BODY_LEN => {
             let status = decode_status(body);
             Ok(if kind == KIND_STATUS {
@@ -386,6 +415,26 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn loads_round_trips_and_its_word_must_lie_in_the_value() {
+        let mut buf = Vec::new();
+        encode_loads(&mut buf, 16, 4160);
+        assert_eq!(
+            decode(&buf),
+            Ok(Frame::Loads {
+                word: 16,
+                value_len: 4160
+            })
+        );
+        for (word, value_len) in [(520, 4160), (0, 0), (0, 12)] {
+            encode_loads(&mut buf, word, value_len);
+            assert!(
+                matches!(decode(&buf), Err(FrameError::Shape { kind: "loads", .. })),
+                "word {word} of {value_len} bytes"
+            );
+        }
     }
 
     #[test]

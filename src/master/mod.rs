@@ -71,6 +71,9 @@ pub enum MasterError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers failed")]
     Signals(#[source] io::Error),
+    /// `--strategy kernel-least` could not be set up (no CAP_BPF, or the kernel refused).
+    #[error("{0}")]
+    KernelLeast(String),
 }
 
 /// A listening socket the master accepts on, shared with its accept task.
@@ -193,6 +196,8 @@ async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
         workers::start_worker(&ctx, index);
     }
     let lifecycle_task = spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals));
+    let steer_task =
+        (config.strategy == Strategy::KernelLeast).then(|| spawn_local(steer(ctx.clone())));
     let accepting: Vec<JoinHandle<()>> = listeners
         .iter()
         .enumerate()
@@ -214,6 +219,9 @@ async fn master(config: Config, launcher: Launcher) -> Result<(), MasterError> {
     }
     wait_all_exited(&ctx, Duration::from_secs(5)).await;
     lifecycle_task.abort();
+    if let Some(task) = steer_task {
+        task.abort();
+    }
     if let Some(task) = control_task {
         task.abort();
     }
@@ -236,16 +244,23 @@ fn prepare(
     config: &Rc<Config>,
     mut launcher: Launcher,
 ) -> Result<(Rc<Ctx>, Vec<Listener>), MasterError> {
-    let bound = bind(config)?;
-    let listening: Vec<String> = bound.iter().map(|(name, _, _)| name.clone()).collect();
+    let (handout, accept_fds, listening) = if config.strategy == Strategy::KernelLeast {
+        let steering = steering(config)?;
+        let listening = steering.addrs().map(|a| a.to_string()).collect();
+        (Handout::Least(steering.into()), Vec::new(), listening)
+    } else {
+        let bound = bind(config)?;
+        let listening: Vec<String> = bound.iter().map(|(name, _, _)| name.clone()).collect();
+        let (handout, accept_fds) = Handout::new(
+            config.strategy,
+            bound.into_iter().map(|(_, peer, fd)| (peer, fd)).collect(),
+            config.backlog,
+        );
+        (handout, accept_fds, listening)
+    };
     for name in &listening {
         tracing::info!(address = %name, "listening");
     }
-    let (handout, accept_fds) = Handout::new(
-        config.strategy,
-        bound.into_iter().map(|(_, peer, fd)| (peer, fd)).collect(),
-        config.backlog,
-    );
     launcher.env(crate::supervise::ENV_LISTEN, listening.join(","));
     let mut table = Table::new(config.clone());
     table.set_fd_room(fd_room(config.workers)?);
@@ -270,6 +285,48 @@ fn prepare(
         .map_err(MasterError::Runtime)?;
     Ok((ctx, listeners))
 }
+
+/// `kernel-least`: the slot listeners, maps and program, for TCP addresses and at most
+/// [`crate::bpf::MAX_SLOTS`] workers; refused at start, in one line, without CAP_BPF.
+fn steering(config: &Config) -> Result<crate::bpf::Steering, MasterError> {
+    let addrs = config
+        .listen
+        .iter()
+        .map(|addr| match addr {
+            ListenAddr::Tcp(socket) => Ok(*socket),
+            ListenAddr::Unix(_) => Err(MasterError::Config(
+                "kernel-least needs TCP listen addresses".into(),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if config.workers > crate::bpf::MAX_SLOTS {
+        return Err(MasterError::Config(format!(
+            "kernel-least takes at most {} workers (got {})",
+            crate::bpf::MAX_SLOTS,
+            config.workers
+        )));
+    }
+    crate::bpf::Steering::new(&addrs, config.backlog, config.workers)
+        .map_err(|e| MasterError::KernelLeast(e.to_string()))
+}
+
+/// `kernel-least`: keeps the socket arrays in step with the table and reconciles each
+/// slot's count with the workers' figures, every [`RECONCILE_PERIOD`].
+async fn steer(ctx: Rc<Ctx>) {
+    let mut tick = tokio::time::interval(RECONCILE_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let table = ctx.table.borrow();
+        ctx.handout.steer(&table);
+        ctx.handout.reconcile(&table);
+    }
+}
+
+/// How often `kernel-least` reconciles: often enough that a leaked count (a handshake that
+/// never completed, a worker that died with connections) does not skew many picks, rarely
+/// enough to cost nothing (a few atomic reads per slot).
+const RECONCILE_PERIOD: Duration = Duration::from_millis(100);
 
 /// Removes the socket files the master created: `unix:` listeners and the control socket.
 fn remove_socket_files(config: &Config) {

@@ -25,9 +25,8 @@ pub const MAP_REUSEPORT_SOCKARRAY: u32 = 20;
 pub const F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_PROG_TYPE_SK_REUSEPORT`.
 pub const PROG_SK_REUSEPORT: u32 = 21;
-/// `BPF_SK_REUSEPORT_SELECT`: the program picks a listener for a new connection.
-pub const ATTACH_SK_REUSEPORT_SELECT: u32 = 39;
-/// `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`: also for the requests and connections queued on a
+/// `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`: the program picks a listener for each new
+/// connection, and also for the requests and connections queued on a
 /// listener that closes (kernel 5.14).
 pub const ATTACH_SK_REUSEPORT_SELECT_OR_MIGRATE: u32 = 40;
 

@@ -88,6 +88,16 @@ pub(crate) struct Shared {
     ready: std::sync::atomic::AtomicBool,
     /// Finished connections whose fds close a little later.
     lingering: linger::Lingering,
+    /// `kernel-least`: this slot's count in the kernel's load array, less 1 per finished
+    /// connection (the program added 1 when it picked this slot).
+    load: std::sync::OnceLock<LoadWord>,
+}
+
+/// One 64-bit word of a mapped load array (`kernel-least`).
+#[derive(Debug)]
+struct LoadWord {
+    mapped: sys::bpf::MappedArray,
+    word: usize,
 }
 
 impl Shared {
@@ -105,6 +115,7 @@ impl Shared {
             announcing: tokio::sync::Mutex::new(()),
             ready: std::sync::atomic::AtomicBool::new(false),
             lingering: linger::Lingering::default(),
+            load: std::sync::OnceLock::new(),
         }
     }
 
@@ -182,12 +193,36 @@ impl Shared {
 
     pub(crate) fn connection_finished(&self) {
         self.counts.closed().fetch_add(1, Ordering::SeqCst);
+        if let Some(load) = self.load.get() {
+            load.mapped.words()[load.word].fetch_sub(1, Ordering::SeqCst);
+        }
         if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }
         if self.eager_reports.load(Ordering::Relaxed) {
             self.report.notify_one();
         }
+    }
+
+    /// Maps the load array of a LOADS frame (`kernel-least`), before any connection.
+    fn map_loads(
+        &self,
+        fds: &[std::os::fd::OwnedFd],
+        word: u32,
+        value_len: u32,
+    ) -> std::io::Result<()> {
+        let fd = fds
+            .first()
+            .ok_or_else(|| std::io::Error::other("a loads frame without its fd"))?;
+        let mapped = sys::bpf::MappedArray::map(fd, value_len as usize)?;
+        let word = word as usize;
+        if word >= mapped.words().len() {
+            return Err(std::io::Error::other(
+                "a loads frame's word lies outside its value",
+            ));
+        }
+        let _ = self.load.set(LoadWord { mapped, word });
+        Ok(())
     }
 
     fn fail(&self, error: ChannelError) {
@@ -310,6 +345,11 @@ impl Incoming {
                     };
                     if let Err(e) = acknowledged {
                         self.shared.fail(e.into());
+                    }
+                }
+                Ok((Frame::Loads { word, value_len }, fds)) => {
+                    if let Err(e) = self.shared.map_loads(&fds, word, value_len) {
+                        self.shared.fail(ChannelError::Io(e));
                     }
                 }
                 Ok((Frame::Listeners(headers), fds)) => {
