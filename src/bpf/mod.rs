@@ -55,8 +55,12 @@ pub enum SteerError {
     },
 }
 
+/// The error of a failed `step`; `EPERM` from bpf(2) always means a missing capability.
 fn step(step: &'static str) -> impl FnOnce(io::Error) -> SteerError {
-    move |source| SteerError::Io { step, source }
+    move |source| match source.raw_os_error() {
+        Some(libc::EPERM) => SteerError::Capability(source),
+        _ => SteerError::Io { step, source },
+    }
 }
 
 /// One `--listen` address: its reuseport group.
@@ -94,13 +98,7 @@ impl Steering {
             sys::bpf::F_MMAPABLE,
             "handoff_loads",
         )
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EPERM | libc::EACCES) => SteerError::Capability(e),
-            _ => SteerError::Io {
-                step: "creating the load array",
-                source: e,
-            },
-        })?;
+        .map_err(step("creating the load array"))?;
         let mapped =
             MappedArray::map(&loads, layout::VALUE_LEN).map_err(step("mapping the load array"))?;
         let mut steering = Steering {
