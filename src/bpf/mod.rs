@@ -63,6 +63,12 @@ fn step(step: &'static str) -> impl FnOnce(io::Error) -> SteerError {
     }
 }
 
+/// Whether this process may create BPF maps (CAP_BPF): `kernel-least` can run here.
+#[cfg_attr(not(feature = "bench"), allow(dead_code))]
+pub(crate) fn available() -> bool {
+    sys::bpf::create_map(sys::bpf::MAP_ARRAY, 4, 8, 1, 0, "handoff_probe").is_ok()
+}
+
 /// One `--listen` address: its reuseport group.
 #[derive(Debug)]
 struct Group {

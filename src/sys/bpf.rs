@@ -307,7 +307,7 @@ mod tests {
 
     /// Whether this process may use bpf(2) (CAP_BPF); tests that need it say so and pass
     /// without it, since a developer's machine may not run them as root. CI runs as root.
-    pub(crate) fn bpf_allowed() -> bool {
+    fn bpf_allowed() -> bool {
         create_map(MAP_ARRAY, 4, 8, 1, 0, "probe").is_ok()
     }
 

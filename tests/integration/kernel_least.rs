@@ -18,7 +18,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// CAP_BPF (39) or CAP_SYS_ADMIN (21) in this process's effective set.
-fn bpf_capable() -> bool {
+pub fn bpf_capable() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let eff = status
         .lines()
