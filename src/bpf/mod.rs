@@ -256,6 +256,11 @@ impl Steering {
         tracing::debug!(slot, present, "kernel-least slot");
     }
 
+    /// Whether slot `slot` is in the socket arrays.
+    pub fn is_present(&self, slot: usize) -> bool {
+        self.present.get(slot).copied().unwrap_or(false)
+    }
+
     /// Slot `slot`'s count as the program sees it.
     pub fn load(&self, slot: usize) -> i64 {
         self.word(layout::load_word(slot)).load(Ordering::SeqCst) as i64

@@ -280,6 +280,7 @@ fn respond(ctx: &Ctx, command: &str) -> String {
                 "restarting": table.restarting,
                 "workers": slots(&table),
                 "draining": draining(&table),
+                "kernel_least": ctx.handout.steered(table.workers),
             })
             .to_string()
         }

@@ -133,7 +133,39 @@ impl Handout {
     }
 }
 
+/// `kernel-least`: one slot as the program sees it, for the control socket.
+#[derive(Debug, serde::Serialize)]
+#[cfg_attr(not(feature = "control"), allow(dead_code))]
+pub(crate) struct SteeredSlot {
+    worker: usize,
+    /// In the socket array: the program may pick it.
+    present: bool,
+    /// The count the program compares.
+    load: i64,
+    /// Connections waiting in its accept queues.
+    queued: u64,
+}
+
 impl Handout {
+    /// `kernel-least`: each slot in use as the program sees it; `None` in other modes.
+    #[cfg_attr(not(feature = "control"), allow(dead_code))]
+    pub fn steered(&self, workers: usize) -> Option<Vec<SteeredSlot>> {
+        let Handout::Least(steering) = self else {
+            return None;
+        };
+        let steering = steering.borrow();
+        Some(
+            (0..workers)
+                .map(|worker| SteeredSlot {
+                    worker,
+                    present: steering.is_present(worker),
+                    load: steering.load(worker),
+                    queued: steering.queued(worker),
+                })
+                .collect(),
+        )
+    }
+
     /// `kernel-least`: puts in the socket arrays exactly the slots in use whose process is
     /// ready (a slot whose process drains, died or is not ready yet is taken out first), and
     /// closes the listeners of slots scaled away or of a stopping master. Cheap: called

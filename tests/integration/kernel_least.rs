@@ -142,6 +142,48 @@ fn a_sigkilled_worker_under_load_loses_none_of_the_connections_queued_for_it() {
     );
 }
 
+/// The counts the program compares, by slot, from the control socket.
+fn loads(master: &Master) -> Vec<i64> {
+    master.status()["kernel_least"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["load"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_dead_worker_s_connections_stop_counting_once_reconciled() {
+    if skip() {
+        return;
+    }
+    let _one = serial();
+    let master = Master::start(&["--workers", "2", "--strategy", "kernel-least"]);
+    let pids: Vec<u32> = master.worker_pids().into_iter().flatten().collect();
+    let held: Vec<Held> = (0..6).map(|_| Held::open(master.addr).unwrap()).collect();
+    assert!(
+        wait_until(PATIENCE, || loads(&master) == [3, 3]),
+        "{:?}",
+        loads(&master)
+    );
+    // Its 3 connections die with it; nobody subtracts them but the master's reconciling.
+    send_signal(pids[0], "KILL");
+    let reconciled = wait_until(PATIENCE, || {
+        let status = master.status();
+        ready_workers(&status) == 2
+            && !worker_pids(&status).contains(&Some(pids[0]))
+            && loads(&master) == [0, 3]
+    });
+    assert!(reconciled, "{}\nlog:\n{}", master.status(), master.log());
+    let new_worker = master.worker_pids()[0].unwrap();
+    let more: Vec<Held> = (0..3).map(|_| Held::open(master.addr).unwrap()).collect();
+    assert!(
+        more.iter().all(|h| h.pid == new_worker),
+        "the emptier slot gets them"
+    );
+    drop(held);
+}
+
 #[test]
 fn a_rolling_restart_keeps_serving() {
     if skip() {
