@@ -45,6 +45,7 @@ KIND_STATUS = 3  # worker -> master: acknowledgement, load report, heartbeat
 KIND_LISTENERS = 4  # master -> worker, kernel baseline modes only: n listening sockets
 KIND_DRAINING = 5  # worker -> master: draining on its own; final count of what it received
 KIND_REFUSED = 6  # worker -> master: out of fds; the last `count` connections go back
+KIND_LOADS = 9  # master -> worker, kernel-least only: the load array (not mapped here)
 
 # version u8, kind u8, count u16, body_len u32; all little-endian.
 HEADER = struct.Struct("<BBHI")
@@ -214,6 +215,11 @@ class Channel:
             if flags & socket.MSG_TRUNC or len(data) > MAX_FRAME_LEN:
                 raise ProtocolError(f"frame longer than the {MAX_FRAME_LEN}-byte limit")
             kind, count, body = decode(data)
+            if kind == KIND_LOADS and count == len(fds) == 1:
+                # kernel-least's load array: a worker that does not map it is reconciled
+                # by the master from its STATUS frames (docs/protocol.md, LOADS).
+                os.close(fds[0])
+                return kind, body, []
             if kind not in (KIND_CONNECTIONS, KIND_LISTENERS):
                 raise ProtocolError(f"unexpected frame kind {kind} from the master")
             if flags & socket.MSG_CTRUNC:
@@ -245,6 +251,9 @@ def decode(data):
             raise ProtocolError(
                 f"kind {kind} frame with count {count} and a {len(body)}-byte body"
             )
+    elif kind == KIND_LOADS:
+        if count != 1 or len(body) != 8:
+            raise ProtocolError(f"loads frame with count {count} and a {len(body)}-byte body")
     elif kind in (KIND_READY, KIND_STATUS, KIND_DRAINING, KIND_REFUSED):
         pass  # valid frames, but only a worker sends them (refused by the caller)
     else:
@@ -531,6 +540,8 @@ def main():
             kind, body, fds = frame
             if kind == KIND_CONNECTIONS:
                 take_connections(channel, drain, body, fds)
+            elif kind == KIND_LOADS:
+                pass
             else:
                 take_listeners(channel, drain, body, fds)
     except ProtocolError as e:

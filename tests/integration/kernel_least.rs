@@ -185,6 +185,31 @@ fn a_dead_worker_s_connections_stop_counting_once_reconciled() {
 }
 
 #[test]
+fn a_worker_that_does_not_map_the_loads_is_reconciled_from_its_reports() {
+    if skip() {
+        return;
+    }
+    let _one = serial();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/worker.py");
+    let master = Master::start(&[
+        "--workers",
+        "2",
+        "--strategy",
+        "kernel-least",
+        "--",
+        "python3",
+        "-B",
+        script,
+    ]);
+    for _ in 0..20 {
+        assert_eq!(master.get().status, 200);
+    }
+    // The program added 20; no worker subtracted: the master's reconciling does.
+    let settled = wait_until(PATIENCE, || loads(&master) == [0, 0]);
+    assert!(settled, "{}\nlog:\n{}", master.status(), master.log());
+}
+
+#[test]
 fn a_rolling_restart_keeps_serving() {
     if skip() {
         return;
