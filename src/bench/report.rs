@@ -77,7 +77,7 @@ fn pad(text: &str, width: usize, right: bool) -> String {
 }
 
 const COLUMNS: [(&str, usize); 16] = [
-    ("contender", 17),
+    ("contender", 20),
     ("capacity/s", 10),
     ("×rport", 6),
     ("rate/s", 8),
