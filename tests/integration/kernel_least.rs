@@ -237,6 +237,44 @@ fn a_rolling_restart_keeps_serving() {
 }
 
 #[test]
+fn scaling_down_and_up_under_load_keeps_serving() {
+    if skip() {
+        return;
+    }
+    let _one = serial();
+    let master = Master::start(&["--workers", "3", "--strategy", "kernel-least"]);
+    let load = Load::start(master.addr, 150, 600);
+    assert!(load.wait_sent(100));
+    // The removed slot leaves the socket array first, then its worker drains.
+    master.signal("TTOU");
+    let two = wait_until(PATIENCE, || {
+        let status = master.status();
+        let slots = status["kernel_least"].as_array().unwrap().len();
+        slots == 2 && status["draining"].as_array().unwrap().is_empty()
+    });
+    assert!(two, "{}\nlog:\n{}", master.status(), master.log());
+    master.signal("TTIN");
+    let three = wait_until(PATIENCE, || {
+        let status = master.status();
+        ready_workers(&status) == 3
+            && status["kernel_least"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["present"] == true)
+    });
+    assert!(three, "{}\nlog:\n{}", master.status(), master.log());
+    let report = load.finish();
+    assert!(
+        report.failures.is_empty(),
+        "{:?}\nlog:\n{}",
+        report.failure_kinds(),
+        master.log()
+    );
+    assert_eq!(report.ok, 600);
+}
+
+#[test]
 fn without_cap_bpf_the_master_refuses_kernel_least_in_one_line() {
     let mut cmd = if bpf_capable() {
         // Drop the capabilities for the master: setpriv from util-linux.
