@@ -50,6 +50,7 @@ KIND_LISTENERS = 4  # master -> worker, kernel baseline modes only: n listening 
 KIND_DRAINING = 5  # worker -> master: draining on its own; final count of what it received
 KIND_REFUSED = 6  # worker -> master: out of fds; the last `count` connections go back
 KIND_MESSAGE = 8  # either way: a message (envelope + payload), no fds
+KIND_LOADS = 9  # master -> worker, kernel-least only: the load array (not mapped here)
 
 # version u8, kind u8, count u16, body_len u32; all little-endian.
 HEADER = struct.Struct("<BBHI")
@@ -243,6 +244,11 @@ class Channel:
             kind, count, body = decode(data)
             if kind == KIND_MESSAGE and not fds:
                 return kind, body, fds
+            if kind == KIND_LOADS and count == len(fds) == 1:
+                # kernel-least's load array: a worker that does not map it is reconciled
+                # by the master from its STATUS frames (docs/protocol.md, LOADS).
+                os.close(fds[0])
+                return kind, body, []
             if kind not in (KIND_CONNECTIONS, KIND_LISTENERS):
                 raise ProtocolError(f"unexpected frame kind {kind} from the master")
             if flags & socket.MSG_CTRUNC:
@@ -277,6 +283,9 @@ def decode(data):
     elif kind == KIND_MESSAGE:
         if count != 0:
             raise ProtocolError(f"message frame with count {count}")
+    elif kind == KIND_LOADS:
+        if count != 1 or len(body) != 8:
+            raise ProtocolError(f"loads frame with count {count} and a {len(body)}-byte body")
     elif kind in (KIND_READY, KIND_STATUS, KIND_DRAINING, KIND_REFUSED):
         pass  # valid frames, but only a worker sends them (refused by the caller)
     else:
@@ -591,6 +600,8 @@ def main():
                 take_message(channel, body)
             elif kind == KIND_CONNECTIONS:
                 take_connections(channel, drain, body, fds)
+            elif kind == KIND_LOADS:
+                pass
             else:
                 take_listeners(channel, drain, body, fds)
     except ProtocolError as e:

@@ -44,6 +44,7 @@
 mod balance;
 #[cfg(feature = "cli")]
 mod bench;
+mod bpf;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod cli;

@@ -29,6 +29,11 @@ pub enum Strategy {
     /// Baseline, not balancing: every worker accepts on its own `SO_REUSEPORT` socket; the
     /// kernel hashes each connection's 4-tuple to one of them.
     KernelReuseport,
+    /// The least-loaded choice made in the kernel: an eBPF program on a group of
+    /// `SO_REUSEPORT` listeners (one per worker, all held by the master) picks the
+    /// listener of the worker with the fewest active connections; the master accepts
+    /// nothing. Needs CAP_BPF.
+    KernelLeast,
 }
 
 impl Strategy {
@@ -38,13 +43,16 @@ impl Strategy {
             Strategy::RoundRobin => Some(Box::new(RoundRobin::default())),
             Strategy::LeastLoaded => Some(Box::new(LeastLoaded::default())),
             Strategy::TwoChoices => Some(Box::new(TwoChoices::default())),
-            Strategy::KernelShared | Strategy::KernelReuseport => None,
+            Strategy::KernelShared | Strategy::KernelReuseport | Strategy::KernelLeast => None,
         }
     }
 
     /// Whether workers accept for themselves (a kernel baseline) instead of the master.
     pub fn is_kernel(self) -> bool {
-        matches!(self, Strategy::KernelShared | Strategy::KernelReuseport)
+        matches!(
+            self,
+            Strategy::KernelShared | Strategy::KernelReuseport | Strategy::KernelLeast
+        )
     }
 }
 

@@ -28,12 +28,13 @@ const STOP_PATIENCE: Duration = Duration::from_secs(5);
 const LOG_LINES: usize = 20;
 
 /// Every contender, in the default order.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "kernel-shared",
     "kernel-reuseport",
     "handoff-rr",
     "handoff-least",
     "handoff-p2c",
+    "handoff-kernel-least",
     "node-rr",
     "node-none",
 ];
@@ -109,6 +110,9 @@ impl Kind {
             },
             "handoff-p2c" => Kind::Handoff {
                 strategy: "two-choices",
+            },
+            "handoff-kernel-least" => Kind::Handoff {
+                strategy: "kernel-least",
             },
             "node-rr" => Kind::Node { policy: "rr" },
             "node-none" => Kind::Node { policy: "none" },

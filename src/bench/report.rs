@@ -81,7 +81,7 @@ pub const TABLE_WIDTH: usize = 120;
 /// The columns: name and width; all but the first are right-aligned. The per-worker shares
 /// follow, unpadded.
 const COLUMNS: [(&str, usize); 10] = [
-    ("contender", 16),
+    ("contender", 20),
     ("capacity/s", 13),
     ("vs reuseport", 12),
     ("errors", 6),

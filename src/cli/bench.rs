@@ -26,7 +26,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Contenders, comma-separated [default: kernel-shared, kernel-reuseport, handoff-rr,
-    /// handoff-least, handoff-p2c, and node-rr, node-none when node is on PATH].
+    /// handoff-least, handoff-p2c, handoff-kernel-least where bpf(2) is allowed (CAP_BPF),
+    /// and node-rr, node-none when node is on PATH].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     contenders: Vec<String>,
     /// Workloads, comma-separated: hello, keepalive, heavy-tail, long-lived [default: all;
@@ -85,6 +86,12 @@ fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
         if contender::find_on_path("node").is_none() {
             eprintln!("handoff bench: node is not on PATH; leaving out node-rr and node-none");
             config.contenders.retain(|c| !c.starts_with("node-"));
+        }
+        if !crate::bpf::available() {
+            eprintln!(
+                "handoff bench: bpf(2) is not allowed here (CAP_BPF); leaving out handoff-kernel-least"
+            );
+            config.contenders.retain(|c| c != "handoff-kernel-least");
         }
     } else {
         config.contenders = args

@@ -33,6 +33,9 @@ const KIND_COUNTERS: u8 = 7;
 pub(crate) const KIND_MESSAGE: u8 = 8;
 const KIND_METRICS: u8 = 10;
 const KIND_SAMPLES: u8 = 11;
+const KIND_LOADS: u8 = 9;
+/// Bytes of a [`Frame::Loads`] body.
+pub const LOADS_BODY_LEN: usize = 8;
 
 /// One handed-off connection, as described next to its fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +100,15 @@ pub enum Frame {
     /// worker → master: histogram samples recorded since the last such frame, each a metric
     /// slot of the worker's metrics region and a value.
     Samples(Vec<(u32, f64)>),
+    /// master → worker, only in `kernel-least`, before LISTENERS: the fd of the load array
+    /// (a `BPF_F_MMAPABLE` BPF array map of one element of `value_len` bytes), where the
+    /// worker subtracts 1 from the 64-bit word `word` when a connection finishes.
+    Loads {
+        /// The index of this worker's slot's 64-bit word in the value.
+        word: u32,
+        /// The value's length in bytes, a multiple of 8, to map.
+        value_len: u32,
+    },
 }
 
 impl Frame {
@@ -113,6 +125,7 @@ impl Frame {
             Frame::Message(_) => "message",
             Frame::Metrics => "metrics",
             Frame::Samples(_) => "samples",
+            Frame::Loads { .. } => "loads",
         }
     }
 }
@@ -244,6 +257,13 @@ pub fn encode_samples(out: &mut Vec<u8>, samples: &[(u32, f64)]) {
     }
 }
 
+/// Writes a [`Frame::Loads`] frame into `out` (cleared first); its fd goes with it.
+pub fn encode_loads(out: &mut Vec<u8>, word: u32, value_len: u32) {
+    header(out, KIND_LOADS, 1, LOADS_BODY_LEN);
+    out.extend_from_slice(&word.to_le_bytes());
+    out.extend_from_slice(&value_len.to_le_bytes());
+}
+
 /// Writes a [`Frame::Status`] frame into `out` (cleared first).
 pub fn encode_status(out: &mut Vec<u8>, status: Status) {
     encode_status_kind(out, KIND_STATUS, status);
@@ -330,6 +350,15 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
             ))
         }
         KIND_SAMPLES => Err(shape("samples")),
+        KIND_LOADS if count == 1 && body.len() == LOADS_BODY_LEN => {
+            let word = u32::from_le_bytes(body[0..4].try_into().expect("4 bytes"));
+            let value_len = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));
+            if value_len == 0 || value_len % 8 != 0 || u64::from(word) * 8 >= u64::from(value_len) {
+                return Err(shape("loads"));
+            }
+            Ok(Frame::Loads { word, value_len })
+        }
+        KIND_LOADS => Err(shape("loads")),
         KIND_STATUS | KIND_DRAINING if count == 0 && body.len() == STATUS_BODY_LEN => {
             let status = decode_status(body);
             Ok(if kind == KIND_STATUS {
@@ -446,6 +475,26 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn loads_round_trips_and_its_word_must_lie_in_the_value() {
+        let mut buf = Vec::new();
+        encode_loads(&mut buf, 16, 4160);
+        assert_eq!(
+            decode(&buf),
+            Ok(Frame::Loads {
+                word: 16,
+                value_len: 4160
+            })
+        );
+        for (word, value_len) in [(520, 4160), (0, 0), (0, 12)] {
+            encode_loads(&mut buf, word, value_len);
+            assert!(
+                matches!(decode(&buf), Err(FrameError::Shape { kind: "loads", .. })),
+                "word {word} of {value_len} bytes"
+            );
+        }
     }
 
     #[test]

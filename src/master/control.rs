@@ -294,6 +294,7 @@ fn respond(ctx: &Ctx, command: &str) -> String {
                 "draining": draining(&table),
                 "messages": ctx.post.counters(),
                 "metrics": worker_metrics(ctx),
+                "kernel_least": ctx.handout.steered(table.workers),
             })
             .to_string()
         }

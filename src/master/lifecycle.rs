@@ -417,10 +417,15 @@ pub(crate) fn scale_up(ctx: &Rc<Ctx>) -> bool {
             return false;
         }
         let workers = table.workers + 1;
-        if workers > MAX_WORKERS {
+        let most = match table.config.strategy {
+            crate::balance::Strategy::KernelLeast => crate::bpf::MAX_SLOTS,
+            _ => MAX_WORKERS,
+        };
+        if workers > most {
             tracing::warn!(
                 workers = table.workers,
-                "SIGTTIN: already at the most workers ({MAX_WORKERS}); keeping them"
+                most,
+                "SIGTTIN: already at the most workers; keeping them"
             );
             return false;
         }

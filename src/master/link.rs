@@ -85,6 +85,7 @@ pub(crate) fn flush(ctx: &Ctx) {
     loop {
         let broken = send_all(ctx);
         if broken.is_empty() {
+            ctx.handout.steer(&ctx.table.borrow());
             return;
         }
         for (index, pid, error) in broken {

@@ -96,6 +96,9 @@ pub enum MasterError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers failed")]
     Signals(#[source] io::Error),
+    /// `--strategy kernel-least` could not be set up (no CAP_BPF, or the kernel refused).
+    #[error("{0}")]
+    KernelLeast(String),
 }
 
 /// Runs a master until SIGTERM, SIGINT or SIGQUIT; returns once every worker has exited.
@@ -274,6 +277,9 @@ async fn master(
         spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals)),
         spawn_local(systemd::run(ctx.clone())),
     ];
+    if config.strategy == Strategy::KernelLeast {
+        tasks.push(spawn_local(steer(ctx.clone())));
+    }
     let accepting: Vec<JoinHandle<()>> = listeners
         .iter()
         .enumerate()
@@ -390,26 +396,40 @@ fn prepare(
     mut launcher: Launcher,
     given: Vec<systemd::Activated>,
 ) -> Result<(Rc<Ctx>, Vec<Listener>), MasterError> {
-    let bound = if given.is_empty() {
-        bind(config)?
-    } else if config.strategy == Strategy::KernelReuseport {
-        return Err(MasterError::Config(
-            "kernel-reuseport binds a socket per worker: it cannot use sockets passed to it \
-             (LISTEN_FDS, an upgrade)"
-                .into(),
-        ));
+    let (handout, accept_fds, listening) = if config.strategy == Strategy::KernelLeast {
+        if !given.is_empty() {
+            return Err(MasterError::Config(
+                "kernel-least binds a socket per worker: it cannot use sockets passed to it \
+                 (LISTEN_FDS, an upgrade)"
+                    .into(),
+            ));
+        }
+        let steering = steering(config)?;
+        let listening = steering.addrs().map(|a| a.to_string()).collect();
+        (Handout::Least(steering.into()), Vec::new(), listening)
     } else {
-        given.into_iter().map(|a| (a.name, a.peer, a.fd)).collect()
+        let bound = if given.is_empty() {
+            bind(config)?
+        } else if config.strategy == Strategy::KernelReuseport {
+            return Err(MasterError::Config(
+                "kernel-reuseport binds a socket per worker: it cannot use sockets passed to \
+                 it (LISTEN_FDS, an upgrade)"
+                    .into(),
+            ));
+        } else {
+            given.into_iter().map(|a| (a.name, a.peer, a.fd)).collect()
+        };
+        let listening: Vec<String> = bound.iter().map(|(name, _, _)| name.clone()).collect();
+        let (handout, accept_fds) = Handout::new(
+            config.strategy,
+            bound.into_iter().map(|(_, peer, fd)| (peer, fd)).collect(),
+            config.backlog,
+        );
+        (handout, accept_fds, listening)
     };
-    let listening: Vec<String> = bound.iter().map(|(name, _, _)| name.clone()).collect();
     for name in &listening {
         tracing::info!(address = %name, "listening");
     }
-    let (handout, accept_fds) = Handout::new(
-        config.strategy,
-        bound.into_iter().map(|(_, peer, fd)| (peer, fd)).collect(),
-        config.backlog,
-    );
     launcher.env(crate::supervise::ENV_LISTEN, listening.join(","));
     let mut table = Table::new(config.clone());
     table.set_fd_room(fd_room(config.workers)?);
@@ -434,6 +454,48 @@ fn prepare(
         .map_err(MasterError::Runtime)?;
     Ok((ctx, listeners))
 }
+
+/// `kernel-least`: the slot listeners, maps and program, for TCP addresses and at most
+/// [`crate::bpf::MAX_SLOTS`] workers; refused at start, in one line, without CAP_BPF.
+fn steering(config: &Config) -> Result<crate::bpf::Steering, MasterError> {
+    let addrs = config
+        .listen
+        .iter()
+        .map(|addr| match addr {
+            ListenAddr::Tcp(socket) => Ok(*socket),
+            ListenAddr::Unix(_) => Err(MasterError::Config(
+                "kernel-least needs TCP listen addresses".into(),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if config.workers > crate::bpf::MAX_SLOTS {
+        return Err(MasterError::Config(format!(
+            "kernel-least takes at most {} workers (got {})",
+            crate::bpf::MAX_SLOTS,
+            config.workers
+        )));
+    }
+    crate::bpf::Steering::new(&addrs, config.backlog, config.workers)
+        .map_err(|e| MasterError::KernelLeast(e.to_string()))
+}
+
+/// `kernel-least`: keeps the socket arrays in step with the table and reconciles each
+/// slot's count with the workers' figures, every [`RECONCILE_PERIOD`].
+async fn steer(ctx: Rc<Ctx>) {
+    let mut tick = tokio::time::interval(RECONCILE_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let table = ctx.table.borrow();
+        ctx.handout.steer(&table);
+        ctx.handout.reconcile(&table);
+    }
+}
+
+/// How often `kernel-least` reconciles: often enough that a leaked count (a handshake that
+/// never completed, a worker that died with connections) does not skew many picks, rarely
+/// enough to cost nothing (a few atomic reads per slot).
+const RECONCILE_PERIOD: Duration = Duration::from_millis(100);
 
 /// Removes the socket files the master created: the control socket, and `unix:` listeners
 /// unless they are not its own.

@@ -55,7 +55,7 @@ pub(crate) fn start_worker(ctx: &Rc<Ctx>, index: usize) {
             process.limits = config
                 .limits
                 .jittered(config.jitter_percent, fastrand::f64());
-            if let Err(e) = ctx.handout.send_to(&spawned.channel) {
+            if let Err(e) = ctx.handout.send_to(index, &spawned.channel) {
                 tracing::error!(worker = index, pid, error = %e, "sending listeners to the worker failed");
                 let _ = sys::process::signal(pid, libc::SIGKILL);
             }

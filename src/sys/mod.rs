@@ -2,12 +2,15 @@
 //! `unsafe`. The calls go through rustix, which takes borrowed fds (`impl AsFd`), returns
 //! `OwnedFd` for anything it creates, and reports failure as an `Errno` that becomes
 //! `io::Error` here. What stays `unsafe` is what rustix cannot say: the worker's pre-exec
-//! hook, taking ownership of the inherited channel fd, and registering an fd with tokio;
+//! hook, taking ownership of the inherited channel fd, registering an fd with tokio, and
+//! `bpf(2)`, `SO_ATTACH_REUSEPORT_EBPF`, `TCP_INFO` and the load array's mapping ([`bpf`]);
 //! each such block has a `// SAFETY:` line. Nothing above this module touches a raw pointer;
-//! fds travel above it as `OwnedFd` and `BorrowedFd`, the one raw number being the channel a
-//! worker inherits, which [`process::inherited_channel`] turns into an `OwnedFd`.
+//! fds travel above it as `OwnedFd` and `BorrowedFd`; the raw numbers are the channel a
+//! worker inherits, which [`process::inherited_channel`] turns into an `OwnedFd`, and the
+//! map and listener fds `crate::bpf` writes into its program and socket array as values.
 #![allow(unsafe_code)]
 
+pub mod bpf;
 pub mod process;
 pub mod scm;
 pub mod shm;

@@ -94,6 +94,16 @@ pub(crate) struct Shared {
     ready: std::sync::atomic::AtomicBool,
     /// Finished connections whose fds close a little later.
     lingering: linger::Lingering,
+    /// `kernel-least`: this slot's count in the kernel's load array, less 1 per finished
+    /// connection (the program added 1 when it picked this slot).
+    load: std::sync::OnceLock<LoadWord>,
+}
+
+/// One 64-bit word of a mapped load array (`kernel-least`).
+#[derive(Debug)]
+struct LoadWord {
+    mapped: sys::bpf::MappedArray,
+    word: usize,
 }
 
 impl Shared {
@@ -113,6 +123,7 @@ impl Shared {
             announcing: tokio::sync::Mutex::new(()),
             ready: std::sync::atomic::AtomicBool::new(false),
             lingering: linger::Lingering::default(),
+            load: std::sync::OnceLock::new(),
         }
     }
 
@@ -190,12 +201,36 @@ impl Shared {
 
     pub(crate) fn connection_finished(&self) {
         self.counts.closed().fetch_add(1, Ordering::SeqCst);
+        if let Some(load) = self.load.get() {
+            load.mapped.words()[load.word].fetch_sub(1, Ordering::SeqCst);
+        }
         if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }
         if self.eager_reports.load(Ordering::Relaxed) {
             self.report.notify_one();
         }
+    }
+
+    /// Maps the load array of a LOADS frame (`kernel-least`), before any connection.
+    fn map_loads(
+        &self,
+        fds: &[std::os::fd::OwnedFd],
+        word: u32,
+        value_len: u32,
+    ) -> std::io::Result<()> {
+        let fd = fds
+            .first()
+            .ok_or_else(|| std::io::Error::other("a loads frame without its fd"))?;
+        let mapped = sys::bpf::MappedArray::map(fd, value_len as usize)?;
+        let word = word as usize;
+        if word >= mapped.words().len() {
+            return Err(std::io::Error::other(
+                "a loads frame's word lies outside its value",
+            ));
+        }
+        let _ = self.load.set(LoadWord { mapped, word });
+        Ok(())
     }
 
     fn fail(&self, error: ChannelError) {
@@ -279,57 +314,70 @@ impl Incoming {
                     continue;
                 }
             };
-            match received {
-                Ok((Frame::Connections(_), fds)) if self.drain.is_draining() => {
-                    // Sent before the master read our DRAINING frame, which did not count
-                    // them: it hands them to another worker.
-                    drop(fds);
-                }
-                Ok((Frame::Connections(headers), fds)) => {
-                    let refused = headers.len() - fds.len();
-                    self.shared.counts.refuse(refused as u64);
-                    self.take(headers, fds);
-                    // Acknowledge before the service sees any of them: a handler that keeps
-                    // this thread busy must not hold the ack back, or the master would hand
-                    // a connection this worker may already have read to another one.
-                    // Counted in shared memory, they are acknowledged already: a frame goes
-                    // only to a master that asked for one.
-                    let acknowledged = if refused == 0 {
-                        if self.shared.counts.frame_wanted() {
-                            self.shared.send_status().await
-                        } else {
-                            Ok(())
-                        }
-                    } else {
-                        // Our fd table is full: the kernel dropped the last fds. The master
-                        // still holds them and gives them to another worker; the fds of
-                        // finished connections close now, to make room.
-                        self.shared.lingering.close_all();
-                        tracing::debug!(
-                            refused,
-                            active = self.shared.active.load(Ordering::Acquire),
-                            "out of file descriptors: refusing connections"
-                        );
-                        let count = refused as u16;
-                        let encode = move |out: &mut Vec<u8>, status| {
-                            frame::encode_refused(out, status, count)
-                        };
-                        self.shared.send_report(&encode).await
-                    };
-                    if let Err(e) = acknowledged {
-                        self.shared.fail(e.into());
-                    }
-                }
-                Ok((Frame::Message(message), _)) => self.shared.post.deliver(message),
-                Ok((Frame::Listeners(headers), fds)) => {
-                    self.shared.eager_reports.store(false, Ordering::Relaxed);
-                    if let Err(e) = self.own.install(headers, fds) {
-                        self.shared.fail(ChannelError::Io(e));
-                    }
-                }
-                Ok((other, _)) => self.shared.fail(ChannelError::Unexpected(other.name())),
-                Err(e) => self.shared.fail(e),
+            self.take_frame(received).await;
+        }
+    }
+
+    /// Applies a frame from the master: connections (acknowledged before the service sees
+    /// them), the load array, listeners; anything else fails the channel.
+    async fn take_frame(
+        &mut self,
+        received: Result<(Frame, Vec<std::os::fd::OwnedFd>), ChannelError>,
+    ) {
+        match received {
+            Ok((Frame::Connections(_), fds)) if self.drain.is_draining() => {
+                // Sent before the master read our DRAINING frame, which did not count
+                // them: it hands them to another worker.
+                drop(fds);
             }
+            Ok((Frame::Connections(headers), fds)) => {
+                let refused = headers.len() - fds.len();
+                self.shared.counts.refuse(refused as u64);
+                self.take(headers, fds);
+                // Acknowledge before the service sees any of them: a handler that keeps
+                // this thread busy must not hold the ack back, or the master would hand
+                // a connection this worker may already have read to another one.
+                // Counted in shared memory, they are acknowledged already: a frame goes
+                // only to a master that asked for one.
+                let acknowledged = if refused == 0 {
+                    if self.shared.counts.frame_wanted() {
+                        self.shared.send_status().await
+                    } else {
+                        Ok(())
+                    }
+                } else {
+                    // Our fd table is full: the kernel dropped the last fds. The master
+                    // still holds them and gives them to another worker; the fds of
+                    // finished connections close now, to make room.
+                    self.shared.lingering.close_all();
+                    tracing::debug!(
+                        refused,
+                        active = self.shared.active.load(Ordering::Acquire),
+                        "out of file descriptors: refusing connections"
+                    );
+                    let count = refused as u16;
+                    let encode =
+                        move |out: &mut Vec<u8>, status| frame::encode_refused(out, status, count);
+                    self.shared.send_report(&encode).await
+                };
+                if let Err(e) = acknowledged {
+                    self.shared.fail(e.into());
+                }
+            }
+            Ok((Frame::Loads { word, value_len }, fds)) => {
+                if let Err(e) = self.shared.map_loads(&fds, word, value_len) {
+                    self.shared.fail(ChannelError::Io(e));
+                }
+            }
+            Ok((Frame::Message(message), _)) => self.shared.post.deliver(message),
+            Ok((Frame::Listeners(headers), fds)) => {
+                self.shared.eager_reports.store(false, Ordering::Relaxed);
+                if let Err(e) = self.own.install(headers, fds) {
+                    self.shared.fail(ChannelError::Io(e));
+                }
+            }
+            Ok((other, _)) => self.shared.fail(ChannelError::Unexpected(other.name())),
+            Err(e) => self.shared.fail(e),
         }
     }
 

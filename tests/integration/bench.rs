@@ -115,6 +115,9 @@ fn every_contender_produces_a_sane_error_free_row() {
         "handoff-least",
         "handoff-p2c",
     ];
+    if crate::kernel_least::bpf_capable() {
+        contenders.push("handoff-kernel-least");
+    }
     if node_on_path() {
         contenders.push("node-rr");
     }

@@ -81,6 +81,11 @@ impl Spawned {
         self.log.lock().unwrap().clone()
     }
 
+    /// Whether it has exited (without waiting).
+    pub fn try_exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
     /// Waits for the exit, up to `timeout`, and then for its last log lines.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut status = None;
