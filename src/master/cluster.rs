@@ -18,23 +18,27 @@ use crate::sys::shm::{kind, Mapping, MetricsRegion, METRIC_SLOTS};
 /// A metric's key as workers write it: the name, then `\0key\0value` per label.
 pub(crate) type KeyBytes = Vec<u8>;
 
-/// A key as people read it: `name{key="value",...}` (`None` for bytes that are no key).
-#[cfg_attr(not(feature = "control"), allow(dead_code))]
-pub(crate) fn display_key(bytes: &[u8]) -> Option<String> {
+/// A worker's key bytes split into the name and its labels; `None` for bytes that are no
+/// key (not UTF-8, no name, a label without its value).
+pub(crate) fn split_key(bytes: &[u8]) -> Option<(&str, Vec<(&str, &str)>)> {
     let text = std::str::from_utf8(bytes).ok()?;
     let mut parts = text.split('\0');
     let name = parts.next().filter(|n| !n.is_empty())?;
     let rest: Vec<&str> = parts.collect();
-    if rest.is_empty() {
-        return Some(name.to_owned());
-    }
     if rest.len() % 2 != 0 {
         return None;
     }
-    let labels: Vec<String> = rest
-        .chunks_exact(2)
-        .map(|pair| format!("{}={:?}", pair[0], pair[1]))
-        .collect();
+    Some((name, rest.chunks_exact(2).map(|p| (p[0], p[1])).collect()))
+}
+
+/// A key as people read it: `name{key="value",...}` (`None` for bytes that are no key).
+#[cfg_attr(not(feature = "control"), allow(dead_code))]
+pub(crate) fn display_key(bytes: &[u8]) -> Option<String> {
+    let (name, labels) = split_key(bytes)?;
+    if labels.is_empty() {
+        return Some(name.to_owned());
+    }
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
     Some(format!("{name}{{{}}}", labels.join(",")))
 }
 

@@ -94,18 +94,12 @@ impl Exporter {
 /// A worker's key bytes (`name`, then `\0key\0value` per label) as a `metrics` key; `None`
 /// for bytes that are not such a key.
 pub(crate) fn parse_key(bytes: &[u8]) -> Option<Key> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let mut parts = text.split('\0');
-    let name = parts.next().filter(|n| !n.is_empty())?.to_owned();
-    let rest: Vec<&str> = parts.collect();
-    if rest.len() % 2 != 0 {
-        return None;
-    }
-    let labels: Vec<Label> = rest
-        .chunks_exact(2)
-        .map(|pair| Label::new(pair[0].to_owned(), pair[1].to_owned()))
+    let (name, labels) = super::cluster::split_key(bytes)?;
+    let labels: Vec<Label> = labels
+        .into_iter()
+        .map(|(k, v)| Label::new(k.to_owned(), v.to_owned()))
         .collect();
-    Some(Key::from_parts(name, labels))
+    Some(Key::from_parts(name.to_owned(), labels))
 }
 
 /// Binds `addr` for scrapes.
