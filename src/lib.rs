@@ -55,6 +55,7 @@ mod ipc;
 mod master;
 mod procfs;
 mod signals;
+pub mod state;
 mod supervise;
 mod sys;
 mod worker;
