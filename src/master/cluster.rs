@@ -144,6 +144,18 @@ impl Cluster {
         }
     }
 
+    /// Adds what a replaced master's worker counters grew by from `earlier` to `later` (a
+    /// live upgrade: see `carry`) to the totals of the workers that are gone.
+    pub fn add_growth(&self, earlier: &BTreeMap<KeyBytes, u64>, later: &BTreeMap<KeyBytes, u64>) {
+        let mut retired = self.retired.borrow_mut();
+        for (key, &total) in later {
+            let before = earlier.get(key).copied().unwrap_or(0);
+            if total > before {
+                *retired.entry(key.clone()).or_default() += total - before;
+            }
+        }
+    }
+
     /// The cluster's figures now.
     #[cfg_attr(
         not(any(feature = "control", feature = "prometheus")),

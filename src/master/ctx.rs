@@ -22,6 +22,9 @@ use crate::ipc::frame::MAX_FRAME_LEN;
 use crate::ipc::Channel;
 use crate::supervise::Launcher;
 
+/// The upgrade's handshake socket, between a master and the one that replaces it.
+pub(crate) type Handshake = tokio::net::UnixStream;
+
 /// A listening socket the master accepts on, shared with its accept task.
 pub(crate) type Listener = Rc<AsyncFd<OwnedFd>>;
 
@@ -52,6 +55,8 @@ pub(crate) struct Ctx {
     pub upgrading: Cell<bool>,
     /// A new master took over: the sockets are its own now.
     pub handed_over: Cell<bool>,
+    /// The handshake with the master that took over, for this one's final totals.
+    pub successor: RefCell<Option<Handshake>>,
     #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub listening: Vec<String>,
     pub handout: Handout,
@@ -74,6 +79,7 @@ impl Ctx {
             metrics_fd: RefCell::new(None),
             upgrading: Cell::new(false),
             handed_over: Cell::new(false),
+            successor: RefCell::new(None),
             listening,
             handout,
         }

@@ -6,6 +6,7 @@
 //! exits with none left behind.
 
 mod accept;
+mod carry;
 mod cluster;
 #[cfg(feature = "control")]
 mod control;
@@ -267,11 +268,19 @@ async fn master(
     handler.start(&ctx.post);
     #[cfg(feature = "prometheus")]
     let metrics_task = serve_metrics(&ctx, config.metrics, given.metrics)?;
+    let handshake = match given.handshake {
+        Some(fd) => Some(
+            upgrade::take_over(&ctx, fd)
+                .await
+                .map_err(MasterError::Upgrade)?,
+        ),
+        None => None,
+    };
     for index in 0..config.workers {
         workers::start_worker(&ctx, index);
     }
-    if let Some(handshake) = given.handshake {
-        spawn_local(upgrade::announce_ready(ctx.clone(), handshake));
+    if let Some((stream, start)) = handshake {
+        spawn_local(upgrade::announce_ready(ctx.clone(), stream, start));
     }
     let mut tasks = vec![
         spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals)),
@@ -319,6 +328,7 @@ async fn master(
         second = stop_signals.recv() => kill_all(&ctx, &format!("second stop signal ({second})")),
     }
     wait_all_exited(&ctx, Duration::from_secs(5)).await;
+    upgrade::hand_final_totals(&ctx).await;
     tasks.iter().for_each(JoinHandle::abort);
     // Handed over, the sockets are the new master's; systemd's listeners are systemd's.
     if !ctx.handed_over.get() {

@@ -33,7 +33,7 @@ pub(crate) struct Inbound {
 }
 
 /// What the post office has done, for status and metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct PostCounters {
     /// Messages workers sent (every route).
     pub received: u64,
@@ -133,6 +133,16 @@ impl Post {
     )]
     pub fn counters(&self) -> PostCounters {
         self.counters.get()
+    }
+
+    /// Adds what a replaced master's counters grew by from `earlier` to `later` (a live
+    /// upgrade: see `carry`).
+    pub fn add_growth(&self, earlier: &PostCounters, later: &PostCounters) {
+        self.count(|c| {
+            c.received += later.received.saturating_sub(earlier.received);
+            c.delivered += later.delivered.saturating_sub(earlier.delivered);
+            c.dropped += later.dropped.saturating_sub(earlier.dropped);
+        });
     }
 
     fn count(&self, change: impl FnOnce(&mut PostCounters)) {

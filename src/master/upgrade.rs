@@ -8,14 +8,17 @@
 //! If the new master exits or is not ready in time, it is killed and the old master keeps
 //! serving; the caller gets the reason.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use super::ctx::Ctx;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::carry::{self, Carried};
+use super::ctx::{Ctx, Handshake};
 use super::systemd::{describe, Activated};
 use crate::sys;
 
@@ -78,19 +81,70 @@ pub(crate) fn inherited() -> io::Result<Option<Inherited>> {
     }))
 }
 
-/// In the new master: once every worker is ready, tells the old one (`ready PID`).
-pub(crate) async fn announce_ready(ctx: Rc<Ctx>, handshake: OwnedFd) {
+/// In the new master: the handshake as a stream, and the totals the old master counted up
+/// to its start (see `carry`), already added to this master's. `None` for the totals when
+/// the old master sends none (an older binary) or they fail to arrive.
+pub(crate) async fn take_over(ctx: &Ctx, handshake: OwnedFd) -> io::Result<(Handshake, Carried)> {
+    let stream = UnixStream::from(handshake);
+    stream.set_nonblocking(true)?;
+    let mut stream = Handshake::from_std(stream)?;
+    if std::env::var_os(carry::ENV_CARRY).is_none() {
+        return Ok((stream, Carried::default()));
+    }
+    let start = match tokio::time::timeout(carry::TIMEOUT, carry::read(&mut stream)).await {
+        Ok(Ok(Some(start))) => start,
+        Ok(Ok(None)) => Carried::default(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upgrade: the totals of the master being replaced are unreadable; counting from 0");
+            Carried::default()
+        }
+        Err(_) => {
+            tracing::warn!("upgrade: no totals from the master being replaced; counting from 0");
+            Carried::default()
+        }
+    };
+    start.add_growth_since(&Carried::default(), ctx);
+    Ok((stream, start))
+}
+
+/// In the new master: once every worker is ready, tells the old one (`ready PID`); then
+/// waits for its FINAL totals and adds what it counted after START.
+pub(crate) async fn announce_ready(ctx: Rc<Ctx>, mut stream: Handshake, start: Carried) {
     loop {
         if ctx.table.borrow().all_ready() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut stream = UnixStream::from(handshake);
-    let _ = stream.set_nonblocking(false);
-    match writeln!(stream, "ready {}", std::process::id()) {
-        Ok(()) => tracing::info!("every worker is ready: told the master being replaced"),
-        Err(e) => tracing::warn!(error = %e, "telling the master being replaced failed"),
+    let word = format!("ready {}\n", std::process::id());
+    match tokio::time::timeout(carry::TIMEOUT, stream.write_all(word.as_bytes())).await {
+        Ok(Ok(())) => tracing::info!("every worker is ready: told the master being replaced"),
+        Ok(Err(e)) => return tracing::warn!(error = %e, "telling the master being replaced failed"),
+        Err(_) => return tracing::warn!("telling the master being replaced timed out"),
+    }
+    match carry::read(&mut stream).await {
+        Ok(Some(last)) => {
+            last.add_growth_since(&start, &ctx);
+            tracing::info!(
+                accepted = last.table.accepted,
+                "the replaced master's final totals are in"
+            );
+        }
+        Ok(None) => tracing::warn!("the replaced master ended without its final totals"),
+        Err(e) => tracing::warn!(error = %e, "the replaced master's final totals are unreadable"),
+    }
+}
+
+/// In the old master, once its last worker is reaped: its FINAL totals to the master that
+/// replaced it.
+pub(crate) async fn hand_final_totals(ctx: &Ctx) {
+    let Some(mut stream) = ctx.successor.borrow_mut().take() else {
+        return;
+    };
+    let last = Carried::collect(ctx);
+    match carry::write(&mut stream, &last, carry::TIMEOUT).await {
+        Ok(()) => tracing::info!(accepted = last.table.accepted, "final totals handed over"),
+        Err(e) => tracing::warn!(error = %e, "handing over the final totals failed"),
     }
 }
 
@@ -141,6 +195,7 @@ async fn start_and_wait(ctx: &Rc<Ctx>, binary: Option<PathBuf>) -> Result<u32, S
     let mut cmd = std::process::Command::new(&binary);
     cmd.args(std::env::args_os().skip(1))
         .env(ENV_UPGRADE, spec)
+        .env(carry::ENV_CARRY, "1")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES");
@@ -153,28 +208,51 @@ async fn start_and_wait(ctx: &Rc<Ctx>, binary: Option<PathBuf>) -> Result<u32, S
     let pid = child.id();
     tracing::info!(pid, binary = %binary.display(), "upgrade: new master started");
     let timeout = ctx.table.borrow().config.worker_timeout + Duration::from_secs(5);
-    let word = tokio::task::spawn_blocking(move || read_word(ours, timeout));
-    let failure = match word.await {
-        Ok(Ok(word)) if word.starts_with("ready") => return Ok(pid),
-        Ok(Ok(_)) => match child.try_wait() {
-            Ok(Some(status)) => format!("the new master exited ({status}) before it was ready"),
-            _ => "the new master closed the handshake before it was ready".into(),
+    let word = async {
+        ours.set_nonblocking(true)?;
+        let mut ours = Handshake::from_std(ours)?;
+        carry::write(&mut ours, &Carried::collect(ctx), timeout).await?;
+        let word = read_word(&mut ours).await?;
+        io::Result::Ok((ours, word))
+    };
+    let failure = match tokio::time::timeout(timeout, word).await {
+        Ok(Ok((ours, word))) if word.starts_with("ready") => {
+            *ctx.successor.borrow_mut() = Some(ours);
+            return Ok(pid);
+        }
+        // The handshake ends as the new master exits: give its exit status a moment to
+        // be there, for the reason.
+        Ok(result) => match (exit_status(&mut child).await, result) {
+            (Some(status), _) => format!("the new master exited ({status}) before it was ready"),
+            (None, Ok(_)) => "the new master closed the handshake before it was ready".into(),
+            (None, Err(e)) => {
+                format!("the new master broke the handshake before it was ready ({e})")
+            }
         },
-        Ok(Err(e)) => format!("the new master was not ready within {timeout:?} ({e})"),
-        Err(e) => format!("waiting for the new master: {e}"),
+        Err(_) => format!("the new master was not ready within {timeout:?}"),
     };
     let _ = child.kill();
     tokio::task::spawn_blocking(move || child.wait());
     Err(failure)
 }
 
-/// Reads the new master's one line, at most `timeout`; empty at end of stream.
-fn read_word(mut stream: UnixStream, timeout: Duration) -> io::Result<String> {
-    stream.set_read_timeout(Some(timeout))?;
+/// The child's exit status, if it exits within half a second.
+async fn exit_status(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    for _ in 0..50 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Reads the new master's one line; empty at end of stream.
+async fn read_word(stream: &mut Handshake) -> io::Result<String> {
     let mut word = String::new();
     let mut byte = [0u8; 1];
     while word.len() < 64 {
-        match stream.read(&mut byte)? {
+        match stream.read(&mut byte).await? {
             0 => break,
             _ if byte[0] == b'\n' => break,
             _ => word.push(char::from(byte[0])),

@@ -60,8 +60,9 @@ pub enum SpawnError {
 }
 
 /// The service manager's variables (and the upgrade's), which workers never inherit.
-const SERVICE_MANAGER_ENV: [&str; 7] = [
+const SERVICE_MANAGER_ENV: [&str; 8] = [
     "HANDOFF_UPGRADE",
+    "HANDOFF_UPGRADE_CARRY",
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
     "LISTEN_PID",

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use crate::util::{http_get_path, log_field, wait_until, Master, PATIENCE};
 
 /// The address the master serves metrics on (`--metrics 127.0.0.1:0`), from its log.
-fn metrics_addr(master: &Master) -> SocketAddr {
+pub(crate) fn metrics_addr(master: &Master) -> SocketAddr {
     let mut addr = None;
     let found = wait_until(PATIENCE, || {
         addr = master
@@ -21,12 +21,12 @@ fn metrics_addr(master: &Master) -> SocketAddr {
 }
 
 /// The value of the series `name` (exactly, labels included) in a scrape.
-fn series(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn series(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-fn scrape(addr: SocketAddr) -> String {
+pub(crate) fn scrape(addr: SocketAddr) -> String {
     let response = http_get_path(addr, "/metrics").expect("a scrape");
     assert_eq!(response.status, 200);
     response.body

@@ -67,6 +67,47 @@ fn three_upgrades_under_load_refuse_no_connection_and_fail_no_request() {
 }
 
 #[test]
+fn totals_count_on_across_upgrades_and_end_exact() {
+    use crate::metrics::{metrics_addr, scrape, series};
+    let master = Master::start(&["--workers", "2", "--metrics", "127.0.0.1:0"]);
+    let _stop = StopAtEnd(master.control.clone());
+    let metrics = metrics_addr(&master);
+    let (mut answered, mut last) = (0u64, 0.0);
+    let mut check = |answered: u64| {
+        let text = scrape(metrics);
+        let accepted = series(&text, "handoff_connections_accepted_total").unwrap_or(0.0);
+        assert!(accepted >= last, "went down: {last} then {accepted}");
+        last = accepted;
+        accepted == answered as f64 && series(&text, "demo_requests_total") == Some(answered as f64)
+    };
+    for round in 0..3 {
+        for _ in 0..100 {
+            if master.get().status == 200 {
+                answered += 1;
+            }
+        }
+        check(answered);
+        if round == 2 {
+            break;
+        }
+        let old = master.status()["pid"].as_u64().unwrap() as u32;
+        let output = upgrade(&master, None);
+        assert!(output.status.success(), "{output:?}\n{}", master.log());
+        assert!(wait_until(PATIENCE, || !crate::util::process_exists(old)));
+    }
+    // The last replaced master's FINAL totals arrive as it exits.
+    let exact = wait_until(PATIENCE, || check(answered));
+    let text = scrape(metrics);
+    assert!(exact, "{answered} answered\n{text}\n{}", master.log());
+    assert_eq!(answered, 300);
+    assert_eq!(
+        series(&text, "handoff_workers_spawned_total"),
+        Some(6.0),
+        "{text}"
+    );
+}
+
+#[test]
 fn an_upgrade_to_a_binary_that_fails_leaves_the_old_master_serving() {
     let master = Master::start(&["--workers", "2"]);
     let _stop = StopAtEnd(master.control.clone());

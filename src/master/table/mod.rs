@@ -111,32 +111,49 @@ pub(crate) struct Live {
     pub kill_at: Option<Instant>,
 }
 
-/// Counters the control socket reports.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
-pub(crate) struct Counters {
-    pub accepted: u64,
-    pub redispatched: u64,
-    pub dropped: u64,
-    pub accept_errors: u64,
-    pub protocol_errors: u64,
-    pub spawned: u64,
+/// Declares [`Counters`] and what is done to all its fields at once.
+macro_rules! counters {
+    ($($(#[$doc:meta])* $field:ident,)*) => {
+        /// Counters the control socket reports. Carried over a live upgrade: a new master
+        /// counts on from the totals of the one it replaced.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        pub(crate) struct Counters {
+            $($(#[$doc])* pub $field: u64,)*
+        }
+
+        impl Counters {
+            /// Adds what `earlier` grew by to become `later`.
+            pub fn add_growth(&mut self, earlier: &Counters, later: &Counters) {
+                $(self.$field += later.$field.saturating_sub(earlier.$field);)*
+            }
+        }
+    };
+}
+
+counters! {
+    accepted,
+    redispatched,
+    dropped,
+    accept_errors,
+    protocol_errors,
+    spawned,
     /// Replacements asked for by a limit, a rolling restart or a scale-down.
-    pub recycled: u64,
+    recycled,
     /// Draining workers killed at the drain timeout.
-    pub drain_kills: u64,
+    drain_kills,
     /// Workers aborted for sending nothing for the worker timeout.
-    pub unresponsive: u64,
+    unresponsive,
     /// Times a slot entered a crash loop.
-    pub crash_loops: u64,
+    crash_loops,
     /// Connections lost workers had acknowledged and not reported finished (an upper bound
     /// on the connections that died with them: reports lag).
-    pub lost_with_worker: u64,
+    lost_with_worker,
     /// Connections workers refused for lack of fds (each went to another worker).
-    pub refused: u64,
+    refused,
     /// Held connections closed because their client had gone before a worker got them.
-    pub abandoned: u64,
+    abandoned,
     /// Workers given up on for not acknowledging a connection within the ack timeout.
-    pub unacknowledged: u64,
+    unacknowledged,
 }
 
 /// What a frame from a worker told the master.
