@@ -28,7 +28,7 @@ mod upgrade;
 mod workers;
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -268,6 +268,16 @@ async fn master(
     handler.start(&ctx.post);
     #[cfg(feature = "prometheus")]
     let metrics_task = serve_metrics(&ctx, config.metrics, given.metrics)?;
+    if !from_systemd && given.handshake.is_none() {
+        let fds: Vec<_> = listeners.iter().map(|l| l.get_ref().as_fd()).collect();
+        let stored = ctx.systemd.store_listeners(&fds);
+        if stored > 0 {
+            tracing::info!(
+                listeners = stored,
+                "listening sockets kept in systemd's fd store"
+            );
+        }
+    }
     let handshake = match given.handshake {
         Some(fd) => Some(
             upgrade::take_over(&ctx, fd)

@@ -7,10 +7,16 @@
 //!   SIGHUP rolling restart and `READY=1` when it is done, `STOPPING=1` on stop, and
 //!   `WATCHDOG=1` at half `WatchdogSec` while the master's loop runs (it is sent from that
 //!   loop, so a stuck master stops sending it).
-//! - Workers never inherit `NOTIFY_SOCKET`, `LISTEN_*` or `WATCHDOG_*` (`supervise::spawn`).
+//! - The fd store: where the service allows one (`FileDescriptorStoreMax=`, which systemd
+//!   v254 and later announce in `FDSTORE`), listening sockets the master bound itself are
+//!   stored with `FDSTORE=1` (`FDNAME=handoff-listen-N`). They outlive a master that dies:
+//!   systemd holds them, the kernel queues the clients that connect meanwhile, and the
+//!   restarted master gets them back in `LISTEN_FDS` and serves those clients.
+//! - Workers never inherit `NOTIFY_SOCKET`, `LISTEN_*`, `WATCHDOG_*` or `FDSTORE`
+//!   (`supervise::spawn`).
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -95,6 +101,37 @@ impl Notifier {
         if let Err(e) = sd_notify::notify(states) {
             tracing::warn!(error = %e, "telling systemd failed");
         }
+    }
+
+    /// Hands the listening sockets this master bound to systemd's fd store, where the
+    /// service has one (`FDSTORE` set above 0); answers how many were stored.
+    pub fn store_listeners(&self, listeners: &[BorrowedFd<'_>]) -> usize {
+        let room = std::env::var("FDSTORE")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
+        if !self.enabled || room == 0 {
+            return 0;
+        }
+        let mut stored = 0;
+        for (index, fd) in listeners.iter().enumerate().take(room) {
+            let name = format!("handoff-listen-{index}");
+            let states = [NotifyState::FdStore, NotifyState::FdName(&name)];
+            match sd_notify::notify_with_fds(&states, &[*fd]) {
+                Ok(()) => stored += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, name, "storing a listener in systemd's fd store failed")
+                }
+            }
+        }
+        if listeners.len() > room {
+            tracing::warn!(
+                room,
+                listeners = listeners.len(),
+                "systemd's fd store has room for fewer listeners than this master has"
+            );
+        }
+        stored
     }
 
     /// SIGHUP: a rolling restart begins.

@@ -60,7 +60,8 @@ pub enum SpawnError {
 }
 
 /// The service manager's variables (and the upgrade's), which workers never inherit.
-const SERVICE_MANAGER_ENV: [&str; 8] = [
+const SERVICE_MANAGER_ENV: [&str; 9] = [
+    "FDSTORE",
     "HANDOFF_UPGRADE",
     "HANDOFF_UPGRADE_CARRY",
     "NOTIFY_SOCKET",

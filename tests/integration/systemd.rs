@@ -167,3 +167,85 @@ fn a_passed_socket_that_does_not_listen_is_refused_with_a_clear_error() {
     let error = String::from_utf8_lossy(&output.stderr);
     assert!(error.contains("LISTEN_FDS"), "{error}");
 }
+
+/// The first datagram on `socket` (standing in for systemd) that contains `until`, with
+/// the fds it carried; waits at most `timeout`.
+fn notification_with_fds(
+    socket: &UnixDatagram,
+    until: &str,
+    timeout: Duration,
+) -> Option<(String, Vec<std::os::fd::OwnedFd>)> {
+    use handoff::internals::scm::recv_with_fds;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match recv_with_fds(socket, &mut buf) {
+            Ok(got) => {
+                let text = String::from_utf8_lossy(&buf[..got.len]).into_owned();
+                if text.contains(until) {
+                    return Some((text, got.fds));
+                }
+            }
+            // Nothing yet: the socket is non-blocking (MSG_DONTWAIT).
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    None
+}
+
+#[test]
+fn the_fd_store_keeps_the_listener_across_a_sigkilled_master_and_queued_clients_are_served() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    let mut first = Master::start_with(&["--workers", "2"], |cmd| {
+        cmd.env("NOTIFY_SOCKET", &path).env("FDSTORE", "4");
+    });
+    let (message, mut fds) = notification_with_fds(&systemd, "FDSTORE=1", PATIENCE)
+        .unwrap_or_else(|| panic!("no FDSTORE=1\n{}", first.log()));
+    assert!(message.contains("FDNAME=handoff-listen-0"), "{message}");
+    assert_eq!(fds.len(), 1, "{message}");
+    let stored = fds.pop().unwrap();
+    let listener = TcpListener::from(stored.try_clone().unwrap());
+    assert_eq!(listener.local_addr().unwrap(), first.addr);
+    // No worker inherits FDSTORE.
+    for pid in first.worker_pids().into_iter().flatten() {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(!String::from_utf8_lossy(&environ).contains("FDSTORE="));
+    }
+    assert_eq!(first.get().status, 200);
+
+    // The master dies; the store (this test) still holds the socket: a client connects and
+    // waits in the kernel's queue instead of being refused.
+    first.signal("KILL");
+    assert!(first.wait_exit(PATIENCE).is_some());
+    let mut client = std::net::TcpStream::connect(first.addr).expect("queued, not refused");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+
+    // systemd restarts the master with the stored socket in LISTEN_FDS.
+    let mut base = Command::new("sh");
+    base.args([
+        "-c",
+        "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=handoff-listen-0; exec \"$0\" \"$@\"",
+        BIN,
+    ]);
+    let copies = handoff::internals::process::prepare_successor(
+        &mut base,
+        &[std::os::fd::AsFd::as_fd(&stored)],
+    )
+    .unwrap();
+    let second = Master::start_via(base, &["--workers", "2"]);
+    drop(copies);
+    assert_eq!(second.addr, first.addr, "{}", second.log());
+    client
+        .set_read_timeout(Some(PATIENCE))
+        .expect("a read timeout");
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).expect("the queued client is answered");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}\n{}", second.log());
+    assert!(second.log().contains("LISTEN_FDS"), "{}", second.log());
+    drop(listener);
+}
