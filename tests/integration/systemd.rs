@@ -244,8 +244,14 @@ fn the_fd_store_keeps_the_listener_across_a_sigkilled_master_and_queued_clients_
         .set_read_timeout(Some(PATIENCE))
         .expect("a read timeout");
     let mut answer = String::new();
-    client.read_to_string(&mut answer).expect("the queued client is answered");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}\n{}", second.log());
+    client
+        .read_to_string(&mut answer)
+        .expect("the queued client is answered");
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer}\n{}",
+        second.log()
+    );
     assert!(second.log().contains("LISTEN_FDS"), "{}", second.log());
     drop(listener);
 }

@@ -108,18 +108,30 @@ fn totals_count_on_across_upgrades_and_end_exact() {
 }
 
 #[test]
-fn an_upgrade_to_a_binary_that_fails_leaves_the_old_master_serving() {
+fn five_upgrades_to_binaries_that_fail_leave_the_old_master_serving() {
     let master = Master::start(&["--workers", "2"]);
     let _stop = StopAtEnd(master.control.clone());
-    let load = Load::start(master.addr, 200, 600);
-    for broken in ["/bin/false", "/nonexistent/handoff"] {
-        let output = upgrade(&master, Some(broken));
-        assert!(!output.status.success(), "{broken}: {output:?}");
+    let load = Load::start(master.addr, 200, 1_000);
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("handoff");
+    std::fs::write(&script, "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Each exits at once (with a failure, with success), or is not there.
+    let broken = [
+        ("/bin/false", "exited (exit status: 1) before it was ready"),
+        ("/bin/true", "exited (exit status: 0) before it was ready"),
+        ("/nonexistent/handoff", "starting /nonexistent/handoff"),
+        (
+            script.to_str().unwrap(),
+            "exited (exit status: 3) before it was ready",
+        ),
+        ("/bin/false", "exited (exit status: 1) before it was ready"),
+    ];
+    for (binary, reason) in broken {
+        let output = upgrade(&master, Some(binary));
+        assert!(!output.status.success(), "{binary}: {output:?}");
         let error = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            error.contains("before it was ready") || error.contains("starting /nonexistent"),
-            "{broken}: {error}"
-        );
+        assert!(error.contains(reason), "{binary}: {error}");
         assert_eq!(
             master.status()["pid"].as_u64(),
             Some(u64::from(master.pid()))
