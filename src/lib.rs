@@ -303,6 +303,18 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Runs the master with `command`, an unmodified node app, as each worker: the master
+    /// speaks node's own IPC to it and a preload script (`NODE_OPTIONS=--require`) turns
+    /// the app's `server.listen()` into taking the connections the master hands over.
+    pub fn run_node(self, command: Vec<OsString>) -> Result<(), Error> {
+        off_any_runtime(move || {
+            let program = supervise::Program::Node(command);
+            Ok(master::run(self.config, program, self.handler)?)
+        })
+    }
+}
+
 /// Runs `role` here, or on a thread of its own when this thread is inside a tokio runtime
 /// (which cannot start another one); waits for it either way.
 fn off_any_runtime<T: Send>(role: impl FnOnce() -> T + Send) -> T {

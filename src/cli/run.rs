@@ -83,6 +83,11 @@ pub struct RunArgs {
     /// --max-rss). Never use it in production.
     #[arg(long, value_name = "N", default_value_t = 0)]
     leak_kb_per_request: usize,
+    /// The COMMAND is an unmodified node app (`-- node app.js`): the master speaks node's
+    /// own IPC to it, and a preload script turns the app's `server.listen()` into taking
+    /// the connections the master hands over.
+    #[arg(long, requires = "command")]
+    node: bool,
     /// The worker program and its arguments (after --); without it, the embedded demo.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -95,8 +100,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         leak_per_request: args.leak_kb_per_request * 1024,
     };
     let command = args.command.clone();
+    let node = args.node;
     let server = Server::from_config(config(args));
-    if command.is_empty() {
+    if node {
+        server.run_node(command).context("handoff run --node")
+    } else if command.is_empty() {
         server
             .run(move |incoming| demo::serve(incoming, cost))
             .context("handoff run")

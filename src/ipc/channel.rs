@@ -5,11 +5,13 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
 
 use tokio::io::unix::AsyncFd;
 
 use super::frame::{self, Frame, FrameError, MAX_FRAME_LEN};
 use super::message::MessageFault;
+use super::node::{NodeError, NodeState};
 use crate::sys::scm;
 
 /// Why a frame could not be received.
@@ -31,6 +33,9 @@ pub enum ChannelError {
     /// A valid frame that never travels in this direction (e.g. `ready` sent to a worker).
     #[error("unexpected {0} frame in this direction")]
     Unexpected(&'static str),
+    /// A node process broke node's IPC protocol (see [`super::node`]).
+    #[error("node IPC: {0}")]
+    Node(#[from] NodeError),
     /// The frame declares a different number of fds than arrived.
     #[error("frame declares {declared} fds, {arrived} arrived")]
     FdCount {
@@ -55,10 +60,13 @@ impl ChannelError {
     }
 }
 
-/// One end of the channel.
+/// One end of the channel: handoff's frames on a `SOCK_SEQPACKET` socket, or (the master's
+/// end, `--node`) node's IPC on a `SOCK_STREAM` socket, translated to and from the same
+/// frames.
 #[derive(Debug)]
 pub struct Channel {
     fd: AsyncFd<OwnedFd>,
+    node: Option<Mutex<NodeState>>,
 }
 
 impl Channel {
@@ -66,12 +74,72 @@ impl Channel {
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
         Ok(Channel {
             fd: crate::sys::async_fd(fd)?,
+            node: None,
         })
+    }
+
+    /// Registers the master's end of a node process's IPC channel (a non-blocking
+    /// `SOCK_STREAM` socket).
+    pub fn node(fd: OwnedFd) -> io::Result<Self> {
+        Ok(Channel {
+            fd: crate::sys::async_fd(fd)?,
+            node: Some(Mutex::new(NodeState::default())),
+        })
+    }
+
+    fn node_state(&self) -> Option<std::sync::MutexGuard<'_, NodeState>> {
+        let node = self.node.as_ref()?;
+        Some(node.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// How many connections the next CONNECTIONS frame may carry now: a batch, or for node
+    /// one at a time, none while the last one's acknowledgement has not come.
+    pub fn room(&self) -> usize {
+        match self.node_state() {
+            None => scm::MAX_FDS,
+            Some(node) if node.in_flight || !node.unsent.is_empty() => 0,
+            Some(_) => 1,
+        }
     }
 
     /// Sends one frame and its fds now, or fails with `WouldBlock`.
     pub fn try_send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        scm::send_with_fds(self.fd.get_ref(), bytes, fds).map(drop)
+        match self.node_state() {
+            None => scm::send_with_fds(self.fd.get_ref(), bytes, fds).map(drop),
+            Some(mut node) => self.try_send_node(&mut node, bytes, fds),
+        }
+    }
+
+    /// Node's side of [`Channel::try_send`]: a connection becomes a NODE_HANDLE line with
+    /// its fd; frames node has no word for (messages) are not sent.
+    fn try_send_node(
+        &self,
+        node: &mut NodeState,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        if !node.unsent.is_empty() {
+            let sent = scm::send_with_fds(self.fd.get_ref(), &node.unsent, &[])?;
+            node.unsent.drain(..sent);
+            if !node.unsent.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        }
+        let Ok(Frame::Connections(entries)) = frame::decode(bytes) else {
+            return Ok(());
+        };
+        let ([entry], [_]) = (&entries[..], fds) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "node takes one connection at a time",
+            ));
+        };
+        let line = NodeState::handle_line(entry);
+        let sent = scm::send_with_fds(self.fd.get_ref(), &line, fds)?;
+        // The fd went with the first byte; the rest of the line follows when there is room.
+        node.unsent.extend_from_slice(&line[sent..]);
+        node.in_flight = true;
+        Ok(())
     }
 
     /// Sends one frame and its fds, waiting while the peer's queue is full.
@@ -93,9 +161,15 @@ impl Channel {
     /// Receives one frame with its fds, waiting for it.
     pub async fn recv_frame(&self, buf: &mut [u8]) -> Result<(Frame, Vec<OwnedFd>), ChannelError> {
         loop {
+            if let Some(frame) = self.node_state().and_then(|mut n| n.next_frame()) {
+                return Ok((frame, Vec::new()));
+            }
             let mut guard = self.fd.readable().await?;
             match guard.try_io(|fd| scm::recv_with_fds(fd.get_ref(), buf)) {
-                Ok(received) => return check(received?, buf),
+                Ok(received) => match self.node_state() {
+                    None => return check(received?, buf),
+                    Some(mut node) => feed(&mut node, received?, buf)?,
+                },
                 Err(_would_block) => continue,
             }
         }
@@ -106,10 +180,18 @@ impl Channel {
         &self,
         buf: &mut [u8],
     ) -> Result<Option<(Frame, Vec<OwnedFd>)>, ChannelError> {
-        match scm::recv_with_fds(self.fd.get_ref(), buf) {
-            Ok(received) => check(received, buf).map(Some),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e.into()),
+        loop {
+            if let Some(frame) = self.node_state().and_then(|mut n| n.next_frame()) {
+                return Ok(Some((frame, Vec::new())));
+            }
+            match scm::recv_with_fds(self.fd.get_ref(), buf) {
+                Ok(received) => match self.node_state() {
+                    None => return check(received, buf).map(Some),
+                    Some(mut node) => feed(&mut node, received, buf)?,
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 
@@ -124,6 +206,18 @@ impl AsFd for Channel {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
     }
+}
+
+/// Takes what a node process sent into its translation state.
+fn feed(node: &mut NodeState, received: scm::Received, buf: &[u8]) -> Result<(), ChannelError> {
+    if received.len == 0 && received.fds.is_empty() {
+        return Err(ChannelError::Closed);
+    }
+    if !received.fds.is_empty() {
+        // Closed as they drop: the master takes no fd from node.
+        return Err(NodeError::UnexpectedFds(received.fds.len()).into());
+    }
+    Ok(node.feed(&buf[..received.len])?)
 }
 
 /// A buffer big enough for any frame plus one byte, so an oversized one shows as truncated.

@@ -17,7 +17,6 @@ use crate::ipc::channel::frame_buffer;
 use crate::ipc::frame::{self, Frame};
 use crate::ipc::{Channel, ChannelError};
 use crate::sys;
-use crate::sys::scm::MAX_FDS;
 use crate::sys::shm::Counters;
 
 /// The result of sending what a process's channel should carry.
@@ -50,7 +49,13 @@ pub(crate) fn transmit(
     scratch: &mut Scratch,
 ) -> Flush {
     loop {
-        let result = match process.outgoing(MAX_FDS) {
+        // Node takes one connection at a time, the next once the last is acknowledged (the
+        // acknowledgement's frame flushes again).
+        let room = channel.room();
+        if room == 0 {
+            return Flush::Done;
+        }
+        let result = match process.outgoing(room) {
             Outgoing::Nothing => return Flush::Done,
             Outgoing::Connections(batch) => {
                 frame::encode_connections(&mut scratch.frame, batch.iter().map(Pending::header));
@@ -420,6 +425,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::master::table::{Phase, Table};
+    use crate::sys::scm::MAX_FDS;
     use crate::sys::socket::{seqpacket_pair, Peer};
 
     #[tokio::test]

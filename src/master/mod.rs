@@ -113,6 +113,12 @@ pub fn run(
         config.listen = given.listeners.iter().map(|a| a.addr.clone()).collect();
     }
     config.validate().map_err(MasterError::Config)?;
+    if matches!(program, Program::Node(_)) && config.strategy.is_kernel() {
+        return Err(MasterError::Config(format!(
+            "--node takes its connections from the master: {:?} has the workers accept",
+            config.strategy
+        )));
+    }
     let launcher = Launcher::new(program).map_err(MasterError::Program)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

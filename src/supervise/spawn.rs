@@ -25,12 +25,18 @@ pub enum Program {
     CurrentExe,
     /// A user's command (`handoff run -- COMMAND ARGS...`), in any language.
     Command(Vec<OsString>),
+    /// An unmodified node app (`handoff run --node -- node app.js`): the master speaks
+    /// node's own IPC (`NODE_CHANNEL_FD`) and a preload script takes the app's `listen()`.
+    Node(Vec<OsString>),
 }
 
 /// Why a worker could not be started.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SpawnError {
+    /// The node preload script could not be written.
+    #[error("writing the node preload script failed")]
+    Preload(#[source] io::Error),
     /// The channel socketpair could not be created.
     #[error("creating the worker channel failed")]
     CreateChannel(#[source] io::Error),
@@ -82,6 +88,45 @@ pub struct Launcher {
     arg0: OsString,
     /// Environment every worker gets beyond handoff's own variables.
     env: Vec<(&'static str, OsString)>,
+    /// For [`Program::Node`]: the preload script, written where node can `--require` it.
+    preload: Option<Preload>,
+}
+
+/// The node preload script in a private directory of its own, removed with it.
+#[derive(Debug)]
+struct Preload {
+    dir: PathBuf,
+    file: PathBuf,
+}
+
+impl Preload {
+    fn write() -> io::Result<Preload> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(format!("handoff-{}-node", std::process::id()));
+        // A directory left by an earlier process of this pid is not ours to trust.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let file = dir.join("preload.js");
+        std::fs::write(&file, crate::ipc::node::PRELOAD)?;
+        Ok(Preload { dir, file })
+    }
+
+    /// `NODE_OPTIONS` with the preload added to what the user set.
+    fn node_options(&self) -> OsString {
+        let mut options = std::env::var_os("NODE_OPTIONS").unwrap_or_default();
+        if !options.is_empty() {
+            options.push(" ");
+        }
+        options.push("--require ");
+        options.push(&self.file);
+        options
+    }
+}
+
+impl Drop for Preload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Launcher {
@@ -98,7 +143,7 @@ impl Launcher {
                     .map_err(SpawnError::CurrentExe)?;
                 Some(File::from(exe))
             }
-            Program::Command(argv) => {
+            Program::Command(argv) | Program::Node(argv) => {
                 let program = argv.first().ok_or(SpawnError::EmptyCommand)?;
                 find_executable(program).map_err(|reason| SpawnError::NotExecutable {
                     program: program.clone(),
@@ -107,11 +152,16 @@ impl Launcher {
                 None
             }
         };
+        let preload = match &program {
+            Program::Node(_) => Some(Preload::write().map_err(SpawnError::Preload)?),
+            _ => None,
+        };
         Ok(Launcher {
             program,
             exe,
             arg0,
             env: Vec::new(),
+            preload,
         })
     }
 
@@ -122,7 +172,7 @@ impl Launcher {
 
     fn command(&self) -> Result<tokio::process::Command, SpawnError> {
         match (&self.program, &self.exe) {
-            (Program::Command(argv), _) => {
+            (Program::Command(argv) | Program::Node(argv), _) => {
                 let (program, args) = argv.split_first().ok_or(SpawnError::EmptyCommand)?;
                 let mut cmd = tokio::process::Command::new(program);
                 cmd.args(args);
@@ -194,8 +244,11 @@ pub fn spawn(
     heartbeat: Duration,
     drain: Duration,
 ) -> Result<Spawned, SpawnError> {
-    let (master_end, worker_end) =
-        sys::socket::seqpacket_pair().map_err(SpawnError::CreateChannel)?;
+    let pair = match launcher.preload {
+        Some(_) => sys::socket::stream_pair(),
+        None => sys::socket::seqpacket_pair(),
+    };
+    let (master_end, worker_end) = pair.map_err(SpawnError::CreateChannel)?;
     let mut cmd = launcher.command()?;
     cmd.envs(launcher.env.iter().map(|(k, v)| (k, v)));
     // systemd's words are for the master: a worker must not notify, take the activated
@@ -210,6 +263,11 @@ pub fn spawn(
         .env(super::ENV_DRAIN_MS, drain.as_millis().to_string())
         .stdin(Stdio::null())
         .kill_on_drop(false);
+    if let Some(preload) = &launcher.preload {
+        cmd.env("NODE_CHANNEL_FD", sys::process::CHANNEL_FD.to_string())
+            .env("NODE_CHANNEL_SERIALIZATION_MODE", "json")
+            .env("NODE_OPTIONS", preload.node_options());
+    }
     sys::process::prepare_worker(&mut cmd, &worker_end, libc::SIGTERM);
     let child = cmd.spawn().map_err(|source| SpawnError::Exec {
         program: cmd.as_std().get_program().to_owned(),
@@ -217,7 +275,11 @@ pub fn spawn(
     })?;
     drop(worker_end);
     let pid = child.id().unwrap_or(0);
-    let channel = Channel::new(master_end).map_err(SpawnError::CreateChannel)?;
+    let channel = match launcher.preload {
+        Some(_) => Channel::node(master_end),
+        None => Channel::new(master_end),
+    };
+    let channel = channel.map_err(SpawnError::CreateChannel)?;
     Ok(Spawned {
         child,
         pid,

@@ -221,6 +221,16 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
+/// A connected, non-blocking, close-on-exec `AF_UNIX` `SOCK_STREAM` pair (node's IPC).
+pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
 /// `shutdown(fd, SHUT_WR)`: sends FIN now, even while another process still holds a copy of
 /// the socket. `ENOTCONN` (the peer is already gone) is not an error.
 pub fn shutdown_write(fd: &impl AsFd) -> io::Result<()> {
