@@ -13,6 +13,9 @@
 // accepts on the shared socket; the kernel decides). The knobs may also come from the
 // environment: WORKERS, PORT, HOST, WORK_US, HEAVY.
 //
+// With --single the script is one plain server process, no cluster: what `handoff run --node`
+// runs as each worker (the `handoff-node` contender), the very same server code.
+//
 // Once every worker listens, the primary prints one line of JSON on stdout:
 //   {"port":PORT,"pid":PRIMARY_PID,"workers":[PID,...]}
 // On SIGTERM or SIGINT it stops its workers and exits.
@@ -56,7 +59,9 @@ function burn(us) {
   }
 }
 
-if (cluster.isPrimary) {
+const single = process.argv.includes('--single');
+
+if (cluster.isPrimary && !single) {
   let listening = 0;
   let boundPort = port;
   cluster.on('listening', (worker, address) => {

@@ -28,7 +28,7 @@ const STOP_PATIENCE: Duration = Duration::from_secs(5);
 const LOG_LINES: usize = 20;
 
 /// Every contender, in the default order.
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 9] = [
     "kernel-shared",
     "kernel-reuseport",
     "handoff-rr",
@@ -37,6 +37,7 @@ pub const ALL: [&str; 8] = [
     "handoff-kernel-least",
     "node-rr",
     "node-none",
+    "handoff-node",
 ];
 
 /// Why a contender could not be started.
@@ -90,6 +91,9 @@ pub enum Kind {
         /// `rr` or `none`.
         policy: &'static str,
     },
+    /// `handoff run --node -- node scripts/node-cluster.js --single`: the same node server,
+    /// unmodified, balanced by handoff (least-loaded).
+    HandoffNode,
 }
 
 impl Kind {
@@ -116,6 +120,7 @@ impl Kind {
             },
             "node-rr" => Kind::Node { policy: "rr" },
             "node-none" => Kind::Node { policy: "none" },
+            "handoff-node" => Kind::HandoffNode,
             other => return Err(ContenderError::Unknown(other.to_owned())),
         })
     }
@@ -180,6 +185,29 @@ impl Launcher {
                     .arg("--control")
                     .arg(&control)
                     .args(["--shutdown-timeout", "2s"])
+                    .env("HANDOFF_LOG", "warn")
+                    .stdout(Stdio::null());
+                cost.add_args(&mut cmd);
+                let mut child = spawn(cmd, &self.program, &log)?;
+                let waited = wait_for_handoff(&mut child, &control, self.workers, &log);
+                (child, waited)
+            }
+            Kind::HandoffNode => {
+                let node = find_on_path("node").ok_or(ContenderError::NoNode)?;
+                let script = dir.path.join("node-cluster.js");
+                std::fs::write(&script, NODE_SCRIPT).map_err(ContenderError::TempDir)?;
+                let control = dir.path.join("ctl.sock");
+                let mut cmd = Command::new(&self.program);
+                cmd.arg("run")
+                    .args(["--listen", "127.0.0.1:0", "--strategy", "least-loaded"])
+                    .arg("--workers")
+                    .arg(self.workers.to_string())
+                    .arg("--control")
+                    .arg(&control)
+                    .args(["--shutdown-timeout", "2s", "--node", "--"])
+                    .arg(&node)
+                    .arg(&script)
+                    .arg("--single")
                     .env("HANDOFF_LOG", "warn")
                     .stdout(Stdio::null());
                 cost.add_args(&mut cmd);

@@ -27,7 +27,7 @@ pub struct BenchArgs {
     workers: Option<usize>,
     /// Contenders, comma-separated [default: kernel-shared, kernel-reuseport, handoff-rr,
     /// handoff-least, handoff-p2c, handoff-kernel-least where bpf(2) is allowed (CAP_BPF),
-    /// and node-rr, node-none when node is on PATH].
+    /// and node-rr, node-none, handoff-node when node is on PATH].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     contenders: Vec<String>,
     /// Workloads, comma-separated: hello, keepalive, heavy-tail, long-lived [default: all;
@@ -84,8 +84,12 @@ fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
     }
     if args.contenders.is_empty() {
         if contender::find_on_path("node").is_none() {
-            eprintln!("handoff bench: node is not on PATH; leaving out node-rr and node-none");
-            config.contenders.retain(|c| !c.starts_with("node-"));
+            eprintln!(
+                "handoff bench: node is not on PATH; leaving out node-rr, node-none and handoff-node"
+            );
+            config
+                .contenders
+                .retain(|c| !c.starts_with("node-") && c != "handoff-node");
         }
         if !crate::bpf::available() {
             eprintln!(
