@@ -92,12 +92,20 @@ impl Source {
     }
 }
 
+/// Distinct counter keys kept for the workers that are gone. One region holds at most 511
+/// keys, but a worker that comes back with new keys each time (random labels, a bug, an
+/// attack) would grow the totals without end: past this, a gone worker's counts under keys
+/// not yet known are dropped, counted ([`Cluster::dropped`]) and logged once.
+pub(crate) const MAX_RETIRED_KEYS: usize = 4096;
+
 /// The cluster's metrics.
 #[derive(Default)]
 pub(crate) struct Cluster {
     live: RefCell<HashMap<u32, Source>>,
     /// Counter totals of the workers that are gone.
     retired: RefCell<BTreeMap<KeyBytes, u64>>,
+    /// Counts dropped for want of room for their key (see [`MAX_RETIRED_KEYS`]).
+    dropped: std::cell::Cell<u64>,
     sink: RefCell<Option<Sink>>,
 }
 
@@ -136,22 +144,45 @@ impl Cluster {
             return;
         };
         source.read();
-        let mut retired = self.retired.borrow_mut();
         for ((of, key), seen) in source.keys.into_iter().zip(source.seen) {
             if of == kind::COUNTER && !key.is_empty() {
-                *retired.entry(key).or_default() += seen;
+                self.add_retired(key, seen);
             }
         }
+    }
+
+    /// Adds `count` to the gone workers' total of `key`, if there is room for it.
+    fn add_retired(&self, key: KeyBytes, count: u64) {
+        let mut retired = self.retired.borrow_mut();
+        if let Some(total) = retired.get_mut(&key) {
+            *total += count;
+        } else if retired.len() < MAX_RETIRED_KEYS {
+            retired.insert(key, count);
+        } else if count > 0 {
+            if self.dropped.get() == 0 {
+                tracing::warn!(
+                    keys = MAX_RETIRED_KEYS,
+                    "workers that are gone left more distinct metric keys than kept: \
+                     the counts of new ones are dropped (handoff_metric_counts_dropped_total)"
+                );
+            }
+            self.dropped.set(self.dropped.get() + count);
+        }
+    }
+
+    /// Counts dropped for want of room for their key.
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
     }
 
     /// Adds what a replaced master's worker counters grew by from `earlier` to `later` (a
     /// live upgrade: see `carry`) to the totals of the workers that are gone.
     pub fn add_growth(&self, earlier: &BTreeMap<KeyBytes, u64>, later: &BTreeMap<KeyBytes, u64>) {
-        let mut retired = self.retired.borrow_mut();
         for (key, &total) in later {
             let before = earlier.get(key).copied().unwrap_or(0);
             if total > before {
-                *retired.entry(key.clone()).or_default() += total - before;
+                self.add_retired(key.clone(), total - before);
             }
         }
     }
@@ -266,6 +297,39 @@ mod tests {
         assert_eq!(cluster.figures().counters[&b"hits".to_vec()], 16);
         cluster.retire(2);
         assert_eq!(cluster.figures().counters[&b"hits".to_vec()], 16);
+    }
+
+    #[test]
+    fn workers_gone_with_ever_new_keys_cannot_grow_the_totals_without_end() {
+        let cluster = Cluster::default();
+        let per_worker = 500;
+        let workers = MAX_RETIRED_KEYS / per_worker + 2;
+        for pid in 1..=workers as u32 {
+            let (region, fd) = worker();
+            cluster.attach(pid, fd).unwrap();
+            for index in 0..per_worker {
+                let key = format!("random_total\0id\0{pid}-{index}");
+                publish(&region, index, kind::COUNTER, key.as_bytes())
+                    .value
+                    .store(1, Ordering::Relaxed);
+            }
+            publish(&region, per_worker, kind::COUNTER, b"hits")
+                .value
+                .store(2, Ordering::Relaxed);
+            cluster.retire(pid);
+        }
+        let figures = cluster.figures();
+        assert_eq!(figures.counters.len(), MAX_RETIRED_KEYS);
+        let kept: u64 = figures.counters.values().sum();
+        let total = (workers * (per_worker + 2)) as u64;
+        assert_eq!(
+            kept + cluster.dropped(),
+            total,
+            "every count kept or counted"
+        );
+        assert!(cluster.dropped() > 0);
+        // A key already kept still counts in full.
+        assert_eq!(figures.counters[&b"hits".to_vec()], 2 * workers as u64);
     }
 
     #[test]

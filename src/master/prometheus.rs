@@ -33,6 +33,10 @@ const BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
+/// Distinct histogram keys the exporter keeps; samples of new keys past it are dropped and
+/// counted (`handoff_metric_counts_dropped_total`), so workers that come back with new keys
+/// each time cannot grow the exporter without end.
+const MAX_HISTOGRAMS: usize = 4096;
 /// Series not set for this long (those of workers gone) leave the output.
 const IDLE: Duration = Duration::from_secs(120);
 
@@ -43,6 +47,8 @@ pub(crate) struct Exporter {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     histograms: RefCell<HashMap<Vec<u8>, Histogram>>,
+    /// Samples dropped for want of room for their histogram.
+    dropped: std::cell::Cell<u64>,
 }
 
 impl std::fmt::Debug for Exporter {
@@ -63,6 +69,7 @@ impl Exporter {
             recorder,
             handle,
             histograms: RefCell::new(HashMap::new()),
+            dropped: std::cell::Cell::new(0),
         })
     }
 
@@ -71,6 +78,9 @@ impl Exporter {
         let mut histograms = self.histograms.borrow_mut();
         if let Some(histogram) = histograms.get(key) {
             return histogram.record(value);
+        }
+        if histograms.len() >= MAX_HISTOGRAMS {
+            return self.dropped.set(self.dropped.get() + 1);
         }
         let Some(parsed) = parse_key(key) else {
             return;
@@ -210,6 +220,11 @@ fn master_figures(ctx: &Ctx, exporter: &Exporter) {
         vec![],
         table.retry_len() as f64,
     );
+    exporter.counter(
+        "handoff_metric_counts_dropped_total",
+        vec![],
+        ctx.cluster.dropped() + exporter.dropped.get(),
+    );
     let post = ctx.post.counters();
     exporter.counter("handoff_messages_received_total", vec![], post.received);
     exporter.counter("handoff_messages_delivered_total", vec![], post.delivered);
@@ -291,5 +306,18 @@ mod tests {
             text.contains("latency_seconds_bucket{route=\"/\",le=\"0.005\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn histograms_past_the_cap_are_dropped_and_counted_known_ones_still_record() {
+        let exporter = Exporter::new();
+        for i in 0..MAX_HISTOGRAMS + 10 {
+            exporter.record(format!("h_seconds\0id\0{i}").as_bytes(), 0.1);
+        }
+        assert_eq!(exporter.histograms.borrow().len(), MAX_HISTOGRAMS);
+        assert_eq!(exporter.dropped.get(), 10);
+        exporter.record(b"h_seconds\0id\x000", 0.1);
+        let text = exporter.handle.render();
+        assert!(text.contains("h_seconds_count{id=\"0\"} 2"), "{text}");
     }
 }
