@@ -2,8 +2,8 @@
 //! on from, so `handoff_connections_accepted_total` and the workers' counters go on rising
 //! instead of starting again at 0.
 //!
-//! They travel on the upgrade's handshake socket as frames of a u32 length (little-endian)
-//! and a postcard body:
+//! They travel on the upgrade's handshake socket as frames of a tag, a u32 length
+//! (little-endian) and a body (postcard), an fd beside the frames that carry one:
 //!
 //! ```text
 //! old master                                    new master
@@ -21,12 +21,16 @@ use std::collections::BTreeMap;
 use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::collections::VecDeque;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use tokio::io::Interest;
 use tokio::net::UnixStream;
 
 use super::ctx::Ctx;
 use super::post::PostCounters;
 use super::table::Counters;
+use crate::sys::scm;
 
 /// Set (to `1`) in a new master's environment by an old master that sends the totals on
 /// the handshake; a master without it (an older binary upgrading) expects none.
@@ -70,46 +74,158 @@ impl Carried {
     }
 }
 
-/// Writes one frame.
-pub(crate) async fn write(
-    stream: &mut UnixStream,
-    carried: &Carried,
+/// What a frame on the handshake is.
+pub(crate) mod tag {
+    /// Old → new: the old master's totals ([`super::Carried`]): START, then FINAL.
+    pub const TOTALS: u8 = b'T';
+}
+
+/// One frame read from the handshake.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub tag: u8,
+    pub body: Vec<u8>,
+    /// The fd that came with it, for the tags that carry one.
+    #[allow(dead_code)] // No tag carries one yet.
+    pub fd: Option<OwnedFd>,
+}
+
+/// Whether frames of `tag` carry an fd.
+fn carries_fd(_tag: u8) -> bool {
+    false
+}
+
+/// Writes one frame (a tag, a u32 length, the body); `fd` goes with its first byte.
+pub(crate) async fn send(
+    stream: &UnixStream,
+    tag: u8,
+    body: &[u8],
+    fd: Option<BorrowedFd<'_>>,
     timeout: Duration,
 ) -> io::Result<()> {
-    let body = postcard::to_stdvec(carried).map_err(io::Error::other)?;
     let len = u32::try_from(body.len()).map_err(io::Error::other)?;
-    let mut frame = Vec::with_capacity(4 + body.len());
+    let mut frame = Vec::with_capacity(5 + body.len());
+    frame.push(tag);
     frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(&body);
-    tokio::time::timeout(timeout, stream.write_all(&frame))
+    frame.extend_from_slice(body);
+    let write = async {
+        let mut fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+        let mut sent = 0;
+        while sent < frame.len() {
+            stream.writable().await?;
+            let result = stream.try_io(Interest::WRITABLE, || {
+                scm::send_with_fds(stream, &frame[sent..], &fds)
+            });
+            match result {
+                Ok(n) => {
+                    sent += n;
+                    fds.clear();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, write)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the other master reads nothing"))?
 }
 
-/// Reads one frame; `None` if the stream ends before its first byte.
-pub(crate) async fn read(stream: &mut UnixStream) -> io::Result<Option<Carried>> {
-    let mut len = [0u8; 4];
-    match stream.read(&mut len[..1]).await? {
-        0 => return Ok(None),
-        _ => stream.read_exact(&mut len[1..]).await?,
-    };
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a totals frame of {len} bytes (at most {MAX_FRAME})"),
-        ));
+/// Sends totals ([`tag::TOTALS`]).
+pub(crate) async fn send_totals(
+    stream: &UnixStream,
+    carried: &Carried,
+    timeout: Duration,
+) -> io::Result<()> {
+    let body = postcard::to_stdvec(carried).map_err(io::Error::other)?;
+    send(stream, tag::TOTALS, &body, None, timeout).await
+}
+
+/// Reads the frames of a handshake, with the fds that come with them.
+#[derive(Debug, Default)]
+pub(crate) struct Reader {
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Reader {
+    /// The next frame; `None` when the stream ends between frames.
+    pub async fn next(&mut self, stream: &UnixStream) -> io::Result<Option<Frame>> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(frame) = self.parse()? {
+                return Ok(Some(frame));
+            }
+            stream.readable().await?;
+            let received = match stream.try_io(Interest::READABLE, || {
+                scm::recv_with_fds(stream, &mut chunk)
+            }) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            if received.len == 0 && received.fds.is_empty() {
+                return match self.buf.is_empty() {
+                    true => Ok(None),
+                    false => Err(io::ErrorKind::UnexpectedEof.into()),
+                };
+            }
+            self.buf.extend_from_slice(&chunk[..received.len]);
+            self.fds.extend(received.fds);
+        }
     }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    postcard::from_bytes(&body)
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+
+    /// Reads the next frame and decodes it as totals.
+    pub async fn totals(&mut self, stream: &UnixStream) -> io::Result<Option<Carried>> {
+        match self.next(stream).await? {
+            None => Ok(None),
+            Some(frame) if frame.tag == tag::TOTALS => decode_totals(&frame.body).map(Some),
+            Some(frame) => Err(invalid(format!("a frame of tag {} for totals", frame.tag))),
+        }
+    }
+
+    fn parse(&mut self) -> io::Result<Option<Frame>> {
+        let Some(header) = self.buf.get(..5) else {
+            return Ok(None);
+        };
+        let tag = header[0];
+        let len = u32::from_le_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+        if len > MAX_FRAME {
+            return Err(invalid(format!(
+                "a frame of {len} bytes (at most {MAX_FRAME})"
+            )));
+        }
+        if self.buf.len() < 5 + len {
+            return Ok(None);
+        }
+        let body = self.buf[5..5 + len].to_vec();
+        self.buf.drain(..5 + len);
+        let fd = match carries_fd(tag) {
+            true => Some(
+                self.fds
+                    .pop_front()
+                    .ok_or_else(|| invalid("a frame without its fd".into()))?,
+            ),
+            false => None,
+        };
+        Ok(Some(Frame { tag, body, fd }))
+    }
+}
+
+/// Decodes a [`tag::TOTALS`] body.
+pub(crate) fn decode_totals(body: &[u8]) -> io::Result<Carried> {
+    postcard::from_bytes(body).map_err(|e| invalid(e.to_string()))
+}
+
+fn invalid(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     fn totals(accepted: u64, dropped: u64, requests: u64) -> Carried {
         let mut carried = Carried::default();
@@ -121,33 +237,36 @@ mod tests {
 
     #[tokio::test]
     async fn frames_cross_a_socket_intact_and_the_end_reads_as_none() {
-        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
         let sent = totals(7, 2, 1000);
-        write(&mut a, &sent, TIMEOUT).await.unwrap();
-        write(&mut a, &Carried::default(), TIMEOUT).await.unwrap();
+        send_totals(&a, &sent, TIMEOUT).await.unwrap();
+        send_totals(&a, &Carried::default(), TIMEOUT).await.unwrap();
         drop(a);
-        assert_eq!(read(&mut b).await.unwrap(), Some(sent));
-        assert_eq!(read(&mut b).await.unwrap(), Some(Carried::default()));
-        assert_eq!(read(&mut b).await.unwrap(), None);
+        let mut reader = Reader::default();
+        assert_eq!(reader.totals(&b).await.unwrap(), Some(sent));
+        assert_eq!(reader.totals(&b).await.unwrap(), Some(Carried::default()));
+        assert_eq!(reader.totals(&b).await.unwrap(), None);
     }
 
     #[tokio::test]
-    async fn a_huge_length_or_a_broken_body_is_an_error_not_an_allocation() {
-        let (mut a, mut b) = UnixStream::pair().unwrap();
+    async fn a_huge_length_a_broken_body_or_a_cut_frame_is_an_error_not_an_allocation() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[tag::TOTALS]).await.unwrap();
         a.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
-        let err = read(&mut b).await.unwrap_err();
+        let err = Reader::default().next(&b).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 
-        let (mut a, mut b) = UnixStream::pair().unwrap();
-        a.write_all(&3u32.to_le_bytes()).await.unwrap();
-        a.write_all(&[0xff, 0xff, 0xff]).await.unwrap();
-        let err = read(&mut b).await.unwrap_err();
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[tag::TOTALS, 3, 0, 0, 0, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        let err = Reader::default().totals(&b).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 
-        let (mut a, mut b) = UnixStream::pair().unwrap();
-        a.write_all(&[9, 0]).await.unwrap();
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[tag::TOTALS, 9, 0]).await.unwrap();
         drop(a);
-        let err = read(&mut b).await.unwrap_err();
+        let err = Reader::default().next(&b).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 

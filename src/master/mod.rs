@@ -295,8 +295,8 @@ async fn master(
     for index in 0..config.workers {
         workers::start_worker(&ctx, index);
     }
-    if let Some((stream, start)) = handshake {
-        spawn_local(upgrade::announce_ready(ctx.clone(), stream, start));
+    if let Some(handshake) = handshake {
+        spawn_local(upgrade::announce_ready(ctx.clone(), handshake));
     }
     let mut tasks = vec![
         spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals)),

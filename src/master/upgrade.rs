@@ -84,14 +84,18 @@ pub(crate) fn inherited() -> io::Result<Option<Inherited>> {
 /// In the new master: the handshake as a stream, and the totals the old master counted up
 /// to its start (see `carry`), already added to this master's. `None` for the totals when
 /// the old master sends none (an older binary) or they fail to arrive.
-pub(crate) async fn take_over(ctx: &Ctx, handshake: OwnedFd) -> io::Result<(Handshake, Carried)> {
+pub(crate) async fn take_over(
+    ctx: &Ctx,
+    handshake: OwnedFd,
+) -> io::Result<(Handshake, carry::Reader, Carried)> {
     let stream = UnixStream::from(handshake);
     stream.set_nonblocking(true)?;
-    let mut stream = Handshake::from_std(stream)?;
+    let stream = Handshake::from_std(stream)?;
+    let mut reader = carry::Reader::default();
     if std::env::var_os(carry::ENV_CARRY).is_none() {
-        return Ok((stream, Carried::default()));
+        return Ok((stream, reader, Carried::default()));
     }
-    let start = match tokio::time::timeout(carry::TIMEOUT, carry::read(&mut stream)).await {
+    let start = match tokio::time::timeout(carry::TIMEOUT, reader.totals(&stream)).await {
         Ok(Ok(Some(start))) => start,
         Ok(Ok(None)) => Carried::default(),
         Ok(Err(e)) => {
@@ -104,12 +108,15 @@ pub(crate) async fn take_over(ctx: &Ctx, handshake: OwnedFd) -> io::Result<(Hand
         }
     };
     start.add_growth_since(&Carried::default(), ctx);
-    Ok((stream, start))
+    Ok((stream, reader, start))
 }
 
 /// In the new master: once every worker is ready, tells the old one (`ready PID`); then
 /// waits for its FINAL totals and adds what it counted after START.
-pub(crate) async fn announce_ready(ctx: Rc<Ctx>, mut stream: Handshake, start: Carried) {
+pub(crate) async fn announce_ready(
+    ctx: Rc<Ctx>,
+    (mut stream, mut reader, start): (Handshake, carry::Reader, Carried),
+) {
     loop {
         if ctx.table.borrow().all_ready() {
             break;
@@ -122,7 +129,7 @@ pub(crate) async fn announce_ready(ctx: Rc<Ctx>, mut stream: Handshake, start: C
         Ok(Err(e)) => return tracing::warn!(error = %e, "telling the master being replaced failed"),
         Err(_) => return tracing::warn!("telling the master being replaced timed out"),
     }
-    match carry::read(&mut stream).await {
+    match reader.totals(&stream).await {
         Ok(Some(last)) => {
             last.add_growth_since(&start, &ctx);
             tracing::info!(
@@ -138,11 +145,11 @@ pub(crate) async fn announce_ready(ctx: Rc<Ctx>, mut stream: Handshake, start: C
 /// In the old master, once its last worker is reaped: its FINAL totals to the master that
 /// replaced it.
 pub(crate) async fn hand_final_totals(ctx: &Ctx) {
-    let Some(mut stream) = ctx.successor.borrow_mut().take() else {
+    let Some(stream) = ctx.successor.borrow_mut().take() else {
         return;
     };
     let last = Carried::collect(ctx);
-    match carry::write(&mut stream, &last, carry::TIMEOUT).await {
+    match carry::send_totals(&stream, &last, carry::TIMEOUT).await {
         Ok(()) => tracing::info!(accepted = last.table.accepted, "final totals handed over"),
         Err(e) => tracing::warn!(error = %e, "handing over the final totals failed"),
     }
@@ -211,7 +218,7 @@ async fn start_and_wait(ctx: &Rc<Ctx>, binary: Option<PathBuf>) -> Result<u32, S
     let word = async {
         ours.set_nonblocking(true)?;
         let mut ours = Handshake::from_std(ours)?;
-        carry::write(&mut ours, &Carried::collect(ctx), timeout).await?;
+        carry::send_totals(&ours, &Carried::collect(ctx), timeout).await?;
         let word = read_word(&mut ours).await?;
         io::Result::Ok((ours, word))
     };
