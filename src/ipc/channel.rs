@@ -145,7 +145,7 @@ fn check(received: scm::Received, buf: &[u8]) -> Result<(Frame, Vec<OwnedFd>), C
     let frame = frame::decode(&buf[..received.len])?;
     let declared = match &frame {
         Frame::Connections(entries) | Frame::Listeners(entries) => entries.len(),
-        Frame::Counters | Frame::Metrics | Frame::Loads { .. } => 1,
+        Frame::Counters | Frame::Metrics | Frame::Loads { .. } | Frame::HandBack { .. } => 1,
         _ => 0,
     };
     let arrived = received.fds.len();

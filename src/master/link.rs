@@ -61,6 +61,12 @@ pub(crate) fn transmit(
                     .try_send(&scratch.frame, &fds)
                     .map(|()| process.sent(count, Instant::now()))
             }
+            Outgoing::HandBack(conn) => {
+                frame::encode_hand_back(&mut scratch.frame, conn.header(), &conn.prefix);
+                channel
+                    .try_send(&scratch.frame, &[conn.fd.as_fd()])
+                    .map(|()| process.sent(1, Instant::now()))
+            }
             Outgoing::End => channel.close_sending().map(|()| process.ended()),
         };
         match result {
@@ -146,6 +152,11 @@ fn apply(
             }
             return Ok(Heard::News);
         }
+        Frame::HandBack { entry, bytes } => {
+            let fd = fds.into_iter().next().expect("the channel checked: one fd");
+            hand_back(ctx, index, pid, entry, fd, bytes);
+            return Ok(Heard::News);
+        }
         Frame::Counters => {}
         other => return ctx.table.borrow_mut().on_frame(index, pid, other),
     }
@@ -164,6 +175,66 @@ fn apply(
     process.attach_counters(counters);
     tracing::debug!(worker = index, pid, "worker shares its counters in memory");
     Ok(Heard::News)
+}
+
+/// Takes a connection process `pid` of slot `index` handed back: its fd must be a
+/// connected stream socket whose local address is that of the listener the entry names
+/// (the peer is read from the socket, not believed); the table decides the rest. A refused
+/// connection is closed, counted and logged (the first few of a worker, then every power of
+/// two); the worker keeps serving.
+fn hand_back(
+    ctx: &Ctx,
+    index: usize,
+    pid: u32,
+    entry: frame::ConnectionHeader,
+    fd: OwnedFd,
+    bytes: Vec<u8>,
+) {
+    let len = bytes.len();
+    let checked = sys::socket::connected_stream(&fd)
+        .map_err(|e| format!("not a connected stream socket: {e}"))
+        .and_then(|(local, peer)| {
+            let listening = ctx.listening.get(usize::from(entry.listener));
+            if listening.is_some_and(|name| of_listener(name, local)) {
+                Ok((entry.listener, peer))
+            } else {
+                Err(format!(
+                    "its local address ({local:?}) is not that of listener {}",
+                    entry.listener
+                ))
+            }
+        });
+    let mut table = ctx.table.borrow_mut();
+    let refused = match checked {
+        Ok(named) => match table.handed_back(index, pid, fd, named, bytes) {
+            Ok(()) => {
+                tracing::debug!(worker = index, pid, bytes = len, "connection handed back");
+                return;
+            }
+            Err(why) => why.to_string(),
+        },
+        Err(why) => {
+            drop(fd);
+            table.refuse_hand_back(index, pid);
+            why
+        }
+    };
+    let count = table.handbacks_refused(index, pid);
+    if count <= 3 || count.is_power_of_two() {
+        tracing::warn!(worker = index, pid, reason = %refused, refused = count, "closing a connection the worker handed back");
+    }
+}
+
+/// Whether a connection whose local address is `local` (`None`: not IP) came through the
+/// listener printed as `listening` (an IP address as bound, or `unix:PATH`).
+fn of_listener(listening: &str, local: Option<std::net::SocketAddr>) -> bool {
+    match (listening.parse::<std::net::SocketAddr>(), local) {
+        (Ok(bound), Some(local)) => {
+            bound.port() == local.port() && (bound.ip().is_unspecified() || bound.ip() == local.ip())
+        }
+        (Err(_), None) => listening.starts_with("unix:"),
+        _ => false,
+    }
 }
 
 /// Reads the totals the workers share in memory (acknowledgements, finished connections);
