@@ -82,7 +82,8 @@ pub use master::{FromWorker, Master, MasterError};
 pub use supervise::Limits;
 pub use sys::socket::Peer;
 pub use worker::{
-    BoxError, Connection, Drain, Inbox, Incoming, Messenger, Origin, Received, Stream, WorkerError,
+    BoxError, Connection, Drain, HandBackError, HandBackFailure, Inbox, Incoming, Messenger,
+    Origin, Received, Stream, WorkerError,
 };
 
 /// Why [`Server::run`] failed.

@@ -152,9 +152,11 @@ fn check(received: scm::Received, buf: &[u8]) -> Result<(Frame, Vec<OwnedFd>), C
     if received.fds_truncated {
         // The receiver's fd table is full: the kernel installed the first fds and dropped
         // the rest. Only CONNECTIONS may arrive so, and its receiver refuses what is
-        // missing (REFUSED); anything else is broken.
+        // missing (REFUSED; a HANDBACK's one connection likewise); anything else is broken.
         return match frame {
-            Frame::Connections(_) if arrived < declared => Ok((frame, received.fds)),
+            Frame::Connections(_) | Frame::HandBack { .. } if arrived < declared => {
+                Ok((frame, received.fds))
+            }
             _ => Err(ChannelError::FdsTruncated),
         };
     }

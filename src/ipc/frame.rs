@@ -601,7 +601,11 @@ mod tests {
         ));
         let big = vec![b'x'; MAX_HANDBACK_BYTES];
         encode_hand_back(&mut buf, conn, &big);
-        assert_eq!(buf.len(), MAX_FRAME_LEN, "the largest handback is the largest frame");
+        assert_eq!(
+            buf.len(),
+            MAX_FRAME_LEN,
+            "the largest handback is the largest frame"
+        );
         assert!(matches!(decode(&buf), Ok(Frame::HandBack { .. })));
     }
 

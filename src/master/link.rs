@@ -230,7 +230,8 @@ fn hand_back(
 fn of_listener(listening: &str, local: Option<std::net::SocketAddr>) -> bool {
     match (listening.parse::<std::net::SocketAddr>(), local) {
         (Ok(bound), Some(local)) => {
-            bound.port() == local.port() && (bound.ip().is_unspecified() || bound.ip() == local.ip())
+            bound.port() == local.port()
+                && (bound.ip().is_unspecified() || bound.ip() == local.ip())
         }
         (Err(_), None) => listening.starts_with("unix:"),
         _ => false,
