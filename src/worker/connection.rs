@@ -168,6 +168,9 @@ impl Connection {
                     Stream::Tcp(s) => s.as_fd(),
                     Stream::Unix(s) => s.as_fd(),
                 };
+                // After a DRAINING frame being sent (SIGTERM): the master takes handbacks
+                // only from a worker it knows is draining.
+                let _after_draining = shared.announcing.lock().await;
                 shared
                     .channel
                     .send(&frame, &[fd])

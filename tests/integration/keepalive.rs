@@ -1,0 +1,208 @@
+//! Keep-alive connections survive rolling restarts: while 20 keep-alive clients send
+//! requests back to back, two SIGHUP restarts replace every worker, and no client sees an
+//! error. Draining workers hand their idle connections back to the master at a request
+//! boundary (HANDBACK), which gives them to the new workers; a request in flight is answered
+//! with `Connection: close` at worst, and the client reconnects. Both the embedded demo
+//! worker (Rust, hyper) and `examples/worker.py`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::util::{log_lines, wait_until, Master, PATIENCE};
+
+/// Keep-alive clients, as in the wrk run.
+const CLIENTS: usize = 20;
+
+/// What the clients saw.
+#[derive(Debug, Default)]
+struct Tally {
+    requests: AtomicU64,
+    /// Responses that said `Connection: close` (the client reconnects: not an error).
+    closes: AtomicU64,
+    errors: Mutex<Vec<String>>,
+}
+
+/// `CLIENTS` threads, each with one keep-alive connection, sending `GET /` back to back
+/// until stopped; a connection closed on a `Connection: close` response is reopened.
+struct KeepAliveLoad {
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+    clients: Vec<JoinHandle<()>>,
+}
+
+impl KeepAliveLoad {
+    fn start(addr: SocketAddr) -> KeepAliveLoad {
+        let tally = Arc::new(Tally::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (0..CLIENTS)
+            .map(|_| {
+                let (tally, stop) = (tally.clone(), stop.clone());
+                std::thread::spawn(move || client(addr, &tally, &stop))
+            })
+            .collect();
+        KeepAliveLoad {
+            tally,
+            stop,
+            clients,
+        }
+    }
+
+    fn requests(&self) -> u64 {
+        self.tally.requests.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` requests beyond `from` were answered.
+    fn wait_requests(&self, from: u64, more: u64) -> bool {
+        wait_until(PATIENCE, || self.requests() >= from + more)
+    }
+
+    fn finish(self) -> Arc<Tally> {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.join().expect("a client thread panicked");
+        }
+        self.tally
+    }
+}
+
+fn client(addr: SocketAddr, tally: &Tally, stop: &AtomicBool) {
+    let mut conn: Option<BufReader<TcpStream>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let stream = match conn.as_mut() {
+            Some(stream) => stream,
+            None => match connect(addr) {
+                Ok(stream) => conn.insert(stream),
+                Err(e) => {
+                    tally.errors.lock().unwrap().push(format!("connect: {e}"));
+                    return;
+                }
+            },
+        };
+        match request(stream) {
+            Ok(close) => {
+                tally.requests.fetch_add(1, Ordering::Relaxed);
+                if close {
+                    tally.closes.fetch_add(1, Ordering::Relaxed);
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                tally.errors.lock().unwrap().push(e.to_string());
+                conn = None;
+            }
+        }
+    }
+}
+
+fn connect(addr: SocketAddr) -> std::io::Result<BufReader<TcpStream>> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_nodelay(true)?;
+    Ok(BufReader::new(stream))
+}
+
+/// One keep-alive `GET /`; whether the response said `Connection: close`. Anything but a
+/// whole 200 response is an error.
+fn request(stream: &mut BufReader<TcpStream>) -> std::io::Result<bool> {
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    stream
+        .get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")?;
+    let mut line = String::new();
+    if stream.read_line(&mut line)? == 0 {
+        return Err(bad("connection closed before a response".into()));
+    }
+    if line.split_whitespace().nth(1) != Some("200") {
+        return Err(bad(format!("status line {line:?}")));
+    }
+    let (mut length, mut close) = (None, false);
+    loop {
+        line.clear();
+        if stream.read_line(&mut line)? == 0 {
+            return Err(bad("connection closed in the response's head".into()));
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let Some((name, value)) = header.split_once(':') else {
+            return Err(bad(format!("header {header:?}")));
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => length = value.trim().parse::<usize>().ok(),
+            "connection" => close |= value.to_ascii_lowercase().contains("close"),
+            _ => {}
+        }
+    }
+    let length = length.ok_or_else(|| bad("no content-length".into()))?;
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body)?;
+    Ok(close)
+}
+
+/// Two SIGHUP rolling restarts under keep-alive load, each waited for: no client error,
+/// requests go on through both, and connections were handed back.
+fn restarts_lose_no_keep_alive_request(master: &Master) {
+    let load = KeepAliveLoad::start(master.addr);
+    assert!(
+        load.wait_requests(0, 200),
+        "load started; log:\n{}",
+        master.log()
+    );
+    for restart in 1..=2 {
+        let before = load.requests();
+        master.signal("HUP");
+        let done = wait_until(PATIENCE, || {
+            log_lines(&master.log(), &["rolling restart done"]) >= restart
+        });
+        assert!(done, "restart {restart} not done; log:\n{}", master.log());
+        assert!(
+            load.wait_requests(before, 200),
+            "requests continued through restart {restart}; log:\n{}",
+            master.log()
+        );
+    }
+    let handed_back = master.status()["counters"]["handed_back"].as_u64().unwrap();
+    let tally = load.finish();
+    let errors = tally.errors.lock().unwrap();
+    eprintln!(
+        "keep-alive through two restarts: {} requests, {} Connection: close, {} handed back, {} errors",
+        tally.requests.load(Ordering::Relaxed),
+        tally.closes.load(Ordering::Relaxed),
+        handed_back,
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} client errors, first {:?}; log:\n{}",
+        errors.len(),
+        errors.first(),
+        master.log()
+    );
+    assert!(
+        handed_back > 0,
+        "idle keep-alive connections were handed back; log:\n{}",
+        master.log()
+    );
+    assert_eq!(
+        master.status()["counters"]["handbacks_refused"].as_u64(),
+        Some(0)
+    );
+}
+
+#[test]
+fn keep_alive_connections_survive_two_rolling_restarts_of_the_demo_worker() {
+    let master = Master::start(&["--workers", "2"]);
+    restarts_lose_no_keep_alive_request(&master);
+}
+
+#[test]
+fn keep_alive_connections_survive_two_rolling_restarts_of_the_python_worker() {
+    let script = format!("{}/examples/worker.py", env!("CARGO_MANIFEST_DIR"));
+    let master = Master::start(&["--workers", "2", "--", "python3", "-B", &script]);
+    restarts_lose_no_keep_alive_request(&master);
+}
