@@ -206,3 +206,49 @@ fn keep_alive_connections_survive_two_rolling_restarts_of_the_python_worker() {
     let master = Master::start(&["--workers", "2", "--", "python3", "-B", &script]);
     restarts_lose_no_keep_alive_request(&master);
 }
+
+/// A connection handed back with a whole request already read from it is answered by the
+/// next worker from those bytes alone (see `tests/fixtures/handback_bytes_worker.py`).
+fn bytes_handed_back_are_read_first(next_demo: bool) {
+    let script = format!(
+        "{}/tests/fixtures/handback_bytes_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let args = [
+        "--workers",
+        "2",
+        "--strategy",
+        "round-robin",
+        "--",
+        "python3",
+        "-B",
+        &script,
+    ];
+    let master = Master::start_with(&args, |cmd| {
+        if next_demo {
+            cmd.env("HANDBACK_NEXT_DEMO", crate::util::BIN);
+        }
+    });
+    let hostile = master.worker_pids()[0].unwrap();
+    let handed = wait_until(PATIENCE, || {
+        let response = crate::util::http_get(master.addr)
+            .unwrap_or_else(|e| panic!("a client was not served: {e}; log:\n{}", master.log()));
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "hola, mundo\n")
+        );
+        assert_ne!(response.pid, hostile);
+        master.status()["counters"]["handed_back"].as_u64() == Some(1)
+    });
+    assert!(handed, "no handback; log:\n{}", master.log());
+}
+
+#[test]
+fn bytes_handed_back_are_read_first_by_a_python_worker() {
+    bytes_handed_back_are_read_first(false);
+}
+
+#[test]
+fn bytes_handed_back_are_read_first_by_the_demo_worker() {
+    bytes_handed_back_are_read_first(true);
+}
