@@ -81,6 +81,8 @@ pub use ipc::message::MessageError;
 pub use master::{FromWorker, Master, MasterError};
 pub use supervise::Limits;
 pub use sys::socket::Peer;
+#[cfg(feature = "hyper")]
+pub use worker::http1;
 pub use worker::{
     BoxError, Connection, Drain, HandBackError, HandBackFailure, Inbox, Incoming, Messenger,
     Origin, Received, Stream, WorkerError,

@@ -6,6 +6,8 @@
 #[cfg(feature = "axum")]
 mod axum;
 mod connection;
+#[cfg(feature = "hyper")]
+pub mod http1;
 mod linger;
 mod own;
 mod post;
