@@ -74,11 +74,15 @@ where
         done = std::future::poll_fn(|cx| http.poll_without_shutdown(cx)) => return done,
         _ = drain.wait() => {}
     }
-    // First let hyper write out what it holds (a response it still buffers would be lost
-    // with the connection); a request in flight runs on meanwhile.
+    // The boundary: the requests begun before the drain answered, and what hyper holds of
+    // their responses written out (bytes it still buffered would be lost with the
+    // connection). A request begun since (a client sending back to back) does not delay it:
+    // that one gets `Connection: close` below.
+    let in_flight = requests.now().0;
     let boundary = std::future::poll_fn(|cx| match http.poll_without_shutdown(cx) {
         Poll::Ready(done) => Poll::Ready(Some(done)),
         Poll::Pending if blocked.load(Ordering::SeqCst) => Poll::Pending,
+        Poll::Pending if requests.now().1 < in_flight => Poll::Pending,
         Poll::Pending => Poll::Ready(None),
     });
     if let Some(done) = boundary.await {
