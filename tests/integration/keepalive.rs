@@ -258,3 +258,53 @@ fn bytes_handed_back_are_read_first_by_a_python_worker() {
 fn bytes_handed_back_are_read_first_by_the_demo_worker() {
     bytes_handed_back_are_read_first(true);
 }
+
+/// A worker sent SIGTERM drains on its own: it says DRAINING first, then hands its
+/// keep-alive connections back (a handback before DRAINING would be refused), and no client
+/// sees an error.
+fn a_worker_sent_sigterm_hands_its_keep_alive_connections_back(master: &Master) {
+    let load = KeepAliveLoad::start(master.addr);
+    assert!(
+        load.wait_requests(0, 200),
+        "load started; log:\n{}",
+        master.log()
+    );
+    let victim = master.worker_pids()[0].unwrap();
+    crate::util::send_signal(victim, "TERM");
+    assert!(
+        wait_until(PATIENCE, || !crate::util::process_exists(victim)),
+        "the worker drained and exited; log:\n{}",
+        master.log()
+    );
+    let before = load.requests();
+    assert!(load.wait_requests(before, 200), "requests go on");
+    let tally = load.finish();
+    let errors = tally.errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} client errors, first {:?}; log:\n{}",
+        errors.len(),
+        errors.first(),
+        master.log()
+    );
+    let counters = master.status()["counters"].clone();
+    assert!(counters["handed_back"].as_u64().unwrap() > 0, "{counters}");
+    assert_eq!(
+        counters["handbacks_refused"].as_u64(),
+        Some(0),
+        "{counters}"
+    );
+}
+
+#[test]
+fn a_demo_worker_sent_sigterm_hands_its_keep_alive_connections_back() {
+    let master = Master::start(&["--workers", "2"]);
+    a_worker_sent_sigterm_hands_its_keep_alive_connections_back(&master);
+}
+
+#[test]
+fn a_python_worker_sent_sigterm_hands_its_keep_alive_connections_back() {
+    let script = format!("{}/examples/worker.py", env!("CARGO_MANIFEST_DIR"));
+    let master = Master::start(&["--workers", "2", "--", "python3", "-B", &script]);
+    a_worker_sent_sigterm_hands_its_keep_alive_connections_back(&master);
+}
