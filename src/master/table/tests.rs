@@ -4,6 +4,7 @@
 
 use std::os::fd::AsRawFd;
 
+use super::handback::HandBackRefused;
 use super::*;
 use crate::balance::Strategy;
 use crate::ipc::frame::Status;
