@@ -22,8 +22,11 @@ master sends. Read it top to bottom:
   5b. messages (MESSAGE frames, JSON payloads): this worker says hello to every other
      worker once it is ready (relayed by the master), keeps what it hears, and answers
      `GET /messages` with it;
-  6. on EOF on the channel or SIGTERM: take no more, let the connections finish (at most
-     HANDOFF_DRAIN_TIMEOUT_MS), send a last STATUS and exit 0.
+  6. on EOF on the channel or SIGTERM: take no more, hand each idle keep-alive connection
+     back to the master at its request boundary (HANDBACK, with the bytes already read:
+     the master gives it to another worker, so the client's next request is answered),
+     let the connections finish (at most HANDOFF_DRAIN_TIMEOUT_MS), send a last STATUS
+     and exit 0.
 
 If the master breaks the protocol the worker says so on stderr and exits with status 2.
 """
@@ -51,6 +54,7 @@ KIND_DRAINING = 5  # worker -> master: draining on its own; final count of what 
 KIND_REFUSED = 6  # worker -> master: out of fds; the last `count` connections go back
 KIND_MESSAGE = 8  # either way: a message (envelope + payload), no fds
 KIND_LOADS = 9  # master -> worker, kernel-least only: the load array (not mapped here)
+KIND_HANDBACK = 12  # either way: one connection (one fd) and the bytes already read from it
 
 # version u8, kind u8, count u16, body_len u32; all little-endian.
 HEADER = struct.Struct("<BBHI")
@@ -71,6 +75,8 @@ MAX_PAYLOAD = 64 * 1024
 MAX_FDS = 253  # SCM_MAX_FD: the most fds one message can carry
 # The largest frame is a message with the largest payload (a full CONNECTIONS is 8,104).
 MAX_FRAME_LEN = HEADER.size + ENVELOPE.size + MAX_PAYLOAD
+# The most bytes a HANDBACK carries after its entry: what fits the largest frame.
+MAX_HANDBACK_BYTES = MAX_FRAME_LEN - HEADER.size - 32
 FD_SIZE = array.array("i").itemsize  # a C int
 
 FAMILY_UNIX, FAMILY_IPV4, FAMILY_IPV6 = 0, 4, 6
@@ -147,6 +153,11 @@ class Channel:
         self.closed_total = 0  # connections finished
         self.active = 0  # received_total - closed_total
         self.heard = []  # the last messages received: (sender, value)
+        # Whether draining connections may be handed back, once decided: after the end of
+        # the channel (the master drains us), or after our DRAINING frame (SIGTERM); not
+        # when the master is gone.
+        self.handback_decided = threading.Event()
+        self.handback_allowed = False
 
     def _send(self, frame):
         """Sends one frame (one datagram) with no fds. Call with the lock held."""
@@ -210,6 +221,35 @@ class Channel:
                 self.idle.notify_all()
             self._send(self._status_frame())
 
+    def allow_handbacks(self, allowed):
+        self.handback_allowed = allowed
+        self.handback_decided.set()
+
+    def may_hand_back(self):
+        """Whether connections may go back to the master (waits for the decision)."""
+        return self.handback_decided.wait(IO_TIMEOUT) and self.handback_allowed
+
+    def hand_back(self, conn, entry, already_read):
+        """Hands `conn` back to the master (a draining worker, at a request boundary) with
+        the bytes read from it and not used; True if it went, and it then counts as
+        finished here. False: serve it on and close it after its next response."""
+        if entry is None:
+            return False  # accepted here (kernel modes): the master never had it
+        if not self.may_hand_back():
+            return False
+        if len(already_read) > MAX_HANDBACK_BYTES:
+            return False
+        body = entry + already_read
+        frame = HEADER.pack(VERSION, KIND_HANDBACK, 1, len(body)) + body
+        fds = array.array("i", [conn.fileno()])
+        with self.lock:
+            try:
+                self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            except OSError as e:
+                self.drain.start(f"sending to the master failed ({e})")
+                return False
+        return True
+
     def wait_idle(self, timeout):
         """Waits until no connection is active; False if `timeout` seconds passed first."""
         with self.lock:
@@ -249,12 +289,12 @@ class Channel:
                 # by the master from its STATUS frames (docs/protocol.md, LOADS).
                 os.close(fds[0])
                 return kind, body, []
-            if kind not in (KIND_CONNECTIONS, KIND_LISTENERS):
+            if kind not in (KIND_CONNECTIONS, KIND_LISTENERS, KIND_HANDBACK):
                 raise ProtocolError(f"unexpected frame kind {kind} from the master")
             if flags & socket.MSG_CTRUNC:
                 # Our fd table is full: the kernel installed the first fds and dropped the
                 # rest. Connections are refused (the caller says so); listeners cannot be.
-                if kind != KIND_CONNECTIONS or len(fds) >= count:
+                if kind == KIND_LISTENERS or len(fds) >= count:
                     raise ProtocolError("fds were truncated in transit (MSG_CTRUNC)")
             elif count != len(fds):
                 raise ProtocolError(f"frame declares {count} fds, {len(fds)} arrived")
@@ -283,6 +323,10 @@ def decode(data):
     elif kind == KIND_MESSAGE:
         if count != 0:
             raise ProtocolError(f"message frame with count {count}")
+    elif kind == KIND_HANDBACK:
+        # One connection that another worker handed back, and the bytes it had read.
+        if count != 1 or not ENTRY.size <= len(body) <= ENTRY.size + MAX_HANDBACK_BYTES:
+            raise ProtocolError(f"handback frame with count {count} and a {len(body)}-byte body")
     elif kind == KIND_LOADS:
         if count != 1 or len(body) != 8:
             raise ProtocolError(f"loads frame with count {count} and a {len(body)}-byte body")
@@ -313,25 +357,31 @@ def decode_entries(body):
 # --- HTTP/1.1: one thread per connection ----------------------------------------------------
 
 
-def serve_connection(conn, channel, drain):
+def serve_connection(conn, channel, drain, entry, already_read):
     """Answers every request on `conn` until the client or the drain ends it."""
+    handed_back = False
     try:
         # The fd arrived non-blocking and shares its file status flags with the master's copy:
         # leave it so. A timeout makes Python poll internally, so sendall() still works.
         conn.settimeout(IO_TIMEOUT)
-        http_session(conn, drain, channel)
+        handed_back = http_session(conn, drain, channel, entry, already_read) == HANDED_BACK
     except OSError:
         pass  # the client went away, or stalled past IO_TIMEOUT
     finally:
         # The master may still hold a copy of this socket (until it reads our acknowledgement),
         # so close() alone might not end the TCP connection: shut the write side down first
-        # and the client sees FIN now.
-        try:
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # ENOTCONN: the client is already gone
+        # and the client sees FIN now. Not when it was handed back: the master holds it for
+        # another worker, and a shutdown would end it for that one too.
+        if not handed_back:
+            try:
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # ENOTCONN: the client is already gone
         conn.close()
         channel.finished()
+
+
+HANDED_BACK = "handed back"
 
 
 def wait_readable(conn, drain, timeout):
@@ -344,18 +394,31 @@ def wait_readable(conn, drain, timeout):
     return any(fd == conn.fileno() for fd, _ in events)
 
 
-def http_session(conn, drain, channel):
-    pending = b""  # bytes received and not yet used (pipelined requests stay here)
+def http_session(conn, drain, channel, entry, pending=b""):
+    """Serves requests; returns HANDED_BACK if the connection went back to the master."""
+    # `pending`: bytes received and not yet used (pipelined requests stay here; a connection
+    # handed back by another worker arrives with the bytes that worker had read).
     answered = 0
+    hand_back = True  # until a hand-back fails
     while True:
-        # Read a request head. Between requests a keep-alive connection is idle, and a drain
-        # ends it; a new connection gets its first request answered even while draining.
+        # Read a request head. Between requests (or before the first) a keep-alive
+        # connection waits, and a drain hands it back to the master with what it read so
+        # far, for another worker; where that fails, an idle one closes and a new one gets
+        # its first request answered.
         while (end := pending.find(b"\r\n\r\n")) < 0:
             if len(pending) > MAX_HEAD:
                 return respond(conn, 431, keep_alive=False)
+            if drain.started and hand_back:
+                if channel.hand_back(conn, entry, pending):
+                    return HANDED_BACK
+                hand_back = False
             idle = not pending and answered > 0
-            watch = drain.read_fd if idle else None
+            if drain.started and idle:
+                return
+            watch = drain.read_fd if hand_back or idle else None
             if not wait_readable(conn, watch, IDLE_TIMEOUT if idle else IO_TIMEOUT):
+                if drain.started:
+                    continue  # woken by the drain: hand back, or close if idle
                 return
             data = conn.recv(65536)
             if not data:
@@ -388,7 +451,9 @@ def http_session(conn, drain, channel):
                     return
                 pending += data
             pending = pending[length:]
-        keep_alive = keep_alive and not drain.started
+        # Draining, the connection stays open only if it can go back to the master after
+        # this response; otherwise the response says it closes.
+        keep_alive = keep_alive and (not drain.started or (hand_back and channel.may_hand_back()))
         body = BODY
         if path == "/messages":
             with channel.lock:
@@ -463,8 +528,9 @@ def take_message(channel, body):
         channel.heard = (channel.heard + [("master" if sender == FROM_MASTER else sender, value)])[-100:]
 
 
-def take_connections(channel, drain, body, fds):
-    """Owns the fds of one CONNECTIONS frame, acknowledges them, starts a thread for each."""
+def take_connections(channel, drain, body, fds, already_read=b""):
+    """Owns the fds of one CONNECTIONS frame (or HANDBACK, whose one connection brings
+    `already_read`), acknowledges them, starts a thread for each."""
     try:
         entries = decode_entries(body)
     except ProtocolError:
@@ -484,16 +550,21 @@ def take_connections(channel, drain, body, fds):
     if refused:
         log(f"out of file descriptors: refusing {refused} connection(s)")
     channel.received(len(conns), refused)  # the acknowledgement: STATUS (or REFUSED)
-    for (conn_id, _listener, _peer), conn in zip(entries, conns):
+    for index, ((conn_id, _listener, _peer), conn) in enumerate(zip(entries, conns)):
         if conn is None:
             channel.finished()  # counted as received, so count it as finished too
             continue
-        start_serving(conn, channel, drain, name=f"connection-{conn_id}")
+        # Its entry goes back to the master as it came, should the connection be handed back.
+        entry = body[index * ENTRY.size : (index + 1) * ENTRY.size]
+        start_serving(conn, channel, drain, f"connection-{conn_id}", entry, already_read)
 
 
-def start_serving(conn, channel, drain, name):
+def start_serving(conn, channel, drain, name, entry=None, already_read=b""):
     thread = threading.Thread(
-        target=serve_connection, args=(conn, channel, drain), name=name, daemon=True
+        target=serve_connection,
+        args=(conn, channel, drain, entry, already_read),
+        name=name,
+        daemon=True,
     )
     thread.start()
 
@@ -600,6 +671,8 @@ def main():
                 take_message(channel, body)
             elif kind == KIND_CONNECTIONS:
                 take_connections(channel, drain, body, fds)
+            elif kind == KIND_HANDBACK:
+                take_connections(channel, drain, body[: ENTRY.size], fds, body[ENTRY.size :])
             elif kind == KIND_LOADS:
                 pass
             else:
@@ -613,6 +686,11 @@ def main():
     if drain.reason == "SIGTERM":
         # Our own decision, not the master's: say so, with the final count of what we took.
         channel.send_draining()
+    # The master takes connections back from a worker it knows is draining: after the end of
+    # the channel or our DRAINING frame; it cannot when it is gone.
+    channel.allow_handbacks(
+        drain.reason in ("SIGTERM", "the master closed the channel")
+    )
 
     if not channel.wait_idle(drain_timeout):
         log(f"drain timed out; {channel.active} connection(s) still open")

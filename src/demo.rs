@@ -1,11 +1,11 @@
 //! The embedded demo worker: the seed's HTTP/1.1 server answering `hola, mundo\n` with an
 //! `x-worker-pid` header, keep-alive aware, written against the public API with hyper 1.x as
-//! a user would. Its per-request CPU cost makes it a benchmark workload; its memory leak
+//! a user would. Draining, it hands each keep-alive connection back to the master at its next
+//! request boundary ([`crate::http1::serve`]), so no client finds its connection closed
+//! under its next request. Its per-request CPU cost makes it a benchmark workload; its memory leak
 //! knob (tests only) exercises `--max-rss`.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,16 +13,11 @@ use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 
 use crate::{BoxError, Connection, Drain, Incoming};
 
 /// The response body.
 pub const BODY: &[u8] = b"hola, mundo\n";
-
-/// How long a connection handed over just before the worker started draining may take to
-/// send its first request: it is answered, not closed unanswered.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(5);
 
 /// What a request costs.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -100,14 +95,8 @@ struct Figures {
     duration: metrics::Histogram,
 }
 
-async fn connection(conn: Connection, cost: Cost, pid: Bytes, figures: Figures, mut drain: Drain) {
-    let asked = Arc::new(AtomicBool::new(false));
-    let first_request = Arc::new(tokio::sync::Notify::new());
-    let (seen, notify) = (asked.clone(), first_request.clone());
+async fn connection(conn: Connection, cost: Cost, pid: Bytes, figures: Figures, drain: Drain) {
     let service = service_fn(move |_request: Request<hyper::body::Incoming>| {
-        if !seen.swap(true, Ordering::Relaxed) {
-            notify.notify_one();
-        }
         let start = std::time::Instant::now();
         burn(cost.pick(&mut fastrand::Rng::new()));
         leak(cost.leak_per_request);
@@ -120,25 +109,10 @@ async fn connection(conn: Connection, cost: Cost, pid: Bytes, figures: Figures, 
             .expect("static response parts are valid");
         std::future::ready(Ok::<_, Infallible>(response))
     });
-    let http = http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(conn), service);
-    tokio::pin!(http);
-    tokio::select! {
-        _ = http.as_mut() => return,
-        _ = drain.wait() => {}
-    }
-    // Draining. A connection handed over just before gets its first request answered (a
-    // graceful shutdown would close it at once, unanswered, while it looks idle).
-    if !asked.load(Ordering::Relaxed) {
-        let first = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request.notified());
-        tokio::select! {
-            _ = http.as_mut() => return,
-            _ = first => {}
-        }
-    }
-    http.as_mut().graceful_shutdown();
-    let _ = http.await;
+    let mut builder = http1::Builder::new();
+    builder.keep_alive(true);
+    // Draining, the connection goes back to the master at its next request boundary.
+    let _ = crate::http1::serve(conn, &builder, service, drain).await;
 }
 
 #[cfg(test)]

@@ -81,8 +81,11 @@ pub use ipc::message::MessageError;
 pub use master::{FromWorker, Master, MasterError};
 pub use supervise::Limits;
 pub use sys::socket::Peer;
+#[cfg(feature = "hyper")]
+pub use worker::http1;
 pub use worker::{
-    BoxError, Connection, Drain, Inbox, Incoming, Messenger, Origin, Received, Stream, WorkerError,
+    BoxError, Connection, Drain, HandBackError, HandBackFailure, Inbox, Incoming, Messenger,
+    Origin, Received, Stream, WorkerError,
 };
 
 /// Why [`Server::run`] failed.

@@ -239,16 +239,18 @@ fn check(received: scm::Received, buf: &[u8]) -> Result<(Frame, Vec<OwnedFd>), C
     let frame = frame::decode(&buf[..received.len])?;
     let declared = match &frame {
         Frame::Connections(entries) | Frame::Listeners(entries) => entries.len(),
-        Frame::Counters | Frame::Metrics | Frame::Loads { .. } => 1,
+        Frame::Counters | Frame::Metrics | Frame::Loads { .. } | Frame::HandBack { .. } => 1,
         _ => 0,
     };
     let arrived = received.fds.len();
     if received.fds_truncated {
         // The receiver's fd table is full: the kernel installed the first fds and dropped
         // the rest. Only CONNECTIONS may arrive so, and its receiver refuses what is
-        // missing (REFUSED); anything else is broken.
+        // missing (REFUSED; a HANDBACK's one connection likewise); anything else is broken.
         return match frame {
-            Frame::Connections(_) if arrived < declared => Ok((frame, received.fds)),
+            Frame::Connections(_) | Frame::HandBack { .. } if arrived < declared => {
+                Ok((frame, received.fds))
+            }
             _ => Err(ChannelError::FdsTruncated),
         };
     }

@@ -34,6 +34,10 @@ pub(crate) const KIND_MESSAGE: u8 = 8;
 const KIND_METRICS: u8 = 10;
 const KIND_SAMPLES: u8 = 11;
 const KIND_LOADS: u8 = 9;
+const KIND_HANDBACK: u8 = 12;
+/// The most bytes a [`Frame::HandBack`] carries after its entry: what fits the largest
+/// frame (65,520).
+pub const MAX_HANDBACK_BYTES: usize = MAX_FRAME_LEN - HEADER_LEN - CONNECTION_ENTRY_LEN;
 /// Bytes of a [`Frame::Loads`] body.
 pub const LOADS_BODY_LEN: usize = 8;
 
@@ -109,6 +113,17 @@ pub enum Frame {
         /// The value's length in bytes, a multiple of 8, to map.
         value_len: u32,
     },
+    /// Either way, one fd: a connection handed back with the bytes already read from it.
+    /// worker → master: a draining worker gives up an idle keep-alive connection at a
+    /// request boundary, for another worker. master → worker: such a connection, whose
+    /// `bytes` the worker presents as the first ones read from it (a connection handed back
+    /// with no bytes travels in an ordinary CONNECTIONS frame).
+    HandBack {
+        /// The connection: its id, listener and peer.
+        entry: ConnectionHeader,
+        /// Bytes already read from it and not yet used, at most [`MAX_HANDBACK_BYTES`].
+        bytes: Vec<u8>,
+    },
 }
 
 impl Frame {
@@ -126,6 +141,7 @@ impl Frame {
             Frame::Metrics => "metrics",
             Frame::Samples(_) => "samples",
             Frame::Loads { .. } => "loads",
+            Frame::HandBack { .. } => "handback",
         }
     }
 }
@@ -223,6 +239,16 @@ fn encode_entries(
         }
         out.extend_from_slice(&slot);
     }
+}
+
+/// Writes a [`Frame::HandBack`] frame for `entry` and `bytes` (at most
+/// [`MAX_HANDBACK_BYTES`]) into `out` (cleared first); the connection's fd goes with it.
+pub fn encode_hand_back(out: &mut Vec<u8>, entry: ConnectionHeader, bytes: &[u8]) {
+    debug_assert!(bytes.len() <= MAX_HANDBACK_BYTES);
+    encode_entries(out, KIND_HANDBACK, std::iter::once(entry));
+    out.extend_from_slice(bytes);
+    let body_len = (out.len() - HEADER_LEN) as u32;
+    out[4..8].copy_from_slice(&body_len.to_le_bytes());
 }
 
 /// Writes a [`Frame::Ready`] frame into `out` (cleared first).
@@ -359,6 +385,18 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
             Ok(Frame::Loads { word, value_len })
         }
         KIND_LOADS => Err(shape("loads")),
+        KIND_HANDBACK
+            if count == 1
+                && body.len() >= CONNECTION_ENTRY_LEN
+                && body.len() - CONNECTION_ENTRY_LEN <= MAX_HANDBACK_BYTES =>
+        {
+            let (entry, bytes) = body.split_at(CONNECTION_ENTRY_LEN);
+            Ok(Frame::HandBack {
+                entry: decode_entry(entry)?,
+                bytes: bytes.to_vec(),
+            })
+        }
+        KIND_HANDBACK => Err(shape("handback")),
         KIND_STATUS | KIND_DRAINING if count == 0 && body.len() == STATUS_BODY_LEN => {
             let status = decode_status(body);
             Ok(if kind == KIND_STATUS {
@@ -519,6 +557,56 @@ mod tests {
                 "count {bad}"
             );
         }
+    }
+
+    #[test]
+    fn handback_round_trips_with_its_bytes_and_needs_one_entry() {
+        let mut buf = Vec::new();
+        let conn = entry(7, "127.0.0.1:4000");
+        encode_hand_back(&mut buf, conn, b"GET / HT");
+        assert_eq!(buf.len(), HEADER_LEN + CONNECTION_ENTRY_LEN + 8);
+        assert_eq!(
+            decode(&buf),
+            Ok(Frame::HandBack {
+                entry: conn,
+                bytes: b"GET / HT".to_vec()
+            })
+        );
+        encode_hand_back(&mut buf, conn, &[]);
+        assert_eq!(
+            decode(&buf),
+            Ok(Frame::HandBack {
+                entry: conn,
+                bytes: Vec::new()
+            })
+        );
+        buf[2] = 2;
+        assert!(matches!(
+            decode(&buf),
+            Err(FrameError::Shape {
+                kind: "handback",
+                ..
+            })
+        ));
+        // Shorter than its entry.
+        let mut short = buf[..HEADER_LEN + 4].to_vec();
+        short[2] = 1;
+        short[4..8].copy_from_slice(&4u32.to_le_bytes());
+        assert!(matches!(
+            decode(&short),
+            Err(FrameError::Shape {
+                kind: "handback",
+                ..
+            })
+        ));
+        let big = vec![b'x'; MAX_HANDBACK_BYTES];
+        encode_hand_back(&mut buf, conn, &big);
+        assert_eq!(
+            buf.len(),
+            MAX_FRAME_LEN,
+            "the largest handback is the largest frame"
+        );
+        assert!(matches!(decode(&buf), Ok(Frame::HandBack { .. })));
     }
 
     #[test]

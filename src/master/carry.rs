@@ -10,6 +10,7 @@
 //!   | START totals (at its start) ---------------->  counts on from them
 //!   | <---------------------------- ready PID\n      (every worker ready)
 //!   |   stops accepting, drains its workers
+//!   | CONNECTION + fd (handed back by a worker) -->  gives it to one of its workers
 //!   | FINAL totals (its last worker reaped) ------>  adds what grew since START
 //! ```
 //!
@@ -78,6 +79,10 @@ impl Carried {
 pub(crate) mod tag {
     /// Old → new: the old master's totals ([`super::Carried`]): START, then FINAL.
     pub const TOTALS: u8 = b'T';
+    /// Old → new, with the connection's fd: a connection one of the old master's draining
+    /// workers handed back after the hand-over. The body: the listener's index (u16) and the
+    /// bytes the worker had read from it.
+    pub const CONNECTION: u8 = b'C';
 }
 
 /// One frame read from the handshake.
@@ -86,13 +91,12 @@ pub(crate) struct Frame {
     pub tag: u8,
     pub body: Vec<u8>,
     /// The fd that came with it, for the tags that carry one.
-    #[allow(dead_code)] // No tag carries one yet.
     pub fd: Option<OwnedFd>,
 }
 
 /// Whether frames of `tag` carry an fd.
-fn carries_fd(_tag: u8) -> bool {
-    false
+fn carries_fd(tag: u8) -> bool {
+    tag == tag::CONNECTION
 }
 
 /// Writes one frame (a tag, a u32 length, the body); `fd` goes with its first byte.
@@ -268,6 +272,46 @@ mod tests {
         drop(a);
         let err = Reader::default().next(&b).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn connections_arrive_with_their_own_fd_in_order_between_other_frames() {
+        use std::os::fd::AsFd;
+        let (a, b) = UnixStream::pair().unwrap();
+        let (one, _keep_one) = UnixStream::pair().unwrap();
+        let (two, _keep_two) = UnixStream::pair().unwrap();
+        let ino = |fd: &OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
+        send(&a, tag::CONNECTION, b"\0\0GET", Some(one.as_fd()), TIMEOUT)
+            .await
+            .unwrap();
+        send_totals(&a, &totals(1, 0, 0), TIMEOUT).await.unwrap();
+        send(&a, tag::CONNECTION, b"\x01\0", Some(two.as_fd()), TIMEOUT)
+            .await
+            .unwrap();
+        drop(a);
+        let mut reader = Reader::default();
+        let first = reader.next(&b).await.unwrap().unwrap();
+        assert_eq!(
+            (first.tag, &first.body[..]),
+            (tag::CONNECTION, &b"\0\0GET"[..])
+        );
+        let expect = |s: &UnixStream| rustix::fs::fstat(s).unwrap().st_ino;
+        assert_eq!(ino(first.fd.as_ref().unwrap()), expect(&one));
+        let totals = reader.next(&b).await.unwrap().unwrap();
+        assert!(totals.fd.is_none());
+        let second = reader.next(&b).await.unwrap().unwrap();
+        assert_eq!(ino(second.fd.as_ref().unwrap()), expect(&two));
+        assert!(reader.next(&b).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_frame_without_its_fd_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        send(&a, tag::CONNECTION, b"\0\0", None, TIMEOUT)
+            .await
+            .unwrap();
+        let err = Reader::default().next(&b).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]

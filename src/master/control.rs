@@ -354,6 +354,8 @@ struct DrainingReport {
     reason: Option<Reason>,
     active: u64,
     pending: usize,
+    /// Idle keep-alive connections it handed back for other workers.
+    handed_back: u64,
 }
 
 fn slots(table: &Table) -> Vec<SlotReport> {
@@ -403,6 +405,7 @@ fn draining(table: &Table) -> Vec<DrainingReport> {
                 reason: p.retire,
                 active: p.active(),
                 pending: p.pending(),
+                handed_back: p.handed_back(),
             })
         })
         .collect()

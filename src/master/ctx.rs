@@ -55,8 +55,9 @@ pub(crate) struct Ctx {
     pub upgrading: Cell<bool>,
     /// A new master took over: the sockets are its own now.
     pub handed_over: Cell<bool>,
-    /// The handshake with the master that took over, for this one's final totals.
-    pub successor: RefCell<Option<Handshake>>,
+    /// What goes on to the master that took over: connections handed back, then this one's
+    /// final totals (see `upgrade::feed_successor`).
+    pub successor: RefCell<Option<tokio::sync::mpsc::Sender<super::upgrade::Onward>>>,
     #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub listening: Vec<String>,
     pub handout: Handout,

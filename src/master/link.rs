@@ -18,6 +18,7 @@ use crate::ipc::frame::{self, Frame};
 use crate::ipc::{Channel, ChannelError};
 use crate::sys;
 use crate::sys::shm::Counters;
+use crate::sys::socket::Peer;
 
 /// The result of sending what a process's channel should carry.
 #[derive(Debug)]
@@ -65,6 +66,12 @@ pub(crate) fn transmit(
                 channel
                     .try_send(&scratch.frame, &fds)
                     .map(|()| process.sent(count, Instant::now()))
+            }
+            Outgoing::HandBack(conn) => {
+                frame::encode_hand_back(&mut scratch.frame, conn.header(), &conn.prefix);
+                channel
+                    .try_send(&scratch.frame, &[conn.fd.as_fd()])
+                    .map(|()| process.sent(1, Instant::now()))
             }
             Outgoing::End => channel.close_sending().map(|()| process.ended()),
         };
@@ -151,6 +158,11 @@ fn apply(
             }
             return Ok(Heard::News);
         }
+        Frame::HandBack { entry, bytes } => {
+            let fd = fds.into_iter().next().expect("the channel checked: one fd");
+            hand_back(ctx, index, pid, entry, fd, bytes);
+            return Ok(Heard::News);
+        }
         Frame::Counters => {}
         other => return ctx.table.borrow_mut().on_frame(index, pid, other),
     }
@@ -169,6 +181,99 @@ fn apply(
     process.attach_counters(counters);
     tracing::debug!(worker = index, pid, "worker shares its counters in memory");
     Ok(Heard::News)
+}
+
+/// Takes a connection process `pid` of slot `index` handed back: its fd must be a
+/// connected stream socket whose local address is that of the listener the entry names
+/// (the peer is read from the socket, not believed); the table decides the rest. A refused
+/// connection is closed, counted and logged (the first few of a worker, then every power of
+/// two); the worker keeps serving.
+fn hand_back(
+    ctx: &Ctx,
+    index: usize,
+    pid: u32,
+    entry: frame::ConnectionHeader,
+    fd: OwnedFd,
+    bytes: Vec<u8>,
+) {
+    let len = bytes.len();
+    let checked = named(ctx, &fd, entry.listener);
+    let mut table = ctx.table.borrow_mut();
+    let refused = match checked {
+        Ok(named) => match table.handed_back(index, pid, fd, named, bytes) {
+            Ok(None) => {
+                tracing::debug!(worker = index, pid, bytes = len, "connection handed back");
+                return;
+            }
+            // Handed over: it goes on to the new master.
+            Ok(Some(onward)) => match super::upgrade::pass_on(ctx, onward) {
+                Ok(()) => return,
+                Err(why) => {
+                    table.refuse_hand_back(index, pid);
+                    why.to_string()
+                }
+            },
+            Err(why) => why.to_string(),
+        },
+        Err(why) => {
+            drop(fd);
+            table.refuse_hand_back(index, pid);
+            why
+        }
+    };
+    let count = table.handbacks_refused(index, pid);
+    if count <= 3 || count.is_power_of_two() {
+        tracing::warn!(worker = index, pid, reason = %refused, refused = count, "closing a connection the worker handed back");
+    }
+}
+
+/// Checks that `fd` is a connected stream socket of listener `listener` (its local address
+/// that listener's); answers the listener and the peer, read from the socket.
+fn named(ctx: &Ctx, fd: &OwnedFd, listener: u16) -> Result<(u16, Peer), String> {
+    let (local, peer) = sys::socket::connected_stream(fd)
+        .map_err(|e| format!("not a connected stream socket: {e}"))?;
+    let listening = ctx.listening.get(usize::from(listener));
+    if listening.is_some_and(|name| of_listener(name, local)) {
+        Ok((listener, peer))
+    } else {
+        Err(format!(
+            "its local address ({local:?}) is not that of listener {listener}"
+        ))
+    }
+}
+
+/// In a master started by an upgrade: takes a connection the master it replaced passed on
+/// (a `carry::tag::CONNECTION` body: the listener's index, then the bytes read from it).
+pub(crate) fn inherit(ctx: &Ctx, fd: OwnedFd, body: &[u8]) {
+    let result = match body {
+        [a, b, prefix @ ..] => {
+            let listener = u16::from_le_bytes([*a, *b]);
+            named(ctx, &fd, listener).and_then(|named| {
+                let mut table = ctx.table.borrow_mut();
+                (table.inherited(fd, named, prefix.to_vec())).map_err(|why| why.to_string())
+            })
+        }
+        _ => Err("a frame shorter than its listener".to_owned()),
+    };
+    match result {
+        Ok(()) => flush(ctx),
+        Err(why) => {
+            tracing::warn!(reason = %why, "closing a connection the replaced master passed on")
+        }
+    }
+}
+
+/// Whether a connection whose local address is `local` (`None`: not IP) came through the
+/// listener printed as `listening` (an IP address as bound, or `unix:PATH`).
+fn of_listener(listening: &str, local: Option<std::net::SocketAddr>) -> bool {
+    match (listening.parse::<std::net::SocketAddr>(), local) {
+        (Ok(bound), Some(local)) => {
+            bound.port() == local.port()
+                && (bound.ip().is_unspecified() || bound.ip() == local.ip())
+        }
+        (Err(_), None) => listening.starts_with("unix:"),
+        _ => false,
+    }
 }
 
 /// Reads the totals the workers share in memory (acknowledgements, finished connections);

@@ -201,6 +201,16 @@ fn master_figures(ctx: &Ctx, exporter: &Exporter) {
     );
     exporter.counter("handoff_connections_dropped_total", vec![], c.dropped);
     exporter.counter("handoff_connections_refused_total", vec![], c.refused);
+    exporter.counter(
+        "handoff_connections_handed_back_total",
+        vec![],
+        c.handed_back,
+    );
+    exporter.counter(
+        "handoff_handbacks_refused_total",
+        vec![],
+        c.handbacks_refused,
+    );
     exporter.counter("handoff_accept_errors_total", vec![], c.accept_errors);
     exporter.counter("handoff_workers_spawned_total", vec![], c.spawned);
     for (reason, count) in [

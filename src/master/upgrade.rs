@@ -112,7 +112,8 @@ pub(crate) async fn take_over(
 }
 
 /// In the new master: once every worker is ready, tells the old one (`ready PID`); then
-/// waits for its FINAL totals and adds what it counted after START.
+/// takes the connections it forwards and its FINAL totals, adding what it counted after
+/// START.
 pub(crate) async fn announce_ready(
     ctx: Rc<Ctx>,
     (mut stream, mut reader, start): (Handshake, carry::Reader, Carried),
@@ -129,29 +130,109 @@ pub(crate) async fn announce_ready(
         Ok(Err(e)) => return tracing::warn!(error = %e, "telling the master being replaced failed"),
         Err(_) => return tracing::warn!("telling the master being replaced timed out"),
     }
-    match reader.totals(&stream).await {
-        Ok(Some(last)) => {
+    let mut last = None;
+    loop {
+        let frame = match reader.next(&stream).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the replaced master's hand-over failed");
+                break;
+            }
+        };
+        match (frame.tag, frame.fd) {
+            (carry::tag::CONNECTION, Some(fd)) => super::link::inherit(&ctx, fd, &frame.body),
+            (carry::tag::TOTALS, _) => match carry::decode_totals(&frame.body) {
+                Ok(totals) => last = Some(totals),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the replaced master's final totals are unreadable")
+                }
+            },
+            (other, _) => {
+                tracing::warn!(tag = other, "an unknown frame from the replaced master");
+                break;
+            }
+        }
+    }
+    match last {
+        Some(last) => {
             last.add_growth_since(&start, &ctx);
             tracing::info!(
                 accepted = last.table.accepted,
                 "the replaced master's final totals are in"
             );
         }
-        Ok(None) => tracing::warn!("the replaced master ended without its final totals"),
-        Err(e) => tracing::warn!(error = %e, "the replaced master's final totals are unreadable"),
+        None => tracing::warn!("the replaced master ended without its final totals"),
     }
 }
 
+/// What the old master sends the new one after the hand-over, in this order.
+#[derive(Debug)]
+pub(crate) enum Onward {
+    /// A connection one of its draining workers handed back.
+    Connection(super::table::Onward),
+    /// Its final totals; the sender is told once they are written.
+    Final(Carried, tokio::sync::oneshot::Sender<()>),
+}
+
+/// Connections handed back that may wait to go on to the new master, at most.
+const ONWARD_QUEUE: usize = 1024;
+
+/// In the old master, after the hand-over: writes what goes on to the new master, in order.
+async fn feed_successor(stream: Handshake, mut queue: tokio::sync::mpsc::Receiver<Onward>) {
+    while let Some(onward) = queue.recv().await {
+        match onward {
+            Onward::Connection(conn) => {
+                let mut body = conn.listener.to_le_bytes().to_vec();
+                body.extend_from_slice(&conn.prefix);
+                let sent = carry::send(
+                    &stream,
+                    carry::tag::CONNECTION,
+                    &body,
+                    Some(conn.fd.as_fd()),
+                    carry::TIMEOUT,
+                );
+                if let Err(e) = sent.await {
+                    tracing::warn!(error = %e, "passing a handed-back connection to the new master failed");
+                }
+            }
+            Onward::Final(last, written) => {
+                match carry::send_totals(&stream, &last, carry::TIMEOUT).await {
+                    Ok(()) => {
+                        tracing::info!(accepted = last.table.accepted, "final totals handed over")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "handing over the final totals failed"),
+                }
+                let _ = written.send(());
+                return;
+            }
+        }
+    }
+}
+
+/// In the old master, after the hand-over: queues a connection a worker handed back for
+/// the new master; `Err` (and the connection is closed) when the queue is full or gone.
+pub(crate) fn pass_on(ctx: &Ctx, conn: super::table::Onward) -> Result<(), &'static str> {
+    let successor = ctx.successor.borrow();
+    let queue = successor.as_ref().ok_or("no new master to pass it to")?;
+    queue
+        .try_send(Onward::Connection(conn))
+        .map_err(|_| "the queue to the new master is full")
+}
+
 /// In the old master, once its last worker is reaped: its FINAL totals to the master that
-/// replaced it.
+/// replaced it, after every connection passed on.
 pub(crate) async fn hand_final_totals(ctx: &Ctx) {
-    let Some(stream) = ctx.successor.borrow_mut().take() else {
+    let Some(queue) = ctx.successor.borrow_mut().take() else {
         return;
     };
-    let last = Carried::collect(ctx);
-    match carry::send_totals(&stream, &last, carry::TIMEOUT).await {
-        Ok(()) => tracing::info!(accepted = last.table.accepted, "final totals handed over"),
-        Err(e) => tracing::warn!(error = %e, "handing over the final totals failed"),
+    let (written, done) = tokio::sync::oneshot::channel();
+    if queue
+        .send(Onward::Final(Carried::collect(ctx), written))
+        .await
+        .is_ok()
+    {
+        let _ = tokio::time::timeout(carry::TIMEOUT * 2, done).await;
     }
 }
 
@@ -224,7 +305,10 @@ async fn start_and_wait(ctx: &Rc<Ctx>, binary: Option<PathBuf>) -> Result<u32, S
     };
     let failure = match tokio::time::timeout(timeout, word).await {
         Ok(Ok((ours, word))) if word.starts_with("ready") => {
-            *ctx.successor.borrow_mut() = Some(ours);
+            let (queue, taken) = tokio::sync::mpsc::channel(ONWARD_QUEUE);
+            *ctx.successor.borrow_mut() = Some(queue);
+            ctx.table.borrow_mut().onward = true;
+            tokio::task::spawn_local(feed_successor(ours, taken));
             return Ok(pid);
         }
         // The handshake ends as the new master exits: give its exit status a moment to

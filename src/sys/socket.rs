@@ -254,6 +254,27 @@ pub fn set_nonblocking(fd: &impl AsFd, on: bool) -> io::Result<()> {
     Ok(rustix::fs::fcntl_setfl(fd, flags)?)
 }
 
+/// What a received fd is, if it is a connected stream socket: `getsockopt(SO_TYPE)` (fails
+/// with `ENOTSOCK` on anything but a socket), `getsockopt(SO_ACCEPTCONN)` (a listener is
+/// not a connection), `getsockname(2)` and `getpeername(2)` (`ENOTCONN` when it is not
+/// connected).
+pub fn connected_stream(fd: &impl AsFd) -> io::Result<(Option<SocketAddr>, Peer)> {
+    if rustix::net::sockopt::socket_type(fd)? != SocketType::STREAM {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a stream socket",
+        ));
+    }
+    if rustix::net::sockopt::socket_acceptconn(fd)? {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a listening socket",
+        ));
+    }
+    let peer = Peer::from_any(rustix::net::getpeername(fd)?);
+    Ok((local_addr(fd)?, peer))
+}
+
 /// Whether a connected stream's peer has gone: `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte
 /// reads the end of the stream (it closed without sending anything still unread) or an error
 /// (reset). A peer that sent data, or nothing yet, is still there.
@@ -295,6 +316,24 @@ mod tests {
         let (conn, peer) = accept(&fd).unwrap();
         assert_eq!(peer, Peer::Ip(client.local_addr().unwrap()));
         drop(conn);
+    }
+
+    #[test]
+    fn only_a_connected_stream_passes_for_a_connection() {
+        let fd = tcp_listener("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        let addr = local_addr(&fd).unwrap().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (conn, _) = accept(&fd).unwrap();
+        let (local, peer) = connected_stream(&conn).unwrap();
+        assert_eq!(local, Some(addr));
+        assert_eq!(peer, Peer::Ip(client.local_addr().unwrap()));
+        assert!(connected_stream(&fd).is_err(), "a listener");
+        let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        assert!(connected_stream(&file).is_err(), "not a socket");
+        let (channel, _other) = seqpacket_pair().unwrap();
+        assert!(connected_stream(&channel).is_err(), "not a stream");
+        let unconnected = tcp_bound("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        assert!(connected_stream(&unconnected).is_err(), "not connected");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! A connection handed to this worker: a tokio stream plus what the master said about it.
 //! Dropping it shuts down the write side (so the client sees FIN even while the master still
 //! holds its copy of the fd), reports the connection finished, and leaves the fd to
-//! `linger` for its close.
+//! `linger` for its close. A draining worker may instead hand an idle connection back to
+//! the master ([`Connection::hand_back`]), which gives it to another worker; a connection
+//! that arrives so may bring bytes the previous worker had read, and reads them first.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -57,6 +59,40 @@ pub struct Connection {
     guard: Option<ActiveGuard>,
     /// The master may still hold a copy of the fd: the close waits (see `linger`).
     from_master: bool,
+    /// Bytes read from the connection before it reached this worker (or before a hand-back
+    /// failed), read first; `unread` is where reading them goes on.
+    prefix: Vec<u8>,
+    unread: usize,
+}
+
+/// Why [`Connection::hand_back`] could not hand a connection back. The connection comes
+/// back with it, the bytes given restored as the first ones it reads: serve it here, and
+/// end it after the request in flight (`Connection: close`).
+#[derive(Debug, thiserror::Error)]
+#[error("handing the connection back failed: {reason}")]
+pub struct HandBackError {
+    /// The connection, to serve here.
+    pub connection: Connection,
+    /// Why.
+    pub reason: HandBackFailure,
+}
+
+/// Why a connection could not be handed back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandBackFailure {
+    /// The worker is not draining: only a draining worker hands connections back.
+    #[error("the worker is not draining")]
+    NotDraining,
+    /// The worker accepted it itself (the kernel baseline modes): the master never had it.
+    #[error("the connection did not come from the master")]
+    NotFromMaster,
+    /// More bytes were read from it than a HANDBACK frame carries.
+    #[error("{0} bytes read from it are more than a handback carries ({max})", max = crate::ipc::frame::MAX_HANDBACK_BYTES)]
+    TooManyBytes(usize),
+    /// The channel to the master failed (the master is gone).
+    #[error("the channel to the master failed")]
+    Channel(#[source] io::Error),
 }
 
 impl Connection {
@@ -79,6 +115,14 @@ impl Connection {
         Ok(conn)
     }
 
+    /// A connection the master handed over with `bytes` another worker had read from it:
+    /// they are the first this one reads.
+    pub(crate) fn with_prefix(mut self, bytes: Vec<u8>) -> Self {
+        self.prefix = bytes;
+        self.unread = 0;
+        self
+    }
+
     /// A connection this worker accepted itself (kernel baseline modes).
     pub(crate) fn accepted(header: ConnectionHeader, stream: Stream, shared: &Arc<Shared>) -> Self {
         Connection {
@@ -86,6 +130,71 @@ impl Connection {
             header,
             guard: Some(ActiveGuard::new(shared.clone())),
             from_master: false,
+            prefix: Vec::new(),
+            unread: 0,
+        }
+    }
+
+    /// Hands this connection back to the master, which gives it to another worker: what a
+    /// draining worker does with an idle keep-alive connection at a request boundary, so the
+    /// client's next request is answered instead of finding the connection closed under it.
+    /// `already_read` is what was read from it and not used (a request begun, pipelined
+    /// ones), at most [`MAX_HANDBACK_BYTES`](crate::ipc::frame::MAX_HANDBACK_BYTES)
+    /// together with any of its own first bytes not read yet; the next worker reads them
+    /// first. Call it only where no response is half written. Counted as finished here.
+    ///
+    /// Fails, giving the connection back, when the worker is not draining, in the kernel
+    /// modes, with too many bytes, or when the master is gone.
+    pub async fn hand_back(mut self, already_read: &[u8]) -> Result<(), HandBackError> {
+        let mut bytes = Vec::with_capacity(already_read.len() + self.prefix.len() - self.unread);
+        bytes.extend_from_slice(already_read);
+        bytes.extend_from_slice(&self.prefix[self.unread..]);
+        let shared = self.guard.as_ref().map(|g| g.shared.clone());
+        let failure = match &shared {
+            _ if !self.from_master => Some(HandBackFailure::NotFromMaster),
+            None => Some(HandBackFailure::NotFromMaster),
+            Some(shared) if !*shared.drain.borrow() => Some(HandBackFailure::NotDraining),
+            _ if bytes.len() > crate::ipc::frame::MAX_HANDBACK_BYTES => {
+                Some(HandBackFailure::TooManyBytes(bytes.len()))
+            }
+            _ => None,
+        };
+        let sent = match (failure, &shared) {
+            (Some(failure), _) => Err(failure),
+            (None, Some(shared)) => {
+                let mut frame = Vec::new();
+                crate::ipc::frame::encode_hand_back(&mut frame, self.header, &bytes);
+                let fd = match self.stream() {
+                    Stream::Tcp(s) => s.as_fd(),
+                    Stream::Unix(s) => s.as_fd(),
+                };
+                // After a DRAINING frame being sent (SIGTERM): the master takes handbacks
+                // only from a worker it knows is draining.
+                let _after_draining = shared.announcing.lock().await;
+                shared
+                    .channel
+                    .send(&frame, &[fd])
+                    .await
+                    .map_err(HandBackFailure::Channel)
+            }
+            (None, None) => Err(HandBackFailure::NotFromMaster),
+        };
+        match sent {
+            Ok(()) => {
+                // The master holds it now: close this copy at once, with no shutdown (that
+                // would end the connection for the next worker too). The guard counts it
+                // finished.
+                drop(self.stream.take());
+                Ok(())
+            }
+            Err(reason) => {
+                self.prefix = bytes;
+                self.unread = 0;
+                Err(HandBackError {
+                    connection: self,
+                    reason,
+                })
+            }
         }
     }
 
@@ -212,7 +321,19 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.get_mut().pinned().poll_read(cx, buf)
+        let conn = self.get_mut();
+        if conn.unread < conn.prefix.len() {
+            let rest = &conn.prefix[conn.unread..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            conn.unread += n;
+            if conn.unread == conn.prefix.len() {
+                conn.prefix = Vec::new();
+                conn.unread = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        conn.pinned().poll_read(cx, buf)
     }
 }
 

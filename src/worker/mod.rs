@@ -6,6 +6,8 @@
 #[cfg(feature = "axum")]
 mod axum;
 mod connection;
+#[cfg(feature = "hyper")]
+pub mod http1;
 mod linger;
 mod own;
 mod post;
@@ -19,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
-pub use connection::{Connection, Stream};
+pub use connection::{Connection, HandBackError, HandBackFailure, Stream};
 use own::OwnListeners;
 use post::WorkerPost;
 pub use post::{Inbox, Messenger, Origin, Received};
@@ -330,10 +332,16 @@ impl Incoming {
                 // them: it hands them to another worker.
                 drop(fds);
             }
-            Ok((Frame::Connections(headers), fds)) => {
+            Ok((Frame::HandBack { .. }, fds)) if self.drain.is_draining() => drop(fds),
+            Ok((frame @ (Frame::Connections(_) | Frame::HandBack { .. }), fds)) => {
+                let (headers, prefix) = match frame {
+                    Frame::Connections(headers) => (headers, Vec::new()),
+                    Frame::HandBack { entry, bytes } => (vec![entry], bytes),
+                    _ => unreachable!("matched above"),
+                };
                 let refused = headers.len() - fds.len();
                 self.shared.counts.refuse(refused as u64);
-                self.take(headers, fds);
+                self.take(headers, fds, prefix);
                 // Acknowledge before the service sees any of them: a handler that keeps
                 // this thread busy must not hold the ack back, or the master would hand
                 // a connection this worker may already have read to another one.
@@ -425,7 +433,13 @@ impl Incoming {
     }
 
     /// Takes the connections whose fds arrived (the first `fds.len()` of `headers`).
-    fn take(&mut self, headers: Vec<crate::ipc::ConnectionHeader>, fds: Vec<std::os::fd::OwnedFd>) {
+    /// A HANDBACK frame's connection brings `prefix`, the bytes another worker read from it.
+    fn take(
+        &mut self,
+        headers: Vec<crate::ipc::ConnectionHeader>,
+        fds: Vec<std::os::fd::OwnedFd>,
+        mut prefix: Vec<u8>,
+    ) {
         // Counted first: a connection that fails below counts as finished too, and the
         // master may read the totals at any moment (never more finished than received).
         self.shared
@@ -434,6 +448,9 @@ impl Incoming {
             .fetch_add(fds.len() as u64, Ordering::SeqCst);
         for (header, fd) in headers.into_iter().zip(fds) {
             match Connection::new(header, fd, &self.shared) {
+                Ok(conn) if !prefix.is_empty() => self
+                    .queue
+                    .push_back(conn.with_prefix(std::mem::take(&mut prefix))),
                 Ok(conn) => self.queue.push_back(conn),
                 Err(e) => {
                     tracing::warn!(id = header.id, error = %e, "dropping a connection that cannot be registered");

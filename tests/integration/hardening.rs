@@ -396,3 +396,69 @@ fn a_stop_with_no_worker_left_to_take_held_connections_is_prompt() {
         "waited {took:?} for workers that cannot come (shutdown timeout 20 s)"
     );
 }
+
+/// A worker hands connections back every way it should not (see
+/// `tests/fixtures/handback_garbage_worker.py`): while not draining, fds that are no
+/// connection of the listener named, more than it was sent. Each is refused, closed,
+/// counted and logged in a bounded number of lines; nothing else is harmed: the worker is
+/// not killed, its one proper handback is answered by another worker, and every client is
+/// served.
+#[test]
+fn bad_handbacks_are_refused_and_harm_nothing() {
+    let script = crate_path("tests/fixtures/handback_garbage_worker.py");
+    let master = Master::start(&[
+        "--workers",
+        "2",
+        "--strategy",
+        "round-robin",
+        "--",
+        "python3",
+        "-B",
+        &script,
+    ]);
+    let hostile = master.worker_pids()[0].unwrap();
+    for _ in 0..4 {
+        let response = http_get(master.addr)
+            .unwrap_or_else(|e| panic!("a client was not served: {e}; log:\n{}", master.log()));
+        assert_eq!(response.status, 200);
+        assert_ne!(response.pid, hostile, "it never serves");
+    }
+    let refused = wait_until(PATIENCE, || {
+        counter(&master, "handbacks_refused") >= 104 && counter(&master, "handed_back") >= 1
+    });
+    assert!(refused, "{}\n{}", master.status(), master.log());
+    assert!(
+        wait_until(PATIENCE, || !crate::util::process_exists(hostile)),
+        "it finishes as a drained worker; log:\n{}",
+        master.log()
+    );
+    let log = master.log();
+    let pid = format!("pid={hostile}");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("closing a connection the worker handed back") && l.contains(&pid))
+        .collect();
+    for reason in [
+        "the worker is not draining",
+        "not a connected stream socket",
+        "is not that of listener 0",
+        "as many connections as it was sent",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(reason)),
+            "no line says {reason:?}; log:\n{log}"
+        );
+    }
+    assert!(
+        lines.len() <= 12,
+        "{} lines: the log is not flooded",
+        lines.len()
+    );
+    assert_eq!(counter(&master, "protocol_errors"), 0, "{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("worker lost") && l.contains(&pid)),
+        "{log}"
+    );
+    assert_eq!(master.get().status, 200);
+}

@@ -115,6 +115,31 @@ fn the_axum_example_serves_with_connect_info_and_drains_keep_alive_on_stop() {
 }
 
 #[test]
+fn keep_alive_connections_survive_rolling_restarts_of_the_axum_example() {
+    let mut cmd = example("axum");
+    cmd.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let (axum, addr) = start(cmd, 2);
+    crate::keepalive::two_restarts_under_keep_alive_load(addr, axum.pid(), &|| axum.log());
+    stop(axum);
+}
+
+#[test]
+fn keep_alive_connections_survive_rolling_restarts_of_the_hyper_example() {
+    let mut cmd = example("hyper");
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--threads",
+        "2",
+    ]);
+    let (hyper, addr) = start(cmd, 2);
+    crate::keepalive::two_restarts_under_keep_alive_load(addr, hyper.pid(), &|| hyper.log());
+    stop(hyper);
+}
+
+#[test]
 fn the_hyper_example_serves_on_multi_threaded_workers_and_stops_cleanly() {
     let mut cmd = example("hyper");
     cmd.args([

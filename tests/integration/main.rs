@@ -8,6 +8,7 @@ mod bench;
 mod control;
 mod core;
 mod hardening;
+mod keepalive;
 mod kernel_least;
 mod library;
 mod lifecycle;

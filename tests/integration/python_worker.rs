@@ -552,3 +552,16 @@ fn broken_messages_are_dropped_counted_and_logged_and_their_worker_keeps_serving
     }
     assert_eq!(seen, pids.into_iter().collect(), "{}", master.log());
 }
+
+#[test]
+fn a_worker_that_hands_back_with_two_fds_is_replaced() {
+    a_misbehaving_worker_is_replaced(
+        "tests/fixtures/handback_two_fds_worker.py",
+        "FdCount { declared: 1, arrived: 2 }",
+    );
+}
+
+#[test]
+fn a_worker_that_hands_back_more_bytes_than_a_frame_carries_is_replaced() {
+    a_misbehaving_worker_is_replaced("tests/fixtures/handback_too_long_worker.py", "TooLong");
+}

@@ -3,6 +3,8 @@
 //! client is refused. A new binary that fails leaves the old master serving.
 
 use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::util::{send_signal, status_at, wait_until, Load, Master, BIN, PATIENCE};
 
@@ -64,6 +66,76 @@ fn three_upgrades_under_load_refuse_no_connection_and_fail_no_request() {
     let gone = wait_until(PATIENCE, || !crate::util::process_exists(first));
     assert!(gone, "{}", master.log());
     assert!(master.log().contains("upgraded: stopping"));
+}
+
+/// The acceptance: 50 upgrades in a row under about 2,000 requests per second mixing
+/// new connections (open loop), keep-alive connections (paced) and long-lived ones (a
+/// request every 200 ms for the whole run): no failed request, no reset. Keep-alive
+/// connections go on through every upgrade: a draining old worker hands each idle one back
+/// and the old master passes it to the new one.
+#[test]
+fn fifty_upgrades_under_mixed_load_fail_no_request() {
+    use crate::keepalive::KeepAliveLoad;
+    let master = Master::start(&["--workers", "2"]);
+    let _stop = StopAtEnd(master.control.clone());
+    let fresh = Load::start(master.addr, 1_200, 60_000);
+    let keep_alive = KeepAliveLoad::paced(master.addr, 15, Some(Duration::from_millis(20)));
+    let long_lived = KeepAliveLoad::paced(master.addr, 10, Some(Duration::from_millis(200)));
+    assert!(fresh.wait_sent(500));
+    assert!(keep_alive.wait_requests(0, 300));
+    let mut pids = vec![master.pid()];
+    for round in 0..50 {
+        let before = (keep_alive.requests(), long_lived.requests());
+        let output = upgrade(&master, None);
+        assert!(
+            output.status.success(),
+            "upgrade {round}: {output:?}\n{}",
+            master.log()
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        pids.push(answer["pid"].as_u64().unwrap() as u32);
+        // Every kind of client is served through each upgrade.
+        assert!(keep_alive.wait_requests(before.0, 30), "{}", master.log());
+        assert!(long_lived.wait_requests(before.1, 10), "{}", master.log());
+    }
+    let sent = fresh.sent();
+    let report = fresh.finish_early();
+    let (keep_alive, long_lived) = (keep_alive.finish(), long_lived.finish());
+    let errors: Vec<String> = [&keep_alive, &long_lived]
+        .iter()
+        .flat_map(|t| t.errors.lock().unwrap().clone())
+        .collect();
+    let kept = |t: &crate::keepalive::Tally| t.requests.load(Ordering::Relaxed);
+    eprintln!(
+        "50 upgrades: {} new-connection requests, {} keep-alive, {} long-lived; {} errors",
+        report.ok,
+        kept(&keep_alive),
+        kept(&long_lived),
+        report.failures.len() + errors.len()
+    );
+    assert!(
+        report.failures.is_empty() && errors.is_empty(),
+        "new connections: {} of {sent} failed {:?}; {} keep-alive errors, first {:?}\n{}",
+        report.failures.len(),
+        report.failure_kinds(),
+        errors.len(),
+        &errors[..errors.len().min(5)],
+        master.log()
+    );
+    assert_eq!(report.ok, report.sent);
+    let counters = master.status()["counters"].clone();
+    assert!(
+        counters["handed_back"].as_u64().unwrap() > 0,
+        "keep-alive connections went on to the new masters: {counters}"
+    );
+    assert_eq!(counters["handbacks_refused"], 0, "{counters}");
+    // Each old master went, having drained its workers and passed their connections on.
+    let gone = wait_until(PATIENCE, || {
+        pids[..50]
+            .iter()
+            .all(|&pid| !crate::util::process_exists(pid))
+    });
+    assert!(gone, "{}", master.log());
 }
 
 #[test]

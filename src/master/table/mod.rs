@@ -11,6 +11,8 @@
 //! ([`Table::outgoing`]); the master's `link` room sends and reads, so everything here
 //! is tested with plain values.
 
+mod handback;
+pub(crate) use handback::Onward;
 mod process;
 
 use std::collections::{HashMap, VecDeque};
@@ -154,6 +156,10 @@ counters! {
     abandoned,
     /// Workers given up on for not acknowledging a connection within the ack timeout.
     unacknowledged,
+    /// Connections draining workers handed back at a request boundary, for another worker.
+    handed_back,
+    /// Connections handed back that the master refused and closed (see `HandBackRefused`).
+    handbacks_refused,
 }
 
 /// What a frame from a worker told the master.
@@ -203,6 +209,9 @@ pub(crate) struct Table {
     pub workers: usize,
     pub counters: Counters,
     pub stopping: bool,
+    /// This master handed over to a new one (a live upgrade): connections its draining
+    /// workers hand back go on to the new master ([`handback::Onward`]).
+    pub onward: bool,
     /// Every worker process not yet reaped, including lost ones.
     pub live: HashMap<u32, Live>,
     /// Notified when workers can take connections again.
@@ -245,6 +254,7 @@ impl Table {
             workers: config.workers,
             counters: Counters::default(),
             stopping: false,
+            onward: false,
             live: HashMap::new(),
             capacity: Rc::new(Notify::new()),
             all_exited: Rc::new(Notify::new()),
@@ -340,6 +350,7 @@ impl Table {
             listener,
             peer,
             fd,
+            prefix: Box::default(),
             _held: self.held.token(),
         };
         if let Err(conn) = self.assign(conn) {

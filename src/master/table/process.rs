@@ -26,6 +26,9 @@ pub(crate) struct Pending {
     pub listener: u16,
     pub peer: Peer,
     pub fd: OwnedFd,
+    /// Bytes a worker read from it before handing it back, for the next worker to take as
+    /// the first ones read (empty for a connection as accepted).
+    pub prefix: Box<[u8]>,
     /// Counts it among the connections the master holds, while it lives.
     pub _held: Held,
 }
@@ -92,6 +95,9 @@ pub(crate) enum Outgoing<'a> {
     Nothing,
     /// These connections, oldest first, in one CONNECTIONS frame; then [`Process::sent`].
     Connections(&'a [Pending]),
+    /// This one connection and the bytes read from it before it was handed back, in a
+    /// HANDBACK frame; then [`Process::sent`] of 1.
+    HandBack(&'a Pending),
     /// The end: a draining process's outbox is empty, so its channel's sending side
     /// closes; then [`Process::ended`].
     End,
@@ -136,6 +142,10 @@ pub(crate) struct Process {
     pub(super) received: u64,
     /// Connections it reported finished.
     pub(super) closed: u64,
+    /// Connections it handed back (draining, at a request boundary).
+    pub(super) handed_back: u64,
+    /// Connections it handed back that the master refused.
+    pub(super) handbacks_refused: u64,
     /// Its channel is full: nothing is sent until it is writable again.
     write_blocked: bool,
     sending_closed: bool,
@@ -166,6 +176,8 @@ impl Process {
             sent: 0,
             received: 0,
             closed: 0,
+            handed_back: 0,
+            handbacks_refused: 0,
             write_blocked: false,
             sending_closed: false,
             counters: None,
@@ -199,6 +211,17 @@ impl Process {
         self.closed
     }
 
+    /// Connections sent on its channel (less those it refused).
+    pub fn sent_total(&self) -> u64 {
+        self.sent
+    }
+
+    /// Connections it handed back.
+    #[cfg_attr(not(feature = "control"), allow(dead_code))]
+    pub fn handed_back(&self) -> u64 {
+        self.handed_back
+    }
+
     /// Its acknowledged and finished totals, as last reported.
     pub fn totals(&self) -> (u64, u64) {
         (self.received, self.closed)
@@ -225,8 +248,17 @@ impl Process {
         if self.write_blocked {
             Outgoing::Nothing
         } else if !self.outbox.is_empty() {
-            let len = self.outbox.len().min(batch);
-            Outgoing::Connections(&self.outbox.make_contiguous()[..len])
+            let queued = self.outbox.make_contiguous();
+            if !queued[0].prefix.is_empty() {
+                return Outgoing::HandBack(&queued[0]);
+            }
+            // A batch stops at a connection with bytes: that one travels on its own.
+            let len = queued
+                .iter()
+                .take(batch)
+                .take_while(|c| c.prefix.is_empty())
+                .count();
+            Outgoing::Connections(&queued[..len])
         } else if self.phase == Phase::Draining && !self.sending_closed {
             Outgoing::End
         } else {

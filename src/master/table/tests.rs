@@ -4,6 +4,7 @@
 
 use std::os::fd::AsRawFd;
 
+use super::handback::HandBackRefused;
 use super::*;
 use crate::balance::Strategy;
 use crate::ipc::frame::Status;
@@ -51,6 +52,10 @@ fn deliver(t: &mut Table) -> HashMap<u32, Delivered> {
                     let count = batch.len();
                     p.sent(count, Instant::now());
                     got.connections += count;
+                }
+                Outgoing::HandBack(_) => {
+                    p.sent(1, Instant::now());
+                    got.connections += 1;
                 }
                 Outgoing::End => {
                     p.ended();
@@ -644,4 +649,166 @@ fn the_master_asks_for_a_frame_only_of_workers_that_owe_acknowledgements() {
     deliver(&mut t);
     t.ask_for_reports();
     assert_eq!(worker.region().wake.0.load(SeqCst), 1);
+}
+
+/// Slot 0's process 1000 got `sent` connections and acknowledged them, then was replaced
+/// by 2000 (ready) and drains.
+fn draining_with(sent: usize) -> Table {
+    let mut t = table(1, 10);
+    for _ in 0..sent {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    deliver(&mut t);
+    ack(&mut t, 0, 1000, sent as u64, 0);
+    assert!(t.recycle(0, Reason::Restart));
+    add_process(&mut t, 0, 2000, true);
+    t.on_frame(0, 2000, Frame::Ready).unwrap();
+    deliver(&mut t);
+    t
+}
+
+#[tokio::test]
+async fn a_draining_worker_s_handback_goes_to_another_worker_with_its_bytes_first() {
+    let mut t = draining_with(2);
+    let peer = Peer::Ip("127.0.0.1:4000".parse().unwrap());
+    t.handed_back(0, 1000, connection(), (0, peer), b"GET /".to_vec())
+        .unwrap();
+    t.handed_back(0, 1000, connection(), (0, peer), Vec::new())
+        .unwrap();
+    assert_eq!(t.counters.handed_back, 2);
+    assert_eq!(t.find(0, 1000).unwrap().handed_back(), 2);
+    let new = t.find_mut(0, 2000).unwrap();
+    assert_eq!(new.assigned(), 2, "the successor's load");
+    match new.outgoing(253) {
+        Outgoing::HandBack(conn) => {
+            assert_eq!(&*conn.prefix, b"GET /");
+            assert_eq!(conn.peer, peer);
+        }
+        other => panic!("{other:?}"),
+    }
+    new.sent(1, Instant::now());
+    match new.outgoing(253) {
+        Outgoing::Connections(batch) => assert_eq!(batch.len(), 1, "no bytes: CONNECTIONS"),
+        other => panic!("{other:?}"),
+    }
+    new.sent(1, Instant::now());
+    ack(&mut t, 0, 2000, 2, 0);
+    assert_eq!(t.held(), 0, "acknowledged like any connection");
+}
+
+#[tokio::test]
+async fn a_connection_with_bytes_ends_a_batch_and_travels_alone() {
+    let mut t = draining_with(1);
+    let peer = Peer::Unix;
+    t.accepted(connection(), 0, peer);
+    t.handed_back(0, 1000, connection(), (0, peer), b"x".to_vec())
+        .unwrap();
+    t.accepted(connection(), 0, peer);
+    let new = t.find_mut(0, 2000).unwrap();
+    let mut frames = Vec::new();
+    loop {
+        match new.outgoing(253) {
+            Outgoing::Connections(batch) => {
+                let n = batch.len();
+                frames.push(("connections", n));
+                new.sent(n, Instant::now());
+            }
+            Outgoing::HandBack(_) => {
+                frames.push(("handback", 1));
+                new.sent(1, Instant::now());
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(
+        frames,
+        [("connections", 1), ("handback", 1), ("connections", 1)],
+        "accept order kept"
+    );
+}
+
+#[tokio::test]
+async fn handbacks_are_refused_from_a_serving_worker_past_what_it_was_sent_and_while_stopping() {
+    let mut t = draining_with(1);
+    let peer = Peer::Unix;
+    assert_eq!(
+        t.handed_back(0, 2000, connection(), (0, peer), Vec::new())
+            .err(),
+        Some(HandBackRefused::NotDraining)
+    );
+    t.handed_back(0, 1000, connection(), (0, peer), Vec::new())
+        .unwrap();
+    assert_eq!(
+        t.handed_back(0, 1000, connection(), (0, peer), Vec::new())
+            .err(),
+        Some(HandBackRefused::MoreThanSent(1)),
+        "a flood is bounded by what the worker got"
+    );
+    assert_eq!(
+        t.handed_back(0, 4242, connection(), (0, peer), Vec::new())
+            .err(),
+        Some(HandBackRefused::Gone)
+    );
+    t.stopping = true;
+    assert_eq!(
+        t.handed_back(0, 1000, connection(), (0, peer), Vec::new())
+            .err(),
+        Some(HandBackRefused::Stopping)
+    );
+    assert_eq!(t.counters.handed_back, 1);
+    assert_eq!(t.counters.handbacks_refused, 4);
+    assert_eq!(t.handbacks_refused(0, 1000), 2);
+}
+
+#[tokio::test]
+async fn after_a_hand_over_handbacks_go_on_to_the_new_master_even_while_stopping() {
+    let mut t = draining_with(1);
+    t.onward = true;
+    t.stopping = true;
+    let peer = Peer::Unix;
+    let onward = t
+        .handed_back(0, 1000, connection(), (0, peer), b"GET".to_vec())
+        .unwrap()
+        .expect("passed on, not queued here");
+    assert_eq!((onward.listener, &onward.prefix[..]), (0, &b"GET"[..]));
+    assert_eq!(t.retry_len(), 0);
+    assert_eq!(t.counters.handed_back, 1);
+    // Still bounded by what the worker was sent.
+    assert_eq!(
+        t.handed_back(0, 1000, connection(), (0, peer), Vec::new())
+            .err(),
+        Some(HandBackRefused::MoreThanSent(1))
+    );
+}
+
+#[tokio::test]
+async fn a_connection_passed_on_by_the_replaced_master_is_assigned_with_its_bytes() {
+    let mut t = draining_with(1);
+    let peer = Peer::Unix;
+    t.inherited(connection(), (0, peer), b"GET /".to_vec())
+        .unwrap();
+    let new = t.find_mut(0, 2000).unwrap();
+    assert_eq!(new.pending(), 1);
+    assert!(matches!(new.outgoing(253), Outgoing::HandBack(c) if &*c.prefix == b"GET /"));
+    t.stopping = true;
+    assert_eq!(
+        t.inherited(connection(), (0, peer), Vec::new()).err(),
+        Some(HandBackRefused::Stopping)
+    );
+}
+
+#[tokio::test]
+async fn a_handback_waits_for_a_worker_when_none_can_take_it() {
+    let mut t = draining_with(1);
+    // The successor is lost too: nobody takes connections now.
+    t.lose(0, 2000, &Lost::Exited);
+    let peer = Peer::Unix;
+    t.handed_back(0, 1000, connection(), (0, peer), b"GET".to_vec())
+        .unwrap();
+    assert_eq!(t.retry_len(), 1, "kept for the next worker");
+    assert!(!t.can_accept());
+    add_process(&mut t, 0, 3000, false);
+    t.on_frame(0, 3000, Frame::Ready).unwrap();
+    assert_eq!(t.retry_len(), 0);
+    assert_eq!(t.find(0, 3000).unwrap().pending(), 1);
 }

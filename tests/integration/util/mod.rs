@@ -545,6 +545,12 @@ impl Load {
     }
 
     /// Sends the rest of the schedule and waits for every answer.
+    /// Stops the schedule now and waits for every answer to the requests already sent.
+    pub fn finish_early(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.finish()
+    }
+
     pub fn finish(mut self) -> LoadReport {
         self.dispatcher.take().unwrap().join().unwrap()
     }
