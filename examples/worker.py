@@ -401,23 +401,24 @@ def http_session(conn, drain, channel, entry, pending=b""):
     answered = 0
     hand_back = True  # until a hand-back fails
     while True:
-        # Read a request head. Between requests (or before the first) a keep-alive
-        # connection waits, and a drain hands it back to the master with what it read so
-        # far, for another worker; where that fails, an idle one closes and a new one gets
-        # its first request answered.
+        # Read a request head. Between requests a keep-alive connection waits, and a drain
+        # hands it back to the master with what it read so far, for another worker; where
+        # that fails, an idle one closes. A new connection gets its first request answered
+        # even while draining (handed back before it, it would be lost if the master is
+        # stopping too).
         while (end := pending.find(b"\r\n\r\n")) < 0:
             if len(pending) > MAX_HEAD:
                 return respond(conn, 431, keep_alive=False)
-            if drain.started and hand_back:
+            if drain.started and hand_back and answered > 0:
                 if channel.hand_back(conn, entry, pending):
                     return HANDED_BACK
                 hand_back = False
             idle = not pending and answered > 0
             if drain.started and idle:
                 return
-            watch = drain.read_fd if hand_back or idle else None
+            watch = drain.read_fd if answered > 0 and not drain.started else None
             if not wait_readable(conn, watch, IDLE_TIMEOUT if idle else IO_TIMEOUT):
-                if drain.started:
+                if drain.started and answered > 0:
                     continue  # woken by the drain: hand back, or close if idle
                 return
             data = conn.recv(65536)

@@ -22,6 +22,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{Connection, Drain};
 
+/// How long a connection handed over just before the worker started draining may take to
+/// send its first request: it is answered, not handed back unanswered.
+const FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves `conn` with `builder`'s HTTP/1.1 settings and `service` until the client ends the
 /// connection, or the worker drains and the connection reaches a request boundary: then it
 /// is handed back to the master for another worker. The response body must be `Unpin`
@@ -73,6 +77,18 @@ where
     tokio::select! {
         done = std::future::poll_fn(|cx| http.poll_without_shutdown(cx)) => return done,
         _ = drain.wait() => {}
+    }
+    if requests.now().0 == 0 {
+        // Handed over just before the drain: its first request is answered first (handed
+        // back unanswered, it would be lost if the master is stopping too).
+        let first = std::future::poll_fn(|cx| match http.poll_without_shutdown(cx) {
+            Poll::Ready(done) => Poll::Ready(Some(done)),
+            Poll::Pending if requests.now().0 > 0 => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        });
+        if let Ok(Some(done)) = tokio::time::timeout(FIRST_REQUEST_GRACE, first).await {
+            return done;
+        }
     }
     // The boundary: the requests begun before the drain answered, and what hyper holds of
     // their responses written out (bytes it still buffered would be lost with the
