@@ -325,3 +325,27 @@ fn a_python_worker_sent_sigterm_hands_its_keep_alive_connections_back() {
     let master = Master::start(&["--workers", "2", "--", "python3", "-B", &script]);
     a_worker_sent_sigterm_hands_its_keep_alive_connections_back(&master);
 }
+
+/// A connection that reached a worker with no request yet when the master stops still gets
+/// its first request answered: handed back unanswered, the stopping master (no worker to
+/// give it to) would close it under the request.
+#[test]
+fn a_new_connection_is_answered_though_the_master_stops_before_its_first_request() {
+    let script = format!("{}/examples/worker.py", env!("CARGO_MANIFEST_DIR"));
+    let master = Master::start(&["--workers", "1", "--", "python3", "-B", &script]);
+    let stream = TcpStream::connect_timeout(&master.addr, Duration::from_secs(10)).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let taken = wait_until(PATIENCE, || {
+        master.status()["workers"][0]["active"].as_u64() == Some(1)
+    });
+    assert!(taken, "the worker has it; log:\n{}", master.log());
+    master.signal("TERM");
+    let draining = wait_until(PATIENCE, || {
+        log_lines(&master.log(), &["the master closed the channel; draining"]) == 1
+    });
+    assert!(draining, "the worker drains; log:\n{}", master.log());
+    let mut stream = BufReader::new(stream);
+    if let Err(e) = request(&mut stream) {
+        panic!("not answered: {e}; log:\n{}", master.log());
+    }
+}
