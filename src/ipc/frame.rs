@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::message::{Message, MessageFault, ENVELOPE_LEN, MAX_PAYLOAD};
+use super::state::{self, Answer, Request, StateFault, Sync};
 use crate::sys::scm::MAX_FDS;
 use crate::sys::socket::Peer;
 
@@ -34,6 +35,9 @@ pub(crate) const KIND_MESSAGE: u8 = 8;
 const KIND_METRICS: u8 = 10;
 const KIND_SAMPLES: u8 = 11;
 const KIND_LOADS: u8 = 9;
+pub(crate) const KIND_STATE: u8 = 13;
+pub(crate) const KIND_SYNC: u8 = 14;
+pub(crate) const KIND_ANSWER: u8 = 15;
 /// Bytes of a [`Frame::Loads`] body.
 pub const LOADS_BODY_LEN: usize = 8;
 
@@ -109,6 +113,13 @@ pub enum Frame {
         /// The value's length in bytes, a multiple of 8, to map.
         value_len: u32,
     },
+    /// worker → master: subscribe to the shared map, or one write to it (see
+    /// [`super::state`]). A body the peer got wrong arrives as its fault, to be dropped.
+    State(Result<Request, StateFault>),
+    /// master → worker: numbered changes to the shared map, or part of a snapshot.
+    Sync(Result<Sync, StateFault>),
+    /// master → worker: what a write did.
+    Answer(Result<Answer, StateFault>),
 }
 
 impl Frame {
@@ -126,6 +137,9 @@ impl Frame {
             Frame::Metrics => "metrics",
             Frame::Samples(_) => "samples",
             Frame::Loads { .. } => "loads",
+            Frame::State(_) => "state",
+            Frame::Sync(_) => "sync",
+            Frame::Answer(_) => "answer",
         }
     }
 }
@@ -359,6 +373,11 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
             Ok(Frame::Loads { word, value_len })
         }
         KIND_LOADS => Err(shape("loads")),
+        KIND_STATE if count == 0 => Ok(Frame::State(state::decode_request(body))),
+        KIND_STATE => Err(shape("state")),
+        KIND_SYNC => Ok(Frame::Sync(state::decode_sync(count, body))),
+        KIND_ANSWER if count == 0 => Ok(Frame::Answer(state::decode_answer(body))),
+        KIND_ANSWER => Err(shape("answer")),
         KIND_STATUS | KIND_DRAINING if count == 0 && body.len() == STATUS_BODY_LEN => {
             let status = decode_status(body);
             Ok(if kind == KIND_STATUS {

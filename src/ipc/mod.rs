@@ -6,6 +6,7 @@
 pub mod channel;
 pub mod frame;
 pub mod message;
+pub mod state;
 
 pub use channel::{Channel, ChannelError};
 pub use frame::ConnectionHeader;

@@ -12,8 +12,7 @@
 //! Counters ([`SharedMap::increment`]) are stored as ASCII decimal, as Redis stores them, so
 //! a counter's [`SharedMap::get`] reads `b"42"` on both backends.
 
-// The backends land next; until then parts of the API have no caller.
-#![allow(dead_code)]
+pub(crate) mod store;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -174,6 +173,13 @@ impl SharedMap {
             .transpose()
     }
 
+    /// Completes at the next change this worker's replica applies after the call (a write
+    /// of any worker, an expiry the authority announced, a fresh snapshot): to react to
+    /// writes without polling [`SharedMap::get`].
+    pub fn changed(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.backend.replica().next_change()
+    }
+
     /// Whether the replica may be behind: the backend lost its authority (Redis down, the
     /// master gone) and reads serve the last known values.
     pub fn is_stale(&self) -> bool {
@@ -281,6 +287,8 @@ fn unexpected(outcome: Outcome) -> StateError {
 pub(crate) struct Replica {
     entries: RwLock<HashMap<String, Entry>>,
     stale: std::sync::atomic::AtomicBool,
+    /// One more at every change: what [`SharedMap::changed`] waits on.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -301,15 +309,32 @@ impl Replica {
 
     /// Stores what the authority says `key` now holds, for `ttl` from now if given.
     pub fn put(&self, key: String, value: Bytes, ttl: Option<Duration>) {
-        let expires = ttl.map(|ttl| Instant::now() + ttl);
+        let expires = store::deadline(Instant::now(), ttl);
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         entries.insert(key, Entry { value, expires });
+        drop(entries);
+        self.changed();
     }
 
     /// Forgets `key`.
     pub fn remove(&self, key: &str) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         entries.remove(key);
+        drop(entries);
+        self.changed();
+    }
+
+    fn changed(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Completes at the next change to the replica after the call.
+    pub fn next_change(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.version.subscribe();
+        rx.mark_unchanged();
+        async move {
+            let _ = rx.changed().await;
+        }
     }
 
     /// Replaces everything with a snapshot of `(key, value, ttl)`.
@@ -325,12 +350,13 @@ impl Replica {
                     key,
                     Entry {
                         value,
-                        expires: ttl.map(|ttl| now + ttl),
+                        expires: store::deadline(now, ttl),
                     },
                 )
             })
             .collect();
         *self.entries.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.changed();
     }
 
     /// Entries in the replica (expired ones included until they are replaced).
