@@ -21,6 +21,7 @@ mod operate;
 mod post;
 #[cfg(feature = "prometheus")]
 mod prometheus;
+mod state;
 mod systemd;
 mod table;
 mod upgrade;
@@ -276,6 +277,7 @@ async fn master(
     let mut tasks = vec![
         spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals)),
         spawn_local(systemd::run(ctx.clone())),
+        spawn_local(state::expire(ctx.clone())),
     ];
     if config.strategy == Strategy::KernelLeast {
         tasks.push(spawn_local(steer(ctx.clone())));
