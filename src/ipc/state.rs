@@ -532,7 +532,10 @@ mod tests {
         };
         let mut buf = Vec::new();
         let err = encode_request(&mut buf, &Request::Write { id: 1, write }).unwrap_err();
-        assert!(matches!(err, StateError::TooLarge { len: 80_025, .. }), "{err:?}");
+        assert!(
+            matches!(err, StateError::TooLarge { len: 80_025, .. }),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -338,7 +338,10 @@ pub(crate) fn receive(ctx: &Ctx, index: usize, pid: u32, request: Result<Request
             let Some(link) = links.get(&pid) else {
                 return;
             };
-            feeds.insert(pid, Feed::new(index, link.channel.clone(), link.writer.clone()));
+            feeds.insert(
+                pid,
+                Feed::new(index, link.channel.clone(), link.writer.clone()),
+            );
         }
         true
     };
@@ -358,10 +361,7 @@ pub(crate) fn receive(ctx: &Ctx, index: usize, pid: u32, request: Result<Request
 
 /// Applies one write and answers its writer.
 fn apply(authority: &Authority, index: usize, pid: u32, id: u64, write: Write) {
-    let result = authority
-        .store
-        .borrow_mut()
-        .apply(write, Instant::now());
+    let result = authority.store.borrow_mut().apply(write, Instant::now());
     let result = match result {
         Ok((outcome, change)) => {
             authority.count(|c| c.writes += 1);
@@ -466,7 +466,13 @@ mod tests {
         // Fill the socket first, so everything after waits in the feed.
         while authority.flush(7).unwrap() {
             apply(&authority, 0, 7, 0, set("filler", 30_000));
-            authority.feeds.borrow_mut().get_mut(&7).unwrap().answers.clear();
+            authority
+                .feeds
+                .borrow_mut()
+                .get_mut(&7)
+                .unwrap()
+                .answers
+                .clear();
         }
         for i in 0..200u64 {
             apply(&authority, 0, 7, i, set(&format!("k{}", i % 50), 20_000));

@@ -72,11 +72,13 @@ impl Store {
     }
 
     /// Bytes of every key and value held (expired entries until they are removed).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn total(&self) -> usize {
         self.total
     }
 
     /// Entries held, expired ones included until [`Store::expire`] removes them.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -173,7 +175,10 @@ impl Store {
                 limit: self.limits.max_value,
             });
         }
-        let old = self.entries.get(key).map_or(0, |s| key.len() + s.value.len());
+        let old = self
+            .entries
+            .get(key)
+            .map_or(0, |s| key.len() + s.value.len());
         let total = self.total - old + key.len() + value.len();
         if total > self.limits.max_total {
             return Err(StateError::Full {
@@ -240,6 +245,7 @@ impl Store {
 
     /// Every live entry with its remaining time to live: what a live upgrade hands to the
     /// next master ([`Store::restore`] takes it back).
+    #[allow(dead_code)] // The upgrade hand-over (master/upgrade.rs) joins it.
     pub fn snapshot(&self) -> Vec<(String, Bytes, Option<Duration>)> {
         let now = Instant::now();
         self.freeze(now)
@@ -254,6 +260,7 @@ impl Store {
     /// Loads a [`Store::snapshot`] (of a previous master) into this store, entry by entry
     /// under this store's limits; answers the entries refused (each with the reason), which
     /// are left out. Entries whose time to live is zero are expired and left out.
+    #[allow(dead_code)] // The upgrade hand-over (master/upgrade.rs) joins it.
     pub fn restore(
         &mut self,
         snapshot: impl IntoIterator<Item = (String, Bytes, Option<Duration>)>,
@@ -343,7 +350,10 @@ mod tests {
         assert_eq!(change.unwrap().value, Some((Bytes::from("v"), ttl)));
         store.apply(set("keep", "v", None), now).unwrap();
         let later = now + Duration::from_secs(10);
-        assert_eq!(store.get("t", now + Duration::from_secs(9)), Some("v".into()));
+        assert_eq!(
+            store.get("t", now + Duration::from_secs(9)),
+            Some("v".into())
+        );
         assert_eq!(store.get("t", later), None, "expired at its deadline");
         assert_eq!(store.freeze(later).len(), 1, "a snapshot leaves it out");
         let expired = store.expire(later);
@@ -410,15 +420,22 @@ mod tests {
                 Err(StateError::NotAnInteger("k".into())),
                 "{bad:?}"
             );
-            assert_eq!(store.get("k", now), Some(Bytes::copy_from_slice(bad.as_bytes())));
+            assert_eq!(
+                store.get("k", now),
+                Some(Bytes::copy_from_slice(bad.as_bytes()))
+            );
             assert_eq!(store.seq(), seq);
         }
-        store.apply(set("k", &i64::MAX.to_string(), None), now).unwrap();
+        store
+            .apply(set("k", &i64::MAX.to_string(), None), now)
+            .unwrap();
         assert_eq!(
             store.apply(incr("k", 1), now),
             Err(StateError::NotAnInteger("k".into()))
         );
-        store.apply(set("k", &i64::MIN.to_string(), None), now).unwrap();
+        store
+            .apply(set("k", &i64::MIN.to_string(), None), now)
+            .unwrap();
         assert_eq!(
             store.apply(incr("k", -1), now),
             Err(StateError::NotAnInteger("k".into()))
@@ -477,13 +494,17 @@ mod tests {
             })
         );
         // 11 held; 2 × 16 more would be 44 > 40.
-        store.apply(set("b", "0123456789abcdef", None), now).unwrap();
+        store
+            .apply(set("b", "0123456789abcdef", None), now)
+            .unwrap();
         let full = store.apply(set("c", "0123456789abcdef", None), now);
         assert_eq!(full, Err(StateError::Full { limit: 40 }));
         assert_eq!(store.get("c", now), None);
         assert_eq!(store.total(), 11 + 17);
         // Replacing a value counts the difference, not the sum.
-        store.apply(set("b", "0123456789abcdef", None), now).unwrap();
+        store
+            .apply(set("b", "0123456789abcdef", None), now)
+            .unwrap();
         assert_eq!(store.total(), 11 + 17);
         assert_eq!(before.2, store.get("a", now));
         assert_eq!(store.seq(), before.0 + 2, "only the two sets that fit");
@@ -498,7 +519,10 @@ mod tests {
             .apply(set("k", "v", Some(Duration::MAX)), now)
             .unwrap();
         assert_eq!(change.unwrap().value, Some((Bytes::from("v"), None)));
-        assert_eq!(store.get("k", now + Duration::from_secs(1 << 40)), Some("v".into()));
+        assert_eq!(
+            store.get("k", now + Duration::from_secs(1 << 40)),
+            Some("v".into())
+        );
     }
 
     #[test]
@@ -508,7 +532,8 @@ mod tests {
         old.apply(set("forever", "1", None), now).unwrap();
         old.apply(set("hour", "2", Some(Duration::from_secs(3600))), now)
             .unwrap();
-        old.apply(set("gone", "3", Some(Duration::ZERO)), now).unwrap();
+        old.apply(set("gone", "3", Some(Duration::ZERO)), now)
+            .unwrap();
         let mut snapshot = old.snapshot();
         snapshot.sort();
         assert_eq!(snapshot.len(), 2, "the expired entry is left out");
