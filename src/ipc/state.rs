@@ -121,7 +121,7 @@ pub enum StateFault {
         actual: usize,
     },
     /// A frame that does not travel in this direction.
-    #[error("a {0} frame cannot come from this peer")]
+    #[error("a state frame of kind {0} cannot come from this peer")]
     Direction(&'static str),
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::ctx::Ctx;
+use super::post::LogBudget;
 use crate::ipc::state::{self as wire, Answer, Request, StateFault};
 use crate::ipc::Channel;
 use crate::state::store::{Change, Frozen, Store};
@@ -81,6 +82,7 @@ pub(crate) struct Authority {
     /// start at that change.
     frozen: RefCell<Option<(u64, Rc<Vec<Frozen>>)>>,
     counters: Cell<StateCounters>,
+    log_budget: LogBudget,
 }
 
 impl Authority {
@@ -96,6 +98,7 @@ impl Authority {
             feeds: RefCell::new(HashMap::new()),
             frozen: RefCell::new(None),
             counters: Cell::new(StateCounters::default()),
+            log_budget: LogBudget::default(),
         }
     }
 
@@ -125,8 +128,8 @@ impl Authority {
     pub fn drop_one(&self, slot: usize, pid: u32, why: &dyn std::fmt::Display) {
         self.count(|c| c.dropped += 1);
         let dropped = self.counters.get().dropped;
-        if dropped == 1 || dropped % 1000 == 0 {
-            tracing::warn!(worker = slot, pid, dropped, reason = %why, "dropping a state frame");
+        if let Some(silenced) = self.log_budget.spend(Instant::now()) {
+            tracing::warn!(worker = slot, pid, dropped, silenced, reason = %why, "dropping a state frame");
         }
     }
 

@@ -13,6 +13,7 @@ mod library;
 mod lifecycle;
 mod metrics;
 mod python_worker;
+mod state;
 mod systemd;
 mod upgrade;
 mod util;
