@@ -13,7 +13,7 @@
 //!
 //! Load it from inside, with environment variables:
 //! - `SHARED_STATE_INCREMENTS=N`: each worker increments `hits` N times as soon as it
-//!   serves, then increments `done`;
+//!   serves (8 increments in flight at a time), then increments `done`;
 //! - `SHARED_STATE_WRITER=1`: each worker writes `w:PID:0`, `w:PID:1`, ... one after the
 //!   other for as long as it runs, and logs `acked w:PID:N` every 20th write the map
 //!   acknowledged;
@@ -136,12 +136,30 @@ fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// `SHARED_STATE_INCREMENTS`: N increments of `hits`, then one of `done`.
+/// Increments in flight at once per worker under `SHARED_STATE_INCREMENTS`.
+const IN_FLIGHT: u64 = 8;
+
+/// `SHARED_STATE_INCREMENTS`: N increments of `hits` (by [`IN_FLIGHT`] tasks), then one of
+/// `done`.
 async fn increments(map: SharedMap, times: u64) {
-    for _ in 0..times {
-        if let Err(e) = map.increment("hits", 1).await {
-            tracing::error!(error = %e, "increment failed");
-            return;
+    let tasks: Vec<_> = (0..IN_FLIGHT)
+        .map(|task| {
+            let map = map.clone();
+            // The first tasks take the remainder.
+            let share = times / IN_FLIGHT + u64::from(task < times % IN_FLIGHT);
+            tokio::spawn(async move {
+                for _ in 0..share {
+                    map.increment("hits", 1).await?;
+                }
+                Ok::<_, StateError>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return tracing::error!(error = %e, "increment failed"),
+            Err(e) => return tracing::error!(error = %e, "increment task failed"),
         }
     }
     match map.increment("done", 1).await {
