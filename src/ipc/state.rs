@@ -137,7 +137,7 @@ fn header(out: &mut Vec<u8>, kind: u8, count: u16) {
     out.extend_from_slice(&0u32.to_le_bytes());
 }
 
-fn finish(out: &mut Vec<u8>) {
+fn finish(out: &mut [u8]) {
     let len = (out.len() - HEADER_LEN) as u32;
     out[4..8].copy_from_slice(&len.to_le_bytes());
 }

@@ -334,21 +334,15 @@ pub(crate) fn receive(ctx: &Ctx, index: usize, pid: u32, request: Result<Request
         Ok(request) => request,
         Err(fault) => return authority.drop_one(index, pid, &fault),
     };
-    let opened = {
-        let mut feeds = authority.feeds.borrow_mut();
-        if !feeds.contains_key(&pid) {
-            let links = ctx.links.borrow();
-            let Some(link) = links.get(&pid) else {
-                return;
-            };
-            feeds.insert(
-                pid,
-                Feed::new(index, link.channel.clone(), link.writer.clone()),
-            );
-        }
-        true
-    };
-    debug_assert!(opened);
+    if let std::collections::hash_map::Entry::Vacant(vacant) =
+        authority.feeds.borrow_mut().entry(pid)
+    {
+        let links = ctx.links.borrow();
+        let Some(link) = links.get(&pid) else {
+            return; // Given up on already.
+        };
+        vacant.insert(Feed::new(index, link.channel.clone(), link.writer.clone()));
+    }
     match request {
         Request::Subscribe => {
             if let Some(feed) = authority.feeds.borrow_mut().get_mut(&pid) {

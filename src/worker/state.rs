@@ -31,6 +31,9 @@ pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// in order, by the accept loop.
 pub(crate) type Early = Result<(Frame, Vec<OwnedFd>), ChannelError>;
 
+/// A snapshot's entries: key, value, remaining time to live.
+type Entries = Vec<(String, Bytes, Option<Duration>)>;
+
 /// The shared map through the master, in a worker.
 #[derive(Debug)]
 pub(crate) struct MasterBackend {
@@ -41,7 +44,7 @@ pub(crate) struct MasterBackend {
     pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     next_id: AtomicU64,
     /// A snapshot being received: its entries so far.
-    receiving: Mutex<Option<Vec<(String, Bytes, Option<Duration>)>>>,
+    receiving: Mutex<Option<Entries>>,
     /// The channel is gone: no write can be answered.
     closed: AtomicBool,
     /// Frames from the master dropped as malformed.
