@@ -8,6 +8,8 @@
 //! - `GET /missing/PREFIX?upto=N`: after a write of its own (so this replica has everything
 //!   applied before it), how many of the keys PREFIX0 ..= PREFIXN it lacks
 //!
+//! The master's handler writes `master` = "here" at its start (`Master::state`).
+//!
 //! A refused write answers 413 (too large), 507 (the map is full), 409 (not an integer), 503
 //! (unavailable) or 504 (no answer in time), with the reason as the body.
 //!
@@ -250,8 +252,13 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[at] as f64 / 1000.0
 }
 
-/// The master's side of the bench: every replica's latencies, and per write the slowest.
+/// The master's side: it writes `master` = "here" to the map, then adds up the bench's
+/// reports: every replica's latencies, and per write the slowest.
 async fn bench_master(mut master: Master<Bench>) {
+    // The master writes too: every worker reads `master` = "here".
+    if let Err(e) = master.state().set("master", "here").await {
+        tracing::error!(error = %e, "the master's write failed");
+    }
     let mut all: Vec<u64> = Vec::new();
     let mut slowest: HashMap<u64, u64> = HashMap::new();
     while let Some(message) = master.recv().await {

@@ -19,12 +19,18 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
 use super::ctx::Ctx;
 use super::post::LogBudget;
 use crate::ipc::state::{self as wire, Answer, Request, StateFault};
 use crate::ipc::Channel;
 use crate::state::store::{Change, Frozen, Store};
-use crate::state::{StateLimits, Write};
+use crate::state::{
+    Backend, Outcome, Replica, SharedMap, StateError, StateLimits, Write, WriteFuture,
+};
 
 /// Bytes of changes queued for one worker whose channel is full, at most (then: a fresh
 /// snapshot instead).
@@ -83,6 +89,8 @@ pub(crate) struct Authority {
     frozen: RefCell<Option<(u64, Rc<Vec<Frozen>>)>>,
     counters: Cell<StateCounters>,
     log_budget: LogBudget,
+    /// The master's own replica, for the handler's [`SharedMap`] (see [`local`]).
+    local: Arc<Local>,
 }
 
 impl Authority {
@@ -99,6 +107,7 @@ impl Authority {
             frozen: RefCell::new(None),
             counters: Cell::new(StateCounters::default()),
             log_budget: LogBudget::default(),
+            local: Arc::new(Local::new()),
         }
     }
 
@@ -141,8 +150,17 @@ impl Authority {
         }
     }
 
-    /// Queues `change` for every subscribed worker.
+    /// Queues `change` for every subscribed worker (and applies it to the master's own
+    /// replica).
     fn publish(&self, change: &Change) {
+        match &change.value {
+            Some((value, ttl)) => {
+                self.local
+                    .replica
+                    .put(change.key.to_string(), value.clone(), *ttl)
+            }
+            None => self.local.replica.remove(&change.key),
+        }
         let mut feeds = self.feeds.borrow_mut();
         let mut behind = Vec::new();
         for (pid, feed) in feeds.iter_mut().filter(|(_, f)| f.subscribed) {
@@ -387,6 +405,91 @@ fn apply(authority: &Authority, index: usize, pid: u32, id: u64, write: Write) {
     feed.writer.notify_one();
 }
 
+/// Writes of the master's own [`SharedMap`] waiting for the master's thread, at most.
+pub const LOCAL_QUEUE: usize = 1024;
+
+type LocalWrite = (Write, oneshot::Sender<Result<Outcome, StateError>>);
+
+/// The shared map in the master itself (`Master::state` in the handler): reads from a
+/// replica the authority updates as it applies each change, writes handed to the master's
+/// thread (the map is not `Send`) and applied there like any worker's.
+#[derive(Debug)]
+pub(crate) struct Local {
+    replica: Replica,
+    writes: mpsc::Sender<LocalWrite>,
+    /// Taken once, by the task that applies the writes.
+    pending: std::sync::Mutex<Option<mpsc::Receiver<LocalWrite>>>,
+}
+
+impl Local {
+    fn new() -> Self {
+        let (writes, pending) = mpsc::channel(LOCAL_QUEUE);
+        Local {
+            replica: Replica::default(),
+            writes,
+            pending: std::sync::Mutex::new(Some(pending)),
+        }
+    }
+}
+
+impl Backend for Local {
+    fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    fn write(&self, write: Write) -> WriteFuture<'_> {
+        Box::pin(async move {
+            let gone = || StateError::Unavailable("the master is stopping".into());
+            let (tx, rx) = oneshot::channel();
+            self.writes.send((write, tx)).await.map_err(|_| gone())?;
+            // Applied on the master's thread, replica included, before the answer.
+            rx.await.map_err(|_| gone())?
+        })
+    }
+}
+
+impl Authority {
+    /// The master's own handle on the map; its writes apply once [`local`] runs.
+    pub fn map(&self) -> SharedMap {
+        SharedMap::new(self.local.clone())
+    }
+
+    /// Applies a write of the master's own.
+    fn apply_local(&self, write: Write) -> Result<Outcome, StateError> {
+        let result = self.store.borrow_mut().apply(write, Instant::now());
+        match result {
+            Ok((outcome, change)) => {
+                self.count(|c| c.writes += 1);
+                if let Some(change) = change {
+                    self.publish(&change);
+                }
+                Ok(outcome)
+            }
+            Err(e) => {
+                self.count(|c| c.refused += 1);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Applies the writes of the master's own [`SharedMap`], on the master's thread.
+pub(crate) async fn local(ctx: Rc<Ctx>) {
+    let pending = ctx
+        .state
+        .local
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let Some(mut pending) = pending else {
+        return;
+    };
+    while let Some((write, answer)) = pending.recv().await {
+        let _ = answer.send(ctx.state.apply_local(write));
+    }
+}
+
 /// Removes expired entries every [`EXPIRY_PERIOD`].
 pub(crate) async fn expire(ctx: Rc<Ctx>) {
     let mut every = tokio::time::interval(EXPIRY_PERIOD);
@@ -500,6 +603,29 @@ mod tests {
         }
         assert_eq!(complete_at, Some(authority.store.borrow().seq()));
         assert_eq!(held.len(), 51, "50 keys and the filler");
+    }
+
+    #[tokio::test]
+    async fn the_master_s_own_replica_shows_every_change_as_it_is_applied() {
+        let (authority, _worker) = authority_with(5);
+        let map = authority.map();
+        apply(&authority, 0, 5, 1, set("from-worker", 3));
+        assert_eq!(map.get("from-worker"), Some(Bytes::from_static(b"vvv")));
+        let outcome = authority.apply_local(Write::Increment {
+            key: "n".into(),
+            by: 4,
+            ttl: None,
+        });
+        assert_eq!(outcome, Ok(Outcome::Counter(4)));
+        assert_eq!(map.get("n"), Some(Bytes::from_static(b"4")));
+        let refused = authority.apply_local(set(&"k".repeat(2000), 1));
+        assert!(matches!(
+            refused,
+            Err(StateError::TooLarge { what: "key", .. })
+        ));
+        authority.expire(Instant::now());
+        assert_eq!(authority.counters().writes, 2);
+        assert_eq!(authority.counters().refused, 1);
     }
 
     #[tokio::test]

@@ -111,6 +111,12 @@ fn a_worker_reads_its_own_write_at_once() {
         );
     }
     assert_eq!(http(addr, "GET", "/get/own-counter", b"").body, "200");
+    // The master's handler wrote one too (Master::state).
+    let from_master = http(addr, "GET", "/get/master", b"");
+    assert_eq!(
+        (from_master.status, from_master.body.as_str()),
+        (200, "here")
+    );
     stop(example);
 }
 
