@@ -111,11 +111,36 @@ impl Authority {
         }
     }
 
-    /// The store, for a live upgrade: `snapshot()` what the next master takes,
-    /// `restore(...)` what the last one gave.
-    #[allow(dead_code)] // The upgrade hand-over joins it (see upgrade.rs).
-    pub fn store(&self) -> &RefCell<Store> {
-        &self.store
+    /// Every live entry with its remaining time to live: what a live upgrade hands to the
+    /// next master, which takes it with [`Authority::restore`].
+    #[allow(dead_code)] // The upgrade hand-over (master/upgrade.rs) joins it.
+    pub fn snapshot(&self) -> Vec<(String, bytes::Bytes, Option<Duration>)> {
+        self.store.borrow().snapshot()
+    }
+
+    /// Loads what the previous master's [`Authority::snapshot`] gave, under this master's
+    /// limits, as changes (the master's own replica and any subscriber get them); answers
+    /// the entries refused, with the reason.
+    #[allow(dead_code)] // The upgrade hand-over (master/upgrade.rs) joins it.
+    pub fn restore(
+        &self,
+        snapshot: impl IntoIterator<Item = (String, bytes::Bytes, Option<Duration>)>,
+    ) -> Vec<(String, StateError)> {
+        let mut refused = Vec::new();
+        for (key, value, ttl) in snapshot {
+            if ttl.is_some_and(|ttl| ttl.is_zero()) {
+                continue; // Expired in transit.
+            }
+            let write = Write::Set {
+                key: key.clone(),
+                value,
+                ttl,
+            };
+            if let Err(e) = self.apply_local(write) {
+                refused.push((key, e));
+            }
+        }
+        refused
     }
 
     #[cfg_attr(not(feature = "control"), allow(dead_code))]
@@ -626,6 +651,39 @@ mod tests {
         authority.expire(Instant::now());
         assert_eq!(authority.counters().writes, 2);
         assert_eq!(authority.counters().refused, 1);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_hands_the_map_over_with_its_ttls_and_the_limits_of_the_new_master() {
+        let (old, _worker) = authority_with(1);
+        apply(&old, 0, 1, 1, set("kept", 10));
+        let hour = Some(Duration::from_secs(3600));
+        let write = Write::Set {
+            key: "session".into(),
+            value: Bytes::from_static(b"s"),
+            ttl: hour,
+        };
+        apply(&old, 0, 1, 2, write);
+        apply(&old, 0, 1, 3, set("big", 5000));
+        let handed = old.snapshot();
+        assert_eq!(handed.len(), 3);
+        let new = Authority::new(StateLimits {
+            max_value: 4096,
+            ..StateLimits::default()
+        });
+        let refused = new.restore(handed);
+        assert_eq!(refused.len(), 1);
+        assert!(matches!(&refused[0], (key, StateError::TooLarge { .. }) if key == "big"));
+        let map = new.map();
+        assert_eq!(map.get("kept").map(|v| v.len()), Some(10));
+        assert_eq!(map.get("session"), Some(Bytes::from_static(b"s")));
+        let (_, _, ttl) = new
+            .snapshot()
+            .into_iter()
+            .find(|(k, _, _)| k == "session")
+            .unwrap();
+        assert!(ttl.unwrap() > Duration::from_secs(3590), "{ttl:?}");
+        assert_eq!(new.store.borrow().seq(), 2, "two changes");
     }
 
     #[tokio::test]

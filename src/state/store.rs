@@ -245,7 +245,6 @@ impl Store {
 
     /// Every live entry with its remaining time to live: what a live upgrade hands to the
     /// next master ([`Store::restore`] takes it back).
-    #[allow(dead_code)] // The upgrade hand-over (master/upgrade.rs) joins it.
     pub fn snapshot(&self) -> Vec<(String, Bytes, Option<Duration>)> {
         let now = Instant::now();
         self.freeze(now)
@@ -260,7 +259,7 @@ impl Store {
     /// Loads a [`Store::snapshot`] (of a previous master) into this store, entry by entry
     /// under this store's limits; answers the entries refused (each with the reason), which
     /// are left out. Entries whose time to live is zero are expired and left out.
-    #[allow(dead_code)] // The upgrade hand-over (master/upgrade.rs) joins it.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn restore(
         &mut self,
         snapshot: impl IntoIterator<Item = (String, Bytes, Option<Duration>)>,

@@ -47,6 +47,9 @@ pub(crate) struct MasterBackend {
     receiving: Mutex<Option<Entries>>,
     /// The channel is gone: no write can be answered.
     closed: AtomicBool,
+    /// It subscribed again after a gap: changes before the new snapshot are dropped
+    /// without asking once more.
+    resubscribed: AtomicBool,
     /// Frames from the master dropped as malformed.
     dropped: AtomicU64,
 }
@@ -68,6 +71,7 @@ impl MasterBackend {
             next_id: AtomicU64::new(1),
             receiving: Mutex::new(None),
             closed: AtomicBool::new(false),
+            resubscribed: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
         }
     }
@@ -129,8 +133,7 @@ impl MasterBackend {
             Err(fault) => {
                 // A change we cannot read is a change we miss.
                 self.drop_one(&fault);
-                self.replica.set_stale(true);
-                return true;
+                return self.missed();
             }
         };
         if sync.flags & wire::SNAPSHOT != 0 {
@@ -150,9 +153,13 @@ impl MasterBackend {
                 let entries = receiving.take().unwrap_or_default();
                 self.replica.replace_all(entries);
                 self.replica.set_stale(false);
+                self.resubscribed.store(false, Ordering::Release);
                 self.applied.send_replace(sync.seq);
             }
             return false;
+        }
+        if self.resubscribed.load(Ordering::Acquire) {
+            return false; // The snapshot on its way has them.
         }
         let mut applied = *self.applied.borrow();
         for entry in sync.entries {
@@ -164,8 +171,8 @@ impl MasterBackend {
                     "change {} after change {applied}: a gap; subscribing again",
                     entry.seq
                 ));
-                self.replica.set_stale(true);
-                return true;
+                self.applied.send_replace(applied);
+                return self.missed();
             }
             match entry.value {
                 Some((value, ttl)) => self.replica.put(entry.key, value, ttl),
@@ -175,6 +182,13 @@ impl MasterBackend {
         }
         self.applied.send_replace(applied);
         false
+    }
+
+    /// The replica missed a change: stale until a fresh snapshot is in; true the first
+    /// time (subscribe again), false while that snapshot is on its way.
+    fn missed(&self) -> bool {
+        self.replica.set_stale(true);
+        !self.resubscribed.swap(true, Ordering::AcqRel)
     }
 
     /// Hands an ANSWER to the write waiting for it.
@@ -301,7 +315,19 @@ mod tests {
             None,
             "nothing applied past the gap"
         );
-        assert!(backend.on_sync(Err(StateFault::TooShort(3))));
+        assert!(
+            !backend.on_sync(Ok(sync(0, 4, &[(4, "y", Some("1"))]))),
+            "asked once: the snapshot on its way has it"
+        );
+        assert!(!backend.on_sync(Err(StateFault::TooShort(3))));
+        assert_eq!(backend.replica.get("y"), None);
+        backend.on_sync(Ok(sync(whole, 4, &[(4, "y", Some("1"))])));
+        assert!(!backend.replica.is_stale());
+        assert_eq!(backend.replica.get("y"), Some(Bytes::from("1")));
+        assert!(
+            backend.on_sync(Err(StateFault::TooShort(3))),
+            "a new miss asks again"
+        );
     }
 
     #[tokio::test]
