@@ -417,6 +417,12 @@ impl Replica {
         self.changed();
     }
 
+    /// Entries in the replica (expired ones included until they are replaced).
+    #[allow(dead_code)] // Part of the replica's interface to the backends; no caller yet.
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     pub fn is_stale(&self) -> bool {
         self.stale.load(std::sync::atomic::Ordering::Relaxed)
     }
