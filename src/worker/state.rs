@@ -52,6 +52,8 @@ pub(crate) struct MasterBackend {
     resubscribed: AtomicBool,
     /// Frames from the master dropped as malformed.
     dropped: AtomicU64,
+    /// How long a write waits ([`WRITE_TIMEOUT`]).
+    timeout: Duration,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -73,6 +75,7 @@ impl MasterBackend {
             closed: AtomicBool::new(false),
             resubscribed: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            timeout: WRITE_TIMEOUT,
         }
     }
 
@@ -232,9 +235,9 @@ impl MasterBackend {
                 .await;
             answer.result
         };
-        let result = tokio::time::timeout(WRITE_TIMEOUT, answered).await;
+        let result = tokio::time::timeout(self.timeout, answered).await;
         lock(&self.pending).remove(&id);
-        result.unwrap_or(Err(StateError::Timeout(WRITE_TIMEOUT)))
+        result.unwrap_or(Err(StateError::Timeout(self.timeout)))
     }
 }
 
@@ -354,6 +357,33 @@ mod tests {
         backend.on_sync(Ok(sync(0, 1, &[(1, "n", Some("2"))])));
         assert_eq!(writing.await.unwrap(), Ok(2));
         assert_eq!(map.get("n"), Some(Bytes::from("2")));
+    }
+
+    #[tokio::test]
+    async fn a_write_the_master_never_answers_times_out_and_a_late_answer_goes_nowhere() {
+        let (worker, master) = seqpacket_pair().unwrap();
+        let mut backend = MasterBackend::new(Arc::new(Channel::new(worker).unwrap()));
+        let master = Channel::new(master).unwrap();
+        backend.timeout = Duration::from_millis(50);
+        let backend = Arc::new(backend);
+        let map = SharedMap::new(backend.clone());
+        let started = std::time::Instant::now();
+        let written = map.set("k", "v").await;
+        assert_eq!(written, Err(StateError::Timeout(Duration::from_millis(50))));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(lock(&backend.pending).is_empty(), "forgotten");
+        // The write did reach the master; its answer now has no one to go to.
+        let mut buf = frame_buffer();
+        let (frame, _) = master.recv_frame(&mut buf).await.unwrap();
+        let Frame::State(Ok(Request::Write { id, .. })) = frame else {
+            panic!("{frame:?}")
+        };
+        backend.on_answer(Ok(Answer {
+            id,
+            seq: 1,
+            result: Ok(Outcome::Stored),
+        }));
+        assert_eq!(backend.dropped.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
