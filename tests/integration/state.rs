@@ -416,3 +416,44 @@ fn a_token_is_accepted_by_every_worker_and_refused_by_every_worker_after_logout(
     );
     stop(tokens);
 }
+
+#[test]
+fn a_worker_that_falls_behind_gets_a_fresh_snapshot_and_never_diverges() {
+    let (example, addr) = shared_state(2, &[], &[]);
+    // A keep-alive connection to each worker (the first stays open: least-loaded gives the
+    // second to the other worker).
+    let mut first = Kept::open(addr);
+    let a = first.request("GET", "/get/nothing", b"", true).pid;
+    let mut second = Kept::open(addr);
+    let b = second.request("GET", "/get/nothing", b"", true).pid;
+    assert_ne!(a, b, "both connections on one worker");
+    // Stop worker a; worker b writes 2.4 MB of changes, more than the socket and the
+    // master's 1 MiB queue for a hold.
+    send_signal(a, "STOP");
+    for round in 0..40u32 {
+        let mut value = format!("{round:05}").into_bytes();
+        value.resize(60_000, b'.');
+        let set = second.request("PUT", &format!("/set/big-{}", round % 10), &value, true);
+        assert_eq!(set.status, 204, "{}", set.body);
+    }
+    assert_eq!(second.request("PUT", "/set/last", b"x", true).status, 204);
+    send_signal(a, "CONT");
+    let caught_up = wait_until(PATIENCE, || {
+        first.request("GET", "/get/last", b"", true).body == "x"
+    });
+    assert!(caught_up, "{}", example.log());
+    for key in 0..10 {
+        let got = first.request("GET", &format!("/get/big-{key}"), b"", true);
+        assert_eq!(got.pid, a);
+        assert_eq!(got.body.len(), 60_000);
+        assert_eq!(
+            &got.body[..5],
+            format!("{:05}", 30 + key),
+            "the last write of big-{key}"
+        );
+    }
+    let behind = crate::util::log_lines(&example.log(), &["fell behind the shared map's changes"]);
+    assert!(behind >= 1, "{}", example.log());
+    drop((first, second));
+    stop(example);
+}
