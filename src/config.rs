@@ -116,6 +116,8 @@ pub struct Config {
     /// Threads of each worker's tokio runtime: 1 (the default) is a current-thread runtime,
     /// more a multi-threaded one. Read in the worker; `handoff run` COMMAND workers ignore it.
     pub worker_threads: usize,
+    /// The bounds of the shared map held by the master (see [`crate::state`]).
+    pub state: crate::state::StateLimits,
 }
 
 /// Refuses socket paths that would collide: `--control` equal to a `unix:` listen path, or
@@ -267,6 +269,7 @@ impl Default for Config {
             worker_timeout: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(5),
             worker_threads: 1,
+            state: crate::state::StateLimits::default(),
         }
     }
 }

@@ -232,6 +232,14 @@ impl Builder {
         self
     }
 
+    /// The bounds of the shared map when it is held by the master (the default backend;
+    /// see [`state`]): key, value and total bytes. Writes past them fail with
+    /// [`state::StateError::TooLarge`] or [`state::StateError::Full`].
+    pub fn state_limits(mut self, limits: state::StateLimits) -> Self {
+        self.config.state = limits;
+        self
+    }
+
     /// Runs `handler` in the master (on its thread, once) with a [`Master`] handle: it
     /// receives the messages of type `M` workers send with [`Messenger::send`] and
     /// [`Messenger::request`], and sends to one worker or all of them. Without a handler,

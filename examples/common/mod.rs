@@ -2,12 +2,17 @@
 //! (handoff installs none: it only emits `tracing` events).
 
 /// The examples' flags: `--listen ADDR` (default 127.0.0.1:3000), `--workers N` (default 4)
-/// and `--threads N`, each worker's runtime threads (default 1).
+/// and `--threads N`, each worker's runtime threads (default 1); for the shared map,
+/// `--state master|redis://HOST:PORT` (passed to the workers as `HANDOFF_STATE`) and
+/// `--state-max-bytes N` (the map's total bound when the master holds it).
 #[derive(Debug)]
 pub struct Flags {
     pub listen: handoff::ListenAddr,
     pub workers: usize,
     pub threads: usize,
+    /// Only the examples with a shared map read it.
+    #[allow(dead_code)]
+    pub state_limits: handoff::state::StateLimits,
 }
 
 /// Installs a text subscriber on stderr (`HANDOFF_LOG`-style filtering is the program's
@@ -19,6 +24,7 @@ pub fn setup() -> Flags {
         .init();
     let mut listen = "127.0.0.1:3000".to_owned();
     let (mut workers, mut threads) = (4, 1);
+    let mut state_limits = handoff::state::StateLimits::default();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -28,12 +34,21 @@ pub fn setup() -> Flags {
             "--listen" => listen = value,
             "--workers" => workers = value.parse().expect("--workers N"),
             "--threads" => threads = value.parse().expect("--threads N"),
-            other => panic!("unknown flag {other}: use --listen ADDR --workers N --threads N"),
+            // Set before any thread starts; the workers inherit it.
+            "--state" => std::env::set_var(handoff::state::ENV_STATE, value),
+            "--state-max-bytes" => {
+                state_limits.max_total = value.parse().expect("--state-max-bytes N")
+            }
+            other => panic!(
+                "unknown flag {other}: use --listen ADDR --workers N --threads N \
+                 --state URL --state-max-bytes N"
+            ),
         }
     }
     Flags {
         listen: listen.parse().expect("--listen ADDR"),
         workers,
         threads,
+        state_limits,
     }
 }

@@ -234,6 +234,11 @@ fn check(received: scm::Received, buf: &[u8]) -> Result<(Frame, Vec<OwnedFd>), C
             // One message too long: that message is dropped, the channel stays.
             return Ok((Frame::Message(Err(MessageFault::TooLong)), Vec::new()));
         }
+        if received.len > 1 && buf[1] == frame::KIND_STATE && received.fds.is_empty() {
+            // Likewise one state write too long.
+            let fault = crate::ipc::state::StateFault::TooLong;
+            return Ok((Frame::State(Err(fault)), Vec::new()));
+        }
         return Err(FrameError::TooLong.into());
     }
     let frame = frame::decode(&buf[..received.len])?;

@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::message::{Message, MessageFault, ENVELOPE_LEN, MAX_PAYLOAD};
+use super::state::{self, Answer, Request, StateFault, Sync};
 use crate::sys::scm::MAX_FDS;
 use crate::sys::socket::Peer;
 
@@ -38,6 +39,9 @@ const KIND_HANDBACK: u8 = 12;
 /// The most bytes a [`Frame::HandBack`] carries after its entry: what fits the largest
 /// frame (65,520).
 pub const MAX_HANDBACK_BYTES: usize = MAX_FRAME_LEN - HEADER_LEN - CONNECTION_ENTRY_LEN;
+pub(crate) const KIND_STATE: u8 = 13;
+pub(crate) const KIND_SYNC: u8 = 14;
+pub(crate) const KIND_ANSWER: u8 = 15;
 /// Bytes of a [`Frame::Loads`] body.
 pub const LOADS_BODY_LEN: usize = 8;
 
@@ -124,6 +128,13 @@ pub enum Frame {
         /// Bytes already read from it and not yet used, at most [`MAX_HANDBACK_BYTES`].
         bytes: Vec<u8>,
     },
+    /// worker → master: subscribe to the shared map, or one write to it (see
+    /// [`super::state`]). A body the peer got wrong arrives as its fault, to be dropped.
+    State(Result<Request, StateFault>),
+    /// master → worker: numbered changes to the shared map, or part of a snapshot.
+    Sync(Result<Sync, StateFault>),
+    /// master → worker: what a write did.
+    Answer(Result<Answer, StateFault>),
 }
 
 impl Frame {
@@ -142,6 +153,9 @@ impl Frame {
             Frame::Samples(_) => "samples",
             Frame::Loads { .. } => "loads",
             Frame::HandBack { .. } => "handback",
+            Frame::State(_) => "state",
+            Frame::Sync(_) => "sync",
+            Frame::Answer(_) => "answer",
         }
     }
 }
@@ -397,6 +411,11 @@ pub fn decode(datagram: &[u8]) -> Result<Frame, FrameError> {
             })
         }
         KIND_HANDBACK => Err(shape("handback")),
+        KIND_STATE if count == 0 => Ok(Frame::State(state::decode_request(body))),
+        KIND_STATE => Err(shape("state")),
+        KIND_SYNC => Ok(Frame::Sync(state::decode_sync(count, body))),
+        KIND_ANSWER if count == 0 => Ok(Frame::Answer(state::decode_answer(body))),
+        KIND_ANSWER => Err(shape("answer")),
         KIND_STATUS | KIND_DRAINING if count == 0 && body.len() == STATUS_BODY_LEN => {
             let status = decode_status(body);
             Ok(if kind == KIND_STATUS {

@@ -7,6 +7,7 @@ pub mod channel;
 pub mod frame;
 pub mod message;
 pub mod node;
+pub mod state;
 
 pub use channel::{Channel, ChannelError};
 pub use frame::ConnectionHeader;

@@ -293,6 +293,7 @@ fn respond(ctx: &Ctx, command: &str) -> String {
                 "workers": slots(&table),
                 "draining": draining(&table),
                 "messages": ctx.post.counters(),
+                "state": ctx.state.counters(),
                 "metrics": worker_metrics(ctx),
                 "kernel_least": ctx.handout.steered(table.workers),
             })

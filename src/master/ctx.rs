@@ -16,6 +16,7 @@ use tokio::task::AbortHandle;
 use super::cluster::Cluster;
 use super::kernel::Handout;
 use super::post::Post;
+use super::state::Authority;
 use super::systemd::Notifier;
 use super::table::Table;
 use crate::ipc::frame::MAX_FRAME_LEN;
@@ -61,11 +62,16 @@ pub(crate) struct Ctx {
     #[cfg_attr(not(feature = "control"), allow(dead_code))]
     pub listening: Vec<String>,
     pub handout: Handout,
+    /// The shared map's authority (`state::Authority::store` is what an upgrade hands
+    /// over).
+    pub state: Authority,
 }
 
 impl Ctx {
     pub fn new(table: Table, launcher: Launcher, listening: Vec<String>, handout: Handout) -> Self {
+        let state = Authority::new(table.config.state);
         Ctx {
+            state,
             table: RefCell::new(table),
             links: RefCell::new(HashMap::new()),
             scratch: RefCell::new(Scratch::default()),

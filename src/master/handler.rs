@@ -14,9 +14,10 @@ use tokio::sync::mpsc;
 
 use super::post::{failure, from_master, Inbound, Post};
 use crate::ipc::message::{from_payload, to_payload, MessageError, Route};
+use crate::state::SharedMap;
 
 type Task = Pin<Box<dyn Future<Output = ()>>>;
-type Start = Box<dyn FnOnce(Rc<Post>, mpsc::Receiver<Inbound>) -> Task + Send>;
+type Start = Box<dyn FnOnce(Rc<Post>, mpsc::Receiver<Inbound>, SharedMap) -> Task + Send>;
 
 /// The handler a master runs, once (cloning a builder shares it).
 #[derive(Clone, Default)]
@@ -36,10 +37,11 @@ impl MasterHandler {
         F: FnOnce(Master<M>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        let start: Start = Box::new(move |post, inbox| {
+        let start: Start = Box::new(move |post, inbox, state| {
             let master = Master {
                 post,
                 inbox,
+                state,
                 _type: PhantomData,
             };
             Box::pin(handler(master))
@@ -48,11 +50,11 @@ impl MasterHandler {
     }
 
     /// Starts the handler on the master's thread, if there is one and it has not started.
-    pub fn start(&self, post: &Rc<Post>) {
+    pub fn start(&self, post: &Rc<Post>, state: SharedMap) {
         let start = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(start) = start {
             let inbox = post.attach_handler();
-            tokio::task::spawn_local(start(post.clone(), inbox));
+            tokio::task::spawn_local(start(post.clone(), inbox, state));
         }
     }
 }
@@ -83,6 +85,7 @@ impl<M> FromWorker<M> {
 pub struct Master<M> {
     post: Rc<Post>,
     inbox: mpsc::Receiver<Inbound>,
+    state: SharedMap,
     _type: PhantomData<fn(M) -> M>,
 }
 
@@ -110,6 +113,12 @@ impl<M: Serialize + DeserializeOwned> Master<M> {
                 }
             }
         }
+    }
+
+    /// The cluster's shared map as the master holds it (see [`crate::state`]): reads are
+    /// current, and a write is applied and sent to every worker before it resolves.
+    pub fn state(&self) -> SharedMap {
+        self.state.clone()
     }
 
     /// Sends `message` to the worker in slot `slot` (its newest process).

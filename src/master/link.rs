@@ -139,6 +139,15 @@ fn apply(
             ctx.post.route(index, pid, message);
             return Ok(Heard::News);
         }
+        Frame::State(request) => {
+            super::state::receive(ctx, index, pid, request);
+            return Ok(Heard::News);
+        }
+        Frame::Sync(_) | Frame::Answer(_) => {
+            let fault = crate::ipc::state::StateFault::Direction(frame.name());
+            ctx.state.drop_one(index, pid, &fault);
+            return Ok(Heard::News);
+        }
         Frame::Metrics => {
             let fd = fds.into_iter().next().expect("the channel checked: one fd");
             ctx.cluster
@@ -310,6 +319,7 @@ pub(crate) fn open(ctx: &Rc<Ctx>, index: usize, pid: u32, channel: Channel) {
 /// Closes process `pid`'s link (its tasks stop); it has left the table.
 pub(crate) fn close(ctx: &Ctx, pid: u32) {
     ctx.post.close(pid);
+    ctx.state.close(pid);
     let link = ctx.links.borrow_mut().remove(&pid);
     drop(link);
 }
@@ -479,8 +489,12 @@ async fn write_channel(
                 Err(e) => return give_up(&ctx, index, pid, Lost::channel(e.into())),
             };
             let result = match transmit_one(&ctx, index, pid) {
-                // Connections first; then the messages that waited for room.
-                Flush::Done => match ctx.post.flush(pid) {
+                // Connections first; then the messages that waited for room, then the
+                // shared map's answers and changes.
+                Flush::Done => match ctx.post.flush(pid).and_then(|all| match all {
+                    true => ctx.state.flush(pid),
+                    false => Ok(false),
+                }) {
                     Ok(true) => Flush::Done,
                     Ok(false) => Flush::Blocked,
                     Err(e) => Flush::Broken(e),

@@ -22,6 +22,7 @@ mod operate;
 mod post;
 #[cfg(feature = "prometheus")]
 mod prometheus;
+mod state;
 mod systemd;
 mod table;
 mod upgrade;
@@ -271,7 +272,17 @@ async fn master(
     let (ctx, listeners) = prepare(&config, launcher, given.listeners)?;
     #[cfg(feature = "control")]
     let control = control_listener(&config, given.control)?;
-    handler.start(&ctx.post);
+    let map = match crate::state::Choice::from_env() {
+        crate::state::Choice::Master => ctx.state.map(),
+        // The workers keep their map elsewhere: the master's would be another one.
+        _ => crate::state::SharedMap::new(std::sync::Arc::new(crate::state::Unavailable::new(
+            format!(
+                "the workers' shared map is not the master's ({})",
+                crate::state::ENV_STATE
+            ),
+        ))),
+    };
+    handler.start(&ctx.post, map);
     #[cfg(feature = "prometheus")]
     let metrics_task = serve_metrics(&ctx, config.metrics, given.metrics)?;
     if !from_systemd && given.handshake.is_none() {
@@ -301,6 +312,8 @@ async fn master(
     let mut tasks = vec![
         spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals)),
         spawn_local(systemd::run(ctx.clone())),
+        spawn_local(state::expire(ctx.clone())),
+        spawn_local(state::local(ctx.clone())),
     ];
     if config.strategy == Strategy::KernelLeast {
         tasks.push(spawn_local(steer(ctx.clone())));

@@ -71,7 +71,7 @@ pub const MAX_DROP_LINES: u32 = 10;
 
 /// A budget of log lines per second; what it silences is counted for the next line.
 #[derive(Debug, Default)]
-struct LogBudget {
+pub(crate) struct LogBudget {
     window: Cell<Option<Instant>>,
     lines: Cell<u32>,
     silenced: Cell<u64>,
@@ -79,7 +79,7 @@ struct LogBudget {
 
 impl LogBudget {
     /// `Some(lines silenced since the last one)` if a line may be logged at `now`.
-    fn spend(&self, now: Instant) -> Option<u64> {
+    pub fn spend(&self, now: Instant) -> Option<u64> {
         let window_over = self
             .window
             .get()

@@ -12,8 +12,7 @@
 //! Counters ([`SharedMap::increment`]) are stored as ASCII decimal, as Redis stores them, so
 //! a counter's [`SharedMap::get`] reads `b"42"` on both backends.
 
-// The backends land next; until then parts of the API have no caller.
-#![allow(dead_code)]
+pub(crate) mod store;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -174,6 +173,13 @@ impl SharedMap {
             .transpose()
     }
 
+    /// Completes at the next change this worker's replica applies after the call (a write
+    /// of any worker, an expiry the authority announced, a fresh snapshot): to react to
+    /// writes without polling [`SharedMap::get`].
+    pub fn changed(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.backend.replica().next_change()
+    }
+
     /// Whether the replica may be behind: the backend lost its authority (Redis down, the
     /// master gone) and reads serve the last known values.
     pub fn is_stale(&self) -> bool {
@@ -270,6 +276,64 @@ impl SharedMap {
     }
 }
 
+/// Environment variable: which backend a worker's [`SharedMap`] uses. Absent, empty or
+/// `master`: the map held by the master; `redis://HOST:PORT[/DB]`: a Redis server.
+pub const ENV_STATE: &str = "HANDOFF_STATE";
+
+/// Which backend [`ENV_STATE`] names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Choice {
+    Master,
+    Redis(String),
+    /// Not a backend: why.
+    Invalid(String),
+}
+
+impl Choice {
+    pub fn from_env() -> Self {
+        Choice::parse(std::env::var(ENV_STATE).ok().as_deref())
+    }
+
+    pub fn parse(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            None | Some("" | "master") => Choice::Master,
+            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                Choice::Redis(url.to_owned())
+            }
+            Some(other) => Choice::Invalid(format!(
+                "{ENV_STATE}={other:?} names no backend: use `master` or redis://HOST:PORT"
+            )),
+        }
+    }
+}
+
+/// A backend that takes no writes, for a worker whose backend could not start: every write
+/// fails with [`StateError::Unavailable`] and the reason; the empty replica is stale.
+#[derive(Debug)]
+pub(crate) struct Unavailable {
+    replica: Replica,
+    why: String,
+}
+
+impl Unavailable {
+    pub fn new(why: String) -> Self {
+        let replica = Replica::default();
+        replica.set_stale(true);
+        Unavailable { replica, why }
+    }
+}
+
+impl Backend for Unavailable {
+    fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    fn write(&self, _write: Write) -> WriteFuture<'_> {
+        let why = self.why.clone();
+        Box::pin(async move { Err(StateError::Unavailable(why)) })
+    }
+}
+
 fn unexpected(outcome: Outcome) -> StateError {
     StateError::Unavailable(format!(
         "the backend answered {outcome:?} to another operation"
@@ -281,6 +345,8 @@ fn unexpected(outcome: Outcome) -> StateError {
 pub(crate) struct Replica {
     entries: RwLock<HashMap<String, Entry>>,
     stale: std::sync::atomic::AtomicBool,
+    /// One more at every change: what [`SharedMap::changed`] waits on.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -301,15 +367,32 @@ impl Replica {
 
     /// Stores what the authority says `key` now holds, for `ttl` from now if given.
     pub fn put(&self, key: String, value: Bytes, ttl: Option<Duration>) {
-        let expires = ttl.map(|ttl| Instant::now() + ttl);
+        let expires = store::deadline(Instant::now(), ttl);
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         entries.insert(key, Entry { value, expires });
+        drop(entries);
+        self.changed();
     }
 
     /// Forgets `key`.
     pub fn remove(&self, key: &str) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         entries.remove(key);
+        drop(entries);
+        self.changed();
+    }
+
+    fn changed(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Completes at the next change to the replica after the call.
+    pub fn next_change(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.version.subscribe();
+        rx.mark_unchanged();
+        async move {
+            let _ = rx.changed().await;
+        }
     }
 
     /// Replaces everything with a snapshot of `(key, value, ttl)`.
@@ -325,15 +408,17 @@ impl Replica {
                     key,
                     Entry {
                         value,
-                        expires: ttl.map(|ttl| now + ttl),
+                        expires: store::deadline(now, ttl),
                     },
                 )
             })
             .collect();
         *self.entries.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.changed();
     }
 
     /// Entries in the replica (expired ones included until they are replaced).
+    #[allow(dead_code)] // Part of the replica's interface to the backends; no caller yet.
     pub fn len(&self) -> usize {
         self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -345,5 +430,63 @@ impl Replica {
     pub fn set_stale(&self, stale: bool) {
         self.stale
             .store(stale, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backend_is_named_by_handoff_state() {
+        assert_eq!(Choice::parse(None), Choice::Master);
+        assert_eq!(Choice::parse(Some("master")), Choice::Master);
+        assert_eq!(Choice::parse(Some(" ")), Choice::Master);
+        assert_eq!(
+            Choice::parse(Some("redis://127.0.0.1:6379")),
+            Choice::Redis("redis://127.0.0.1:6379".into())
+        );
+        let Choice::Invalid(why) = Choice::parse(Some("memcached://x")) else {
+            panic!()
+        };
+        assert!(
+            why.contains("HANDOFF_STATE=\"memcached://x\" names no backend"),
+            "{why}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_backend_refuses_writes_with_its_reason_and_reads_nothing() {
+        let map = SharedMap::new(Arc::new(Unavailable::new("no redis here".into())));
+        assert_eq!(
+            map.set("k", "v").await,
+            Err(StateError::Unavailable("no redis here".into()))
+        );
+        assert_eq!(map.get("k"), None);
+        assert!(map.is_stale());
+    }
+
+    #[tokio::test]
+    async fn changed_completes_at_the_next_change_of_the_replica() {
+        let replica = Replica::default();
+        let before = replica.next_change();
+        replica.put("k".into(), Bytes::from_static(b"v"), Some(Duration::MAX));
+        tokio::time::timeout(Duration::from_secs(5), before)
+            .await
+            .expect("woken by the put");
+        assert_eq!(
+            replica.get("k"),
+            Some(Bytes::from_static(b"v")),
+            "a huge TTL is no TTL"
+        );
+        let after = replica.next_change();
+        let waiting = tokio::spawn(after);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "no change since");
+        replica.remove("k");
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the removal")
+            .unwrap();
     }
 }

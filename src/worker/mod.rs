@@ -12,6 +12,7 @@ mod linger;
 mod own;
 mod post;
 mod recorder;
+mod state;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -99,6 +100,9 @@ pub(crate) struct Shared {
     /// `kernel-least`: this slot's count in the kernel's load array, less 1 per finished
     /// connection (the program added 1 when it picked this slot).
     load: std::sync::OnceLock<LoadWord>,
+    /// The shared map, and its feed when the master holds it (SYNC and ANSWER frames).
+    state: crate::state::SharedMap,
+    feed: Option<Arc<state::MasterBackend>>,
 }
 
 /// One 64-bit word of a mapped load array (`kernel-least`).
@@ -111,7 +115,10 @@ struct LoadWord {
 impl Shared {
     fn new(channel: Channel, counts: Counts, drain: watch::Sender<bool>) -> Self {
         let channel = Arc::new(channel);
+        let (state, feed) = shared_map(&channel);
         Shared {
+            state,
+            feed,
             post: Arc::new(WorkerPost::new(channel.clone())),
             channel,
             counts,
@@ -236,6 +243,9 @@ impl Shared {
     }
 
     fn fail(&self, error: ChannelError) {
+        if let Some(feed) = &self.feed {
+            feed.close();
+        }
         if !error.is_closed() {
             tracing::error!(error = %error, source = ?std::error::Error::source(&error), "worker channel failed");
             self.failure
@@ -244,6 +254,30 @@ impl Shared {
                 .get_or_insert(error);
         }
         self.drain.send_replace(true);
+    }
+}
+
+/// The shared map [`crate::state::ENV_STATE`] names, and its feed when the master holds it.
+fn shared_map(
+    channel: &Arc<Channel>,
+) -> (crate::state::SharedMap, Option<Arc<state::MasterBackend>>) {
+    use crate::state::{Choice, SharedMap, Unavailable};
+    match Choice::from_env() {
+        Choice::Master => {
+            let feed = Arc::new(state::MasterBackend::new(channel.clone()));
+            (SharedMap::new(feed.clone()), Some(feed))
+        }
+        // JOIN(redis): the Redis backend lands on another branch; once merged, this arm
+        // becomes `crate::state::redis::connect(&url)` (async: move the choice into `work`).
+        Choice::Redis(url) => {
+            let why = format!("{url}: this build has no Redis backend yet");
+            tracing::error!(reason = %why, "shared state unavailable");
+            (SharedMap::new(Arc::new(Unavailable::new(why))), None)
+        }
+        Choice::Invalid(why) => {
+            tracing::error!(reason = %why, "shared state unavailable");
+            (SharedMap::new(Arc::new(Unavailable::new(why))), None)
+        }
     }
 }
 
@@ -276,6 +310,8 @@ pub struct Incoming {
     ready_sent: bool,
     own: OwnListeners,
     drain: Drain,
+    /// Frames read while the snapshot of the shared map came in, to apply first.
+    early: VecDeque<state::Early>,
 }
 
 impl Incoming {
@@ -297,6 +333,10 @@ impl Incoming {
             }
             if self.drain.is_draining() {
                 return None;
+            }
+            if let Some(early) = self.early.pop_front() {
+                self.take_frame(early).await;
+                continue;
             }
             let Incoming {
                 shared,
@@ -378,6 +418,21 @@ impl Incoming {
                 }
             }
             Ok((Frame::Message(message), _)) => self.shared.post.deliver(message),
+            Ok((Frame::Sync(sync), _)) => {
+                let Some(feed) = &self.shared.feed else {
+                    return; // Not subscribed: nothing to keep current.
+                };
+                if feed.on_sync(sync) {
+                    if let Err(e) = feed.send_subscribe().await {
+                        self.shared.fail(e.into());
+                    }
+                }
+            }
+            Ok((Frame::Answer(answer), _)) => {
+                if let Some(feed) = &self.shared.feed {
+                    feed.on_answer(answer);
+                }
+            }
             Ok((Frame::Listeners(headers), fds)) => {
                 self.shared.eager_reports.store(false, Ordering::Relaxed);
                 if let Err(e) = self.own.install(headers, fds) {
@@ -401,6 +456,14 @@ impl Incoming {
     /// worker are dropped (and counted).
     pub fn inbox<M: serde::de::DeserializeOwned>(&self) -> Option<Inbox<M>> {
         Inbox::claim(&self.shared.post)
+    }
+
+    /// The cluster's shared map (see [`crate::state`]): reads from this worker's replica,
+    /// writes through the backend `HANDOFF_STATE` names (the master by default). With the
+    /// master's backend, the replica is updated while [`Incoming::accept`] is being called
+    /// (as `axum::serve` does), and a write resolves once this replica shows it.
+    pub fn state(&self) -> crate::state::SharedMap {
+        self.shared.state.clone()
     }
 
     /// A handle that completes when this worker starts draining.
@@ -546,13 +609,21 @@ where
     };
     tokio::spawn(drain_on_sigterm(shared.clone()));
 
+    // The shared map's snapshot before the service starts: it says READY with it.
+    let mut buf = frame_buffer();
+    let mut early = VecDeque::new();
+    if let Some(feed) = &shared.feed {
+        feed.subscribe(&mut buf, &mut early, state::SUBSCRIBE_TIMEOUT)
+            .await;
+    }
     let incoming = Incoming {
         shared: shared.clone(),
         queue: VecDeque::new(),
-        buf: frame_buffer(),
+        buf,
         ready_sent: false,
         own: OwnListeners::default(),
         drain: Drain { rx: drain_rx },
+        early,
     };
     let served = serve(incoming).await;
     if served.is_ok() && shared.ready.load(Ordering::Acquire) {

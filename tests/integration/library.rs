@@ -10,7 +10,7 @@ use crate::util::{http_get_path, read_response, wait_until, Spawned, PATIENCE};
 
 /// target/debug/examples/NAME: `cargo test` builds the examples before it runs any test
 /// (`cargo test --test integration library::` alone does not: build them with `cargo build --examples`).
-fn example(name: &str) -> Command {
+pub(crate) fn example(name: &str) -> Command {
     let deps = std::env::current_exe().unwrap();
     let path = deps
         .parent()
@@ -28,7 +28,7 @@ fn example(name: &str) -> Command {
 
 /// Starts an example and waits until its master logged its address and `workers` workers
 /// are ready; returns it with the address.
-fn start(mut cmd: Command, workers: usize) -> (Spawned, SocketAddr) {
+pub(crate) fn start(mut cmd: Command, workers: usize) -> (Spawned, SocketAddr) {
     cmd.env_remove("HANDOFF_LOG");
     let example = Spawned::start(cmd);
     let mut addr = None;
@@ -46,7 +46,7 @@ fn start(mut cmd: Command, workers: usize) -> (Spawned, SocketAddr) {
 }
 
 /// SIGTERM, then a clean exit within the patience.
-fn stop(mut example: Spawned) {
+pub(crate) fn stop(mut example: Spawned) {
     crate::util::send_signal(example.pid(), "TERM");
     let status = example.wait_exit(PATIENCE);
     assert!(

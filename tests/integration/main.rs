@@ -15,6 +15,7 @@ mod lifecycle;
 mod metrics;
 mod node;
 mod python_worker;
+mod state;
 mod systemd;
 mod upgrade;
 mod util;
