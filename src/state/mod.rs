@@ -15,6 +15,9 @@
 // The backends land next; until then parts of the API have no caller.
 #![allow(dead_code)]
 
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;

@@ -15,6 +15,8 @@ mod lifecycle;
 mod metrics;
 mod node;
 mod python_worker;
+#[cfg(feature = "redis")]
+mod state_redis;
 mod systemd;
 mod upgrade;
 mod util;
