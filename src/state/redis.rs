@@ -42,7 +42,7 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the subscription pings Redis, to notice a connection that died silently.
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// The subscription's reconnect backoff: doubling from the first to the second.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
 /// Keys asked for per SCAN while loading the namespace.
 const SCAN_BATCH: usize = 512;
 const PREFIX: &str = "handoff:state:";
