@@ -693,7 +693,7 @@ mod tests {
         Change {
             seq,
             key: key.into(),
-            value: value.map(Bytes::from_static),
+            value: value.map(|v| Bytes::from_static(v.as_bytes())),
             ttl: None,
         }
     }

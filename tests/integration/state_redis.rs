@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use handoff::state::{SharedMap, StateError, StateLimits};
 
 use crate::util::redis::RedisServer;
-use crate::util::PATIENCE;
+use crate::util::{wait_until, Spawned, PATIENCE};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -355,4 +355,48 @@ fn a_wrong_url_or_no_server_fails_clearly() {
             other => panic!("an http URL answered {other:?}"),
         }
     });
+}
+
+#[test]
+fn run_state_refuses_a_url_that_is_not_redis_at_startup() {
+    let mut master = Spawned::run(&["--listen", "127.0.0.1:0", "--state", "http://127.0.0.1:1"]);
+    let status = master.wait_exit(PATIENCE).expect("the master did not exit");
+    assert!(!status.success());
+    let log = master.log();
+    assert!(
+        log.contains("--state") && log.contains("expected redis://"),
+        "{log}"
+    );
+}
+
+#[test]
+fn run_state_hands_the_url_to_every_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "redis://127.0.0.1:1/0"; // checked, not connected to, by the master
+                                       // A worker that writes down what it was given, then waits to be stopped.
+    let script = format!(
+        "echo \"$HANDOFF_STATE\" > {}/state-$HANDOFF_WORKER; exec sleep 60",
+        dir.path().display()
+    );
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--state",
+        url,
+        "--",
+    ];
+    let master = Spawned::run(&[&args[..], &["sh", "-c", &script]].concat());
+    let given = |slot: usize| std::fs::read_to_string(dir.path().join(format!("state-{slot}")));
+    assert!(
+        wait_until(PATIENCE, || (0..2)
+            .all(|slot| given(slot).is_ok_and(|s| s.contains('\n')))),
+        "{}",
+        master.log()
+    );
+    for slot in 0..2 {
+        assert_eq!(given(slot).unwrap().trim(), url);
+    }
+    drop(master);
 }
