@@ -75,7 +75,8 @@ impl SharedMap {
     /// A map on the Redis server at `url` (`redis://HOST:PORT[/DB]`,
     /// `redis+unix:///PATH`), for use outside a worker (a worker gets its map from the
     /// runtime). Connects, loads the namespace and subscribes before it returns; fails with
-    /// [`StateError::Unavailable`] if Redis cannot be reached within [`CONNECT_TIMEOUT`].
+    /// [`StateError::Unavailable`] if Redis cannot be reached within the connection timeout
+    /// (1 s). See `docs/state-redis.md`.
     pub async fn redis(url: &str, limits: StateLimits) -> Result<SharedMap, StateError> {
         connect(url, limits).await.map(SharedMap::new)
     }
