@@ -38,12 +38,13 @@ async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> b
     true
 }
 
-/// Clients, and increments each: 16 as the issue asks, but 2,500 each rather than 10,000:
-/// 16 × 10,000 takes about a minute in a debug build on two busy cores (each increment is
-/// one script run and 16 published copies). `examples/state_redis_bench.rs` runs the full
-/// 160,000 in release (docs/benchmarks.md).
+/// Clients, and increments each: 16 as the issue asks, but 1,000 each rather than 10,000:
+/// 16 × 10,000 takes about a minute in a debug build on two cores (each increment is one
+/// script run and 18 published copies, all decoded in this process), and hogs both cores
+/// while the suite's timing-sensitive tests run beside it. `examples/state_redis_bench.rs`
+/// runs the full 160,000 in release (docs/benchmarks.md).
 const CLIENTS: usize = 16;
-const INCREMENTS: usize = 2_500;
+const INCREMENTS: usize = 1_000;
 
 #[test]
 fn concurrent_increments_from_sixteen_clients_add_up_exactly() {
@@ -92,7 +93,8 @@ fn concurrent_increments_from_sixteen_clients_add_up_exactly() {
     });
     assert_eq!(
         redis.command(b"GET handoff:state:k:hits\r\n").as_deref(),
-        Some(format!("$5\r\n{}\r\n", CLIENTS * INCREMENTS).as_str())
+        Some(format!("$5\r\n{}\r\n", CLIENTS * INCREMENTS).as_str()),
+        "the counter as redis-cli reads it"
     );
 }
 
