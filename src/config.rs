@@ -118,6 +118,10 @@ pub struct Config {
     pub worker_threads: usize,
     /// The bounds of the shared map held by the master (see [`crate::state`]).
     pub state: crate::state::StateLimits,
+    /// Where the workers' shared map lives: `None` or `master` (the default: in the master),
+    /// or a Redis URL (`redis://HOST:PORT[/DB]`, `redis+unix:///PATH`). Workers get it in
+    /// `HANDOFF_STATE`.
+    pub state_url: Option<String>,
 }
 
 /// Refuses socket paths that would collide: `--control` equal to a `unix:` listen path, or
@@ -148,6 +152,27 @@ fn check_paths(config: &Config) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Refuses a `--state` that names no backend this build has: `master`, or a Redis URL with
+/// the `redis` feature.
+fn check_state(url: &str) -> Result<(), String> {
+    if url == "master" {
+        return Ok(());
+    }
+    #[cfg(feature = "redis")]
+    {
+        crate::state::redis::check_url(url)
+            .map(drop)
+            .map_err(|e| format!("--state: {e}"))
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        Err(format!(
+            "--state {url:?}: this build has no Redis backend (the `redis` feature); \
+             `master` is the one it has"
+        ))
+    }
 }
 
 /// The most threads a worker's runtime may have.
@@ -223,6 +248,9 @@ impl Config {
             );
         }
         check_paths(self)?;
+        if let Some(url) = &self.state_url {
+            check_state(url)?;
+        }
         if self.limits.max_age.is_some_and(|age| age < MIN_MAX_AGE) {
             return Err(format!(
                 "--max-age must be at least {} s",
@@ -270,6 +298,7 @@ impl Default for Config {
             ack_timeout: Duration::from_secs(5),
             worker_threads: 1,
             state: crate::state::StateLimits::default(),
+            state_url: None,
         }
     }
 }
@@ -381,6 +410,17 @@ mod check_tests {
     }
 
     #[test]
+    fn state_master_or_a_redis_url_passes() {
+        assert_eq!(check_state("master"), Ok(()));
+        let redis = check_state("redis://127.0.0.1:6379/0");
+        if cfg!(feature = "redis") {
+            assert_eq!(redis, Ok(()));
+        } else {
+            assert!(redis.unwrap_err().contains("`redis` feature"));
+        }
+    }
+
+    #[test]
     fn limits_that_cannot_work_are_refused_naming_the_flag() {
         let with = |change: fn(&mut Config)| {
             let mut config = Config::default();
@@ -390,7 +430,11 @@ mod check_tests {
         };
         assert_eq!(with(|_| {}), Ok(()));
         type Change = fn(&mut Config);
-        let refused: [(Change, &str); 8] = [
+        let refused: [(Change, &str); 9] = [
+            (
+                |c| c.state = Some("http://127.0.0.1:6379".into()),
+                "--state",
+            ),
             (|c| c.workers = 0, "--workers"),
             (|c| c.workers = 1_000_000, "--workers"),
             (|c| c.max_pending = 0, "--max-pending"),

@@ -240,6 +240,15 @@ impl Builder {
         self
     }
 
+    /// Where the workers' shared map lives: `master` (the default) or a Redis URL,
+    /// `redis://HOST:PORT[/DB]` or `redis+unix:///PATH` (the `redis` feature), for a
+    /// cluster on several hosts. Checked when the server starts; workers get it in
+    /// `HANDOFF_STATE`.
+    pub fn state(mut self, url: impl Into<String>) -> Self {
+        self.config.state_url = Some(url.into());
+        self
+    }
+
     /// Runs `handler` in the master (on its thread, once) with a [`Master`] handle: it
     /// receives the messages of type `M` workers send with [`Messenger::send`] and
     /// [`Messenger::request`], and sends to one worker or all of them. Without a handler,

@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// finishing any is replaced like a silent one, and its connections go to other workers.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     ack_timeout: Duration,
+    /// Where the workers' shared map lives: `master` (the default) or a Redis URL,
+    /// redis://HOST:PORT[/DB] or redis+unix:///PATH, for clusters on several hosts.
+    #[arg(long, value_name = "URL")]
+    state: Option<String>,
     /// Demo worker: CPU microseconds burned per request.
     #[arg(long, value_name = "N", default_value_t = 0)]
     work_us: u64,
@@ -137,6 +141,7 @@ fn config(args: RunArgs) -> Config {
         restart_batch: args.restart_batch,
         worker_timeout: args.worker_timeout,
         ack_timeout: args.ack_timeout,
+        state_url: args.state,
         ..defaults
     }
 }

@@ -470,6 +470,9 @@ fn prepare(
         tracing::info!(address = %name, "listening");
     }
     launcher.env(crate::supervise::ENV_LISTEN, listening.join(","));
+    if let Some(url) = &config.state_url {
+        launcher.env(crate::supervise::ENV_STATE, url.as_str());
+    }
     let mut table = Table::new(config.clone());
     table.set_fd_room(fd_room(config.workers)?);
     tracing::info!(

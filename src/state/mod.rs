@@ -14,6 +14,9 @@
 
 pub(crate) mod store;
 
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;

@@ -23,3 +23,6 @@ pub const ENV_DRAIN_MS: &str = "HANDOFF_DRAIN_TIMEOUT_MS";
 /// Environment variable: the master's listening addresses, comma-separated, in `--listen`
 /// order (`127.0.0.1:8000,unix:/run/app.sock`), as bound (port 0 resolved).
 pub const ENV_LISTEN: &str = "HANDOFF_LISTEN";
+/// Environment variable: where the shared map lives, `master` or a Redis URL
+/// ([`crate::Config::state`]); absent means `master`.
+pub const ENV_STATE: &str = "HANDOFF_STATE";

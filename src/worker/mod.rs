@@ -267,10 +267,13 @@ fn shared_map(
             let feed = Arc::new(state::MasterBackend::new(channel.clone()));
             (SharedMap::new(feed.clone()), Some(feed))
         }
-        // JOIN(redis): the Redis backend lands on another branch; once merged, this arm
-        // becomes `crate::state::redis::connect(&url)` (async: move the choice into `work`).
+        // Not joined yet: `state::redis::connect` is async and this runs before the
+        // worker's runtime serves; until the choice moves into `work`, a worker reaches
+        // Redis with `SharedMap::redis(url, limits).await` itself.
         Choice::Redis(url) => {
-            let why = format!("{url}: this build has no Redis backend yet");
+            let why = format!(
+                "{url}: Incoming::state() does not reach Redis yet; use SharedMap::redis"
+            );
             tracing::error!(reason = %why, "shared state unavailable");
             (SharedMap::new(Arc::new(Unavailable::new(why))), None)
         }

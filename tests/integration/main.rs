@@ -16,6 +16,8 @@ mod metrics;
 mod node;
 mod python_worker;
 mod state;
+#[cfg(feature = "redis")]
+mod state_redis;
 mod systemd;
 mod upgrade;
 mod util;

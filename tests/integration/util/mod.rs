@@ -1,6 +1,9 @@
 //! Shared helpers for the integration tests: start the real `handoff` binary on port 0 with
 //! a control socket, wait (bounded) for its workers, talk HTTP to it, signal it, read /proc.
 
+#[cfg(feature = "redis")]
+pub mod redis;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
