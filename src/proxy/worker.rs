@@ -23,6 +23,11 @@ use crate::{BoxError, Connection, Incoming, Peer, Stream};
 /// worker (one freed in this worker wakes it at once).
 const QUEUE_POLL: Duration = Duration::from_millis(2);
 
+/// How long an unserved client's bytes are read and dropped after its FIN, so that its
+/// close is a clean one (unread bytes would make it a reset), and how many at most.
+const UNSERVED_DRAIN: Duration = Duration::from_secs(1);
+const UNSERVED_DRAIN_BYTES: usize = 256 * 1024;
+
 /// Empty pipes each worker keeps for reuse.
 const PIPES_KEPT: usize = 256;
 
@@ -69,6 +74,8 @@ struct Figures {
     refused: Vec<metrics::Counter>,
     to_backend: metrics::Counter,
     to_client: metrics::Counter,
+    /// This worker's connections waiting in the queue (summed: the cluster's).
+    queued: metrics::Gauge,
 }
 
 impl Figures {
@@ -92,6 +99,7 @@ impl Figures {
                 .collect(),
             to_backend: metrics::counter!("proxy_bytes_total", "direction" => "to_backend"),
             to_client: metrics::counter!("proxy_bytes_total", "direction" => "to_client"),
+            queued: metrics::gauge!("proxy_queued"),
         }
     }
 }
@@ -124,13 +132,20 @@ impl Drop for Lease<'_> {
 }
 
 /// A place in the queue, given back on drop.
-struct Queued<'a>(&'a Board);
+struct Queued<'a>(&'a Worker);
+
+impl<'a> Queued<'a> {
+    fn new(worker: &'a Worker) -> Self {
+        worker.figures.queued.increment(1.0);
+        Queued(worker)
+    }
+}
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        self.0
-            .queued
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let queued = &self.0.board().queued;
+        queued.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.figures.queued.decrement(1.0);
     }
 }
 
@@ -178,7 +193,8 @@ impl Worker {
             Err(refusal) => {
                 self.figures.refused[refusal as usize].increment(1);
                 tracing::debug!(reason = refusal.label(), "client closed unserved");
-                return; // Dropping `conn` sends the client FIN.
+                close_unserved(conn).await;
+                return;
             }
         };
         let (lease, stream) = backend;
@@ -275,7 +291,7 @@ impl Worker {
         }
         let queued = &self.board().queued;
         let place = queued.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let _place = Queued(self.board());
+        let _place = Queued::new(self);
         if place >= config.queue {
             return Err(Refusal::QueueFull);
         }
@@ -296,4 +312,23 @@ impl Worker {
             }
         }
     }
+}
+
+/// Closes a client that cannot be served: FIN at once, then what it still sends is read
+/// and dropped until its own end of stream (bounded in time and bytes), so the close is
+/// clean rather than a reset.
+async fn close_unserved(mut conn: Connection) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = conn.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 8192];
+        let mut read = 0;
+        while read < UNSERVED_DRAIN_BYTES {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(UNSERVED_DRAIN, drain).await;
 }

@@ -12,6 +12,7 @@ mod kernel_least;
 mod library;
 mod lifecycle;
 mod metrics;
+mod proxy;
 mod python_worker;
 mod systemd;
 mod upgrade;
