@@ -124,26 +124,65 @@ pub struct Relayed {
     pub to_client: u64,
 }
 
+/// How one direction failed: reading its source (that end is gone: nothing more can reach
+/// it, so the relay ends) or writing its destination (that end stopped reading, but what it
+/// already sent may still be delivered: the other direction goes on to its end).
+#[derive(Debug)]
+enum Failed {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Failed {
+    fn into_inner(self) -> io::Error {
+        match self {
+            Failed::Read(e) | Failed::Write(e) => e,
+        }
+    }
+}
+
 /// Relays between `client` and `backend` until both directions have ended (each end's
-/// stream finished and passed on as a FIN) or one failed.
+/// stream finished and passed on as a FIN) or one failed: a failed read ends the relay at
+/// once, a failed write lets the other direction finish first.
 pub async fn relay(
     client: Side<'_>,
     backend: Side<'_>,
     how: Relay,
     pipes: &PipePool,
 ) -> io::Result<Relayed> {
-    let (to_backend, to_client) = tokio::try_join!(
-        one_way(client, backend, how, pipes),
-        one_way(backend, client, how, pipes),
-    )?;
+    let to_backend = one_way(client, backend, how, pipes);
+    let to_client = one_way(backend, client, how, pipes);
+    tokio::pin!(to_backend, to_client);
+    let (first, backend_first) = tokio::select! {
+        moved = &mut to_backend => (moved, true),
+        moved = &mut to_client => (moved, false),
+    };
+    if let Err(Failed::Read(e)) = first {
+        return Err(e);
+    }
+    let second = if backend_first {
+        (&mut to_client).await
+    } else {
+        (&mut to_backend).await
+    };
+    let (to_backend, to_client) = if backend_first {
+        (first, second)
+    } else {
+        (second, first)
+    };
     Ok(Relayed {
-        to_backend,
-        to_client,
+        to_backend: to_backend.map_err(Failed::into_inner)?,
+        to_client: to_client.map_err(Failed::into_inner)?,
     })
 }
 
 /// Moves bytes from `from` to `to` until `from` ends, then shuts `to`'s write half down.
-async fn one_way(from: Side<'_>, to: Side<'_>, how: Relay, pipes: &PipePool) -> io::Result<u64> {
+async fn one_way(
+    from: Side<'_>,
+    to: Side<'_>,
+    how: Relay,
+    pipes: &PipePool,
+) -> Result<u64, Failed> {
     let moved = match how {
         Relay::Splice => match pipes.take() {
             Ok(pipe) => spliced(from, to, pipe, pipes).await?,
@@ -157,7 +196,12 @@ async fn one_way(from: Side<'_>, to: Side<'_>, how: Relay, pipes: &PipePool) -> 
 
 /// Moves bytes through `pipe`, zero copy; on the first splice the kernel refuses (EINVAL:
 /// a socket type without splice support) goes on by copying.
-async fn spliced(from: Side<'_>, to: Side<'_>, pipe: Pipe, pipes: &PipePool) -> io::Result<u64> {
+async fn spliced(
+    from: Side<'_>,
+    to: Side<'_>,
+    pipe: Pipe,
+    pipes: &PipePool,
+) -> Result<u64, Failed> {
     let chunk = pipe.capacity().unwrap_or(64 * 1024);
     let mut moved = 0u64;
     loop {
@@ -168,12 +212,13 @@ async fn spliced(from: Side<'_>, to: Side<'_>, pipe: Pipe, pipes: &PipePool) -> 
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if moved == 0 && is_unsupported(&e) => return copied(from, to, 0).await,
-            Err(e) => return Err(e),
+            Err(e) => return Err(Failed::Read(e)),
         };
         while in_pipe > 0 {
             let n = to
                 .io(Interest::WRITABLE, || pipe.drain_to(to.fd(), in_pipe))
-                .await?;
+                .await
+                .map_err(Failed::Write)?;
             in_pipe -= n;
             moved += n as u64;
         }
@@ -187,18 +232,19 @@ fn is_unsupported(error: &io::Error) -> bool {
 }
 
 /// Moves bytes through a buffer in this process; `moved` counts bytes already relayed.
-async fn copied(from: Side<'_>, to: Side<'_>, mut moved: u64) -> io::Result<u64> {
+async fn copied(from: Side<'_>, to: Side<'_>, mut moved: u64) -> Result<u64, Failed> {
     let mut buffer = vec![0u8; COPY_BUFFER];
     loop {
         let n = from
             .io(Interest::READABLE, || {
                 sys::pipe::read(from.fd(), &mut buffer)
             })
-            .await?;
+            .await
+            .map_err(Failed::Read)?;
         if n == 0 {
             return Ok(moved);
         }
-        to.write_all(&buffer[..n]).await?;
+        to.write_all(&buffer[..n]).await.map_err(Failed::Write)?;
         moved += n as u64;
     }
 }
@@ -273,5 +319,55 @@ mod tests {
     async fn empty_streams_end_cleanly() {
         let relayed = round_trip(Relay::Splice, Vec::new(), Vec::new()).await;
         assert_eq!(relayed, Relayed::default());
+    }
+
+    /// A backend that answers and closes without reading the client's whole upload: the
+    /// write towards it fails, and its answer still reaches the client in full.
+    #[tokio::test]
+    async fn an_answer_survives_a_backend_that_stops_reading() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_backend, mut backend) = pair().await;
+        let pipes = PipePool::new(4, 0);
+        let answer = bytes(32_000, 9);
+        let expected = answer.clone();
+        let backend_side = async move {
+            let mut head = [0u8; 16];
+            backend.read_exact(&mut head).await.unwrap();
+            backend.write_all(&answer).await.unwrap();
+            drop(backend); // unread upload bytes: the kernel resets
+        };
+        let client_side = async move {
+            let upload = bytes(8 << 20, 10);
+            let (mut read, mut write) = client.split();
+            let sending = async {
+                let _ = write.write_all(&upload).await;
+            };
+            let mut got = Vec::new();
+            let receiving = async {
+                let _ = read.read_to_end(&mut got).await;
+            };
+            tokio::join!(sending, receiving);
+            assert!(
+                got.len() >= expected.len(),
+                "{} bytes of the answer",
+                got.len()
+            );
+            assert!(got[..expected.len()] == expected[..]);
+        };
+        // The worker closes both sockets when the relay returns; so does this test.
+        let proxy = async move {
+            let relayed = relay(
+                Side::Tcp(&proxy_client),
+                Side::Tcp(&proxy_backend),
+                Relay::Splice,
+                &pipes,
+            )
+            .await;
+            drop((proxy_client, proxy_backend));
+            relayed
+        };
+        let all = async { tokio::join!(backend_side, client_side, proxy) };
+        let finished = tokio::time::timeout(std::time::Duration::from_secs(20), all).await;
+        assert!(finished.is_ok(), "the relay or a side hung");
     }
 }
