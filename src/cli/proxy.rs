@@ -22,9 +22,9 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
     listen: Vec<ListenAddr>,
     /// A backend to balance over, HOST:PORT (repeatable; a host name stands for its first
-    /// address, resolved at start).
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_backend)]
-    backend: Vec<SocketAddr>,
+    /// address, resolved once by the master at start).
+    #[arg(long, value_name = "HOST:PORT")]
+    backend: Vec<String>,
     /// Start N backends running COMMAND (after --), each with its own port in PORT and in
     /// place of `{port}` in its arguments; restarted when they exit.
     #[arg(long, value_name = "N", default_value_t = 0, requires = "command")]
@@ -88,8 +88,9 @@ fn parse_backend(text: &str) -> Result<SocketAddr, String> {
 }
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
-    let config = ProxyConfig {
-        backends: args.backend.clone(),
+    let mut config = ProxyConfig {
+        // The master resolves them; a worker takes the master's list from its environment.
+        backends: Vec::new(),
         balance: args.balance,
         max_conns_per_backend: args.max_conns_per_backend,
         queue: args.queue,
@@ -119,6 +120,12 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         if args.spawn == 0 && !args.command.is_empty() {
             anyhow::bail!("a COMMAND after -- needs --spawn N");
         }
+        config.backends = args
+            .backend
+            .iter()
+            .map(|text| parse_backend(text))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!(e))?;
         let master = MasterSide::prepare(config.clone(), args.spawn, args.command)?;
         tracing::info!(backends = ?master.backends(), "proxying");
         builder = builder.master(move |_: crate::Master<()>| master.run());
