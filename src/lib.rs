@@ -54,6 +54,8 @@ mod demo;
 mod ipc;
 mod master;
 mod procfs;
+#[cfg(feature = "cli")]
+mod proxy;
 mod signals;
 pub mod state;
 mod supervise;

@@ -3,6 +3,7 @@
 mod bench;
 mod ctl;
 mod parse;
+mod proxy;
 mod run;
 mod top;
 
@@ -31,6 +32,9 @@ enum LogFormat {
 enum Command {
     /// Supervise workers: the master accepts, each connection goes to one worker process.
     Run(run::RunArgs),
+    /// Balance TCP connections over unmodified backends: the master accepts, proxy workers
+    /// relay each client to the backend with the fewest connections in flight.
+    Proxy(proxy::ProxyArgs),
     /// Ask a running master (started with --control) for its status.
     Ctl(ctl::CtlArgs),
     /// Replace a running master (started with --control) by its binary started again, with no
@@ -48,6 +52,7 @@ pub fn run() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Proxy(args) => proxy::run(args),
         Command::Ctl(args) => ctl::run(args),
         Command::Top(args) => top::run(args),
         Command::Upgrade(args) => ctl::upgrade(args),

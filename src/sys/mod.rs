@@ -11,6 +11,8 @@
 #![allow(unsafe_code)]
 
 pub mod bpf;
+#[cfg(feature = "cli")]
+pub mod pipe;
 pub mod process;
 pub mod scm;
 pub mod shm;

@@ -97,6 +97,41 @@ fn die_with(parent: Pid, signal: Signal) -> io::Result<()> {
     Ok(())
 }
 
+/// Arranges for a spawned helper process (a backend `handoff proxy --spawn` starts) to run
+/// in a process group of its own (a terminal's Ctrl-C reaches only the master, which stops
+/// it after the workers have drained) and to receive `death_signal` when the master dies
+/// (`prctl(PR_SET_PDEATHSIG)`), exiting at once if the master died before it could ask.
+/// Unlike [`prepare_worker`] it gets no channel: its fds above stderr are close-on-exec as
+/// std leaves them. A `death_signal` that is not a signal makes the spawn fail with
+/// `InvalidInput`.
+#[cfg(feature = "cli")]
+pub fn prepare_helper(cmd: &mut tokio::process::Command, death_signal: i32) {
+    let master = rustix::process::getpid();
+    let death_signal = Signal::from_named_raw(death_signal);
+    let hook = move || -> io::Result<()> {
+        rustix::process::setpgid(None, None)?;
+        let Some(signal) = death_signal else {
+            return Err(io::ErrorKind::InvalidInput.into());
+        };
+        die_with(master, signal)
+    };
+    // SAFETY: the hook runs between fork and exec and makes only async-signal-safe calls
+    // (setpgid, prctl, getppid, _exit); it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// `kill(pid, 0)`: whether a process with this pid exists (a zombie not yet reaped counts;
+/// `EPERM`, someone else's process, counts too). 0 and pids above `i32::MAX` are not.
+#[cfg(feature = "cli")]
+pub fn is_alive(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return false;
+    };
+    !matches!(rustix::process::test_kill_process(pid), Err(Errno::SRCH))
+}
+
 /// `fcntl(F_DUPFD_CLOEXEC)`: a close-on-exec copy of `fd` numbered above [`CHANNEL_FD`],
 /// where a worker's exec cannot find it replaced by its channel.
 pub fn dup_above_channel(fd: &impl AsFd) -> io::Result<OwnedFd> {

@@ -14,6 +14,7 @@ mod library;
 mod lifecycle;
 mod metrics;
 mod node;
+mod proxy;
 mod python_worker;
 mod state;
 #[cfg(feature = "redis")]
