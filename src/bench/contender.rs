@@ -222,6 +222,18 @@ impl Launcher {
 }
 
 impl Running {
+    /// A contender started elsewhere in the bench (the proxy frontends): `child` listens on
+    /// `addr` and has these worker processes; `dir` is removed once it is gone.
+    pub(super) fn new(addr: SocketAddr, child: Child, workers: Vec<u32>, dir: TempDir) -> Running {
+        Running {
+            addr,
+            master: child.id(),
+            workers,
+            child,
+            _dir: dir,
+        }
+    }
+
     /// Sends SIGTERM and waits (bounded) for the master and its workers to exit; kills what
     /// is left after that.
     pub fn stop(self) {
@@ -254,7 +266,7 @@ impl Drop for Running {
     }
 }
 
-fn spawn(
+pub(super) fn spawn(
     mut cmd: Command,
     program: &Path,
     log: &Arc<Mutex<VecDeque<String>>>,
@@ -280,7 +292,7 @@ fn spawn(
     Ok(child)
 }
 
-fn log_tail(log: &Arc<Mutex<VecDeque<String>>>) -> String {
+pub(super) fn log_tail(log: &Arc<Mutex<VecDeque<String>>>) -> String {
     // The stderr reader may still be catching up with a process that just exited.
     std::thread::sleep(Duration::from_millis(50));
     let log = log.lock().unwrap_or_else(PoisonError::into_inner);
@@ -296,7 +308,7 @@ fn log_tail(log: &Arc<Mutex<VecDeque<String>>>) -> String {
     }
 }
 
-fn kill_all(child: &mut Child, workers: &[u32]) {
+pub(super) fn kill_all(child: &mut Child, workers: &[u32]) {
     if let Ok(None) = child.try_wait() {
         let _ = child.kill();
         let _ = child.wait();
@@ -308,7 +320,10 @@ fn kill_all(child: &mut Child, workers: &[u32]) {
     }
 }
 
-fn exited(child: &mut Child, log: &Arc<Mutex<VecDeque<String>>>) -> Option<ContenderError> {
+pub(super) fn exited(
+    child: &mut Child,
+    log: &Arc<Mutex<VecDeque<String>>>,
+) -> Option<ContenderError> {
     match child.try_wait() {
         Ok(Some(status)) => Some(ContenderError::Exited {
             status,
@@ -319,7 +334,7 @@ fn exited(child: &mut Child, log: &Arc<Mutex<VecDeque<String>>>) -> Option<Conte
 }
 
 /// Polls the control socket until `workers` workers are ready.
-fn wait_for_handoff(
+pub(super) fn wait_for_handoff(
     child: &mut Child,
     control: &Path,
     workers: usize,
@@ -450,12 +465,12 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
 
 /// A private temporary folder, removed when dropped.
 #[derive(Debug)]
-struct TempDir {
-    path: PathBuf,
+pub(super) struct TempDir {
+    pub(super) path: PathBuf,
 }
 
 impl TempDir {
-    fn new() -> std::io::Result<TempDir> {
+    pub(super) fn new() -> std::io::Result<TempDir> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("handoff-bench-{}-{n}", std::process::id()));
