@@ -46,6 +46,9 @@ pub enum ContenderError {
     /// The name is not one of [`ALL`].
     #[error("unknown contender {0:?} (known: {known})", known = ALL.join(", "))]
     Unknown(String),
+    /// The name is not one of the proxy frontends (`handoff bench --proxy`).
+    #[error("unknown proxy frontend {0:?} (known: {known})", known = super::proxy::frontend::ALL.join(", "))]
+    UnknownFrontend(String),
     /// `node` is not on PATH.
     #[error("node is not on PATH")]
     NoNode,

@@ -59,7 +59,7 @@ impl Frontend {
             },
             "haproxy-leastconn" => Frontend::Haproxy,
             "nginx-least-conn" => Frontend::Nginx,
-            other => return Err(ContenderError::Unknown(other.to_owned())),
+            other => return Err(ContenderError::UnknownFrontend(other.to_owned())),
         })
     }
 

@@ -177,28 +177,11 @@ pub fn run(
         runtime,
         backends: &backends,
     };
-    // Capacity: the frontends take turns, so that a slow spell touches them all.
-    let mut capacity: HashMap<&str, Result<Vec<f64>, String>> = HashMap::new();
-    for run in 1..=runs {
-        for name in &bench.contenders {
-            tell(format!(
-                "proxy: {name}: capacity run {run} of {runs} (closed loop)"
-            ));
-            let entry = capacity.entry(name).or_insert_with(|| Ok(Vec::new()));
-            let Ok(so_far) = entry else { continue };
-            let pace = Pace::Closed {
-                clients: bench.clients,
-            };
-            match session.one(name, pace, bench.capacity_duration) {
-                Ok(row) => so_far.push(row.achieved_rps),
-                Err(reason) => *entry = Err(reason),
-            }
-        }
-    }
+    let capacity = session.capacity(runs, &mut tell);
     let capacities: Vec<Option<Capacity>> = bench
         .contenders
         .iter()
-        .map(|name| match capacity.get(name.as_str()) {
+        .map(|name| match capacity.get(name) {
             Some(Ok(runs)) => Capacity::of(runs.clone()),
             _ => None,
         })
@@ -207,7 +190,7 @@ pub fn run(
     let mut rows = Vec::new();
     for (name, capacity_of) in bench.contenders.iter().zip(&capacities) {
         tell(format!("proxy: {name}: {rate:.0} req/s (open loop)"));
-        let mut row = match capacity.get(name.as_str()) {
+        let mut row = match capacity.get(name) {
             Some(Err(reason)) => unavailable(name, reason.clone()),
             _ => session
                 .one(name, Pace::Open { rate }, bench.duration)
@@ -271,6 +254,36 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// The closed-loop runs of every frontend, the frontends taking turns so that a slow
+    /// spell touches them all: requests/s per run by name, or why it did not start.
+    fn capacity(
+        &mut self,
+        runs: usize,
+        tell: &mut dyn FnMut(String),
+    ) -> HashMap<String, Result<Vec<f64>, String>> {
+        let bench = &self.config.bench;
+        let mut capacity: HashMap<String, Result<Vec<f64>, String>> = HashMap::new();
+        for run in 1..=runs {
+            for name in &bench.contenders {
+                tell(format!(
+                    "proxy: {name}: capacity run {run} of {runs} (closed loop)"
+                ));
+                let entry = capacity
+                    .entry(name.clone())
+                    .or_insert_with(|| Ok(Vec::new()));
+                let Ok(so_far) = entry else { continue };
+                let pace = Pace::Closed {
+                    clients: bench.clients,
+                };
+                match self.one(name, pace, bench.capacity_duration) {
+                    Ok(row) => so_far.push(row.achieved_rps),
+                    Err(reason) => *entry = Err(reason),
+                }
+            }
+        }
+        capacity
+    }
+
     /// Starts frontend `name`, runs one load through it, stops it.
     fn one(&mut self, name: &str, pace: Pace, duration: Duration) -> Result<ProxyRow, String> {
         let bench = &self.config.bench;
