@@ -432,7 +432,7 @@ mod check_tests {
         type Change = fn(&mut Config);
         let refused: [(Change, &str); 9] = [
             (
-                |c| c.state = Some("http://127.0.0.1:6379".into()),
+                |c| c.state_url = Some("http://127.0.0.1:6379".into()),
                 "--state",
             ),
             (|c| c.workers = 0, "--workers"),

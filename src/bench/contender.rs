@@ -47,6 +47,9 @@ pub enum ContenderError {
     /// The name is not one of [`ALL`].
     #[error("unknown contender {0:?} (known: {known})", known = ALL.join(", "))]
     Unknown(String),
+    /// The name is not one of the proxy frontends (`handoff bench --proxy`).
+    #[error("unknown proxy frontend {0:?} (known: {known})", known = super::proxy::frontend::ALL.join(", "))]
+    UnknownFrontend(String),
     /// `node` is not on PATH.
     #[error("node is not on PATH")]
     NoNode,
@@ -250,6 +253,18 @@ impl Launcher {
 }
 
 impl Running {
+    /// A contender started elsewhere in the bench (the proxy frontends): `child` listens on
+    /// `addr` and has these worker processes; `dir` is removed once it is gone.
+    pub(super) fn new(addr: SocketAddr, child: Child, workers: Vec<u32>, dir: TempDir) -> Running {
+        Running {
+            addr,
+            master: child.id(),
+            workers,
+            child,
+            _dir: dir,
+        }
+    }
+
     /// Sends SIGTERM and waits (bounded) for the master and its workers to exit; kills what
     /// is left after that.
     pub fn stop(self) {
@@ -282,7 +297,7 @@ impl Drop for Running {
     }
 }
 
-fn spawn(
+pub(super) fn spawn(
     mut cmd: Command,
     program: &Path,
     log: &Arc<Mutex<VecDeque<String>>>,
@@ -308,7 +323,7 @@ fn spawn(
     Ok(child)
 }
 
-fn log_tail(log: &Arc<Mutex<VecDeque<String>>>) -> String {
+pub(super) fn log_tail(log: &Arc<Mutex<VecDeque<String>>>) -> String {
     // The stderr reader may still be catching up with a process that just exited.
     std::thread::sleep(Duration::from_millis(50));
     let log = log.lock().unwrap_or_else(PoisonError::into_inner);
@@ -324,7 +339,7 @@ fn log_tail(log: &Arc<Mutex<VecDeque<String>>>) -> String {
     }
 }
 
-fn kill_all(child: &mut Child, workers: &[u32]) {
+pub(super) fn kill_all(child: &mut Child, workers: &[u32]) {
     if let Ok(None) = child.try_wait() {
         let _ = child.kill();
         let _ = child.wait();
@@ -336,7 +351,10 @@ fn kill_all(child: &mut Child, workers: &[u32]) {
     }
 }
 
-fn exited(child: &mut Child, log: &Arc<Mutex<VecDeque<String>>>) -> Option<ContenderError> {
+pub(super) fn exited(
+    child: &mut Child,
+    log: &Arc<Mutex<VecDeque<String>>>,
+) -> Option<ContenderError> {
     match child.try_wait() {
         Ok(Some(status)) => Some(ContenderError::Exited {
             status,
@@ -347,7 +365,7 @@ fn exited(child: &mut Child, log: &Arc<Mutex<VecDeque<String>>>) -> Option<Conte
 }
 
 /// Polls the control socket until `workers` workers are ready.
-fn wait_for_handoff(
+pub(super) fn wait_for_handoff(
     child: &mut Child,
     control: &Path,
     workers: usize,
@@ -478,12 +496,12 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
 
 /// A private temporary folder, removed when dropped.
 #[derive(Debug)]
-struct TempDir {
-    path: PathBuf,
+pub(super) struct TempDir {
+    pub(super) path: PathBuf,
 }
 
 impl TempDir {
-    fn new() -> std::io::Result<TempDir> {
+    pub(super) fn new() -> std::io::Result<TempDir> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("handoff-bench-{}-{n}", std::process::id()));

@@ -58,6 +58,35 @@ pub enum Connections {
     },
 }
 
+/// How open-loop requests on new connections arrive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arrivals {
+    /// At a fixed interval: the gentlest load a rate can be.
+    #[default]
+    Even,
+    /// Independently of each other (a Poisson process): exponential gaps of the same mean,
+    /// drawn from a fixed seed, so every contender gets the same sequence. Bursts happen, as
+    /// with real clients.
+    Poisson,
+}
+
+/// The seed of [`Arrivals::Poisson`].
+const ARRIVALS_SEED: u64 = 0x5eed;
+
+/// Send times `rate` per second on average with exponential gaps, from `start`.
+pub fn poisson(rate: f64, start: Instant, seed: u64) -> impl Iterator<Item = Instant> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mean = 1.0 / rate.max(1e-3);
+    let mut t = 0.0f64;
+    std::iter::from_fn(move || {
+        let due = start + Duration::from_secs_f64(t);
+        // 1 - [0, 1) is in (0, 1]: its logarithm is finite and at most 0.
+        t += -mean * (1.0 - rng.f64()).ln();
+        Some(due)
+    })
+}
+
 /// One load run against one address.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadSpec {
@@ -76,6 +105,11 @@ pub struct LoadSpec {
     /// New-connection requests in flight at most (bounds the generator's fds); in open loop,
     /// a request waiting for a slot is late, and its latency says so.
     pub max_in_flight: usize,
+    /// Open loop, new connections: how requests arrive.
+    pub arrivals: Arrivals,
+    /// Open loop, new connections: keep each answered request's [`Span`] in the window (for
+    /// the connections in flight per worker, counted afterwards).
+    pub spans: bool,
 }
 
 impl LoadSpec {
@@ -142,6 +176,21 @@ pub struct Tally {
     pub attempted: u64,
     /// Open loop: how late the generator itself sent, in µs (its own lag, not the server's).
     pub dispatch_lag: Histogram<u64>,
+    /// With [`LoadSpec::spans`]: when each answered request was in flight (those of the
+    /// warm-up too).
+    pub spans: Vec<Span>,
+}
+
+/// One answered request's time in flight, as the generator saw it: from the start of its
+/// connect to the end of the answer (before the server's close).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// The `x-worker-pid` that answered.
+    pub pid: u32,
+    /// When the connect began.
+    pub from: Instant,
+    /// When the whole answer had arrived.
+    pub to: Instant,
 }
 
 impl Default for Tally {
@@ -154,6 +203,7 @@ impl Default for Tally {
             connects: 0,
             attempted: 0,
             dispatch_lag: latency_histogram(),
+            spans: Vec::new(),
         }
     }
 }
@@ -170,6 +220,7 @@ impl Tally {
         self.connects += other.connects;
         self.attempted += other.attempted;
         let _ = self.dispatch_lag.add(&other.dispatch_lag);
+        self.spans.extend_from_slice(&other.spans);
     }
 
     fn record(&mut self, outcome: Result<u32, Failure>, latency: Duration) {
@@ -310,17 +361,33 @@ fn dispatch(
     start: Instant,
     to: Instant,
     from: Instant,
-    mut fire: impl FnMut(usize, Instant),
+    fire: impl FnMut(usize, Instant),
 ) -> Histogram<u64> {
-    let mut lag = latency_histogram();
     let mut next: BinaryHeap<Reverse<(Instant, usize, u64)>> = streams
         .iter()
         .enumerate()
         .map(|(k, s)| Reverse((s.at(start, 0), k, 0)))
         .collect();
-    while let Some(Reverse((due, k, j))) = next.pop() {
+    let times = std::iter::from_fn(move || {
+        let Reverse((due, k, j)) = next.pop()?;
+        next.push(Reverse((streams[k].at(start, j + 1), k, j + 1)));
+        Some((k, due))
+    });
+    fire_on_time(times, to, from, fire)
+}
+
+/// Calls `fire(stream, due)` for each of `times` (in time order) before `to`, on time; returns
+/// the lag of the calls from `from` on, in µs.
+fn fire_on_time(
+    times: impl Iterator<Item = (usize, Instant)>,
+    to: Instant,
+    from: Instant,
+    mut fire: impl FnMut(usize, Instant),
+) -> Histogram<u64> {
+    let mut lag = latency_histogram();
+    for (k, due) in times {
         if due >= to {
-            continue;
+            break;
         }
         let now = Instant::now();
         if due > now {
@@ -330,7 +397,6 @@ fn dispatch(
         if due >= from {
             lag.saturating_record(due.elapsed().as_micros() as u64);
         }
-        next.push(Reverse((streams[k].at(start, j + 1), k, j + 1)));
     }
     lag
 }
@@ -342,7 +408,7 @@ async fn open_per_request(spec: LoadSpec, rate: f64, start: Instant, shared: &Sh
     let (dispatch_slots, dispatch_shared) = (slots.clone(), shared.clone());
     let give_up = to + spec.timeout;
     let lag = tokio::task::spawn_blocking(move || {
-        dispatch(&[Schedule::at_rate(rate)], start, to, from, |_, due| {
+        let fire = |_, due: Instant| {
             // In open loop a request that waits for a slot is late, and its latency says so;
             // one that cannot get a slot until well past the end has timed out.
             let wait = tokio::time::timeout_at(
@@ -357,20 +423,36 @@ async fn open_per_request(spec: LoadSpec, rate: f64, start: Instant, shared: &Sh
             };
             let shared = dispatch_shared.clone();
             handle.spawn(async move {
+                let began = Instant::now();
                 let outcome = match timeout(spec.timeout, new_connection_request(spec.addr)).await {
                     Ok(outcome) => outcome,
                     Err(_) => Err(Failure::Timeout),
                 };
                 drop(slot);
+                let mut tally = lock(&shared);
+                // Warm-up requests too: they are in flight as the window opens.
+                if let (true, Ok((pid, answered))) = (spec.spans, outcome) {
+                    tally.spans.push(Span {
+                        pid,
+                        from: began,
+                        to: answered,
+                    });
+                }
                 if due >= from {
-                    let mut tally = lock(&shared);
                     if outcome != Err(Failure::Connect) {
                         tally.connects += 1;
                     }
-                    tally.record(outcome, due.elapsed());
+                    tally.record(outcome.map(|(pid, _)| pid), due.elapsed());
                 }
             });
-        })
+        };
+        match spec.arrivals {
+            Arrivals::Even => dispatch(&[Schedule::at_rate(rate)], start, to, from, fire),
+            Arrivals::Poisson => {
+                let times = poisson(rate, start, ARRIVALS_SEED).map(|due| (0, due));
+                fire_on_time(times, to, from, fire)
+            }
+        }
     })
     .await
     .unwrap_or_else(|_| latency_histogram());
@@ -395,7 +477,7 @@ async fn closed_client(spec: LoadSpec, start: Instant, persistent: bool, shared:
             persistent_request(spec, &mut conn, measured.then_some(&mut local)).await
         } else {
             let outcome = match timeout(spec.timeout, new_connection_request(spec.addr)).await {
-                Ok(outcome) => outcome,
+                Ok(outcome) => outcome.map(|(pid, _)| pid),
                 Err(_) => Err(Failure::Timeout),
             };
             if measured && outcome != Err(Failure::Connect) {
@@ -488,17 +570,19 @@ async fn persistent_request(
     }
 }
 
-async fn new_connection_request(addr: SocketAddr) -> Result<u32, Failure> {
+/// One request on a new connection: the answering pid and when the answer was complete.
+async fn new_connection_request(addr: SocketAddr) -> Result<(u32, Instant), Failure> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|_| Failure::Connect)?;
     let _ = stream.set_nodelay(true);
     let mut stream = BufReader::new(stream);
     let answer = request(&mut stream, true).await?;
+    let answered = Instant::now();
     // Let the server close first (it said `connection: close`), so the TIME_WAIT is its.
     let mut rest = [0u8; 64];
     let _ = stream.read(&mut rest).await;
-    Ok(answer.pid)
+    Ok((answer.pid, answered))
 }
 
 /// Why one request failed.
@@ -690,6 +774,25 @@ mod tests {
             vec![0, 1, 2]
         );
         assert_eq!(lag.len(), 60, "lag is recorded inside the window only");
+    }
+
+    #[test]
+    fn poisson_arrivals_keep_the_mean_rate_in_order_and_repeat_with_the_seed() {
+        let start = Instant::now();
+        let times: Vec<Instant> = poisson(1000.0, start, 9).take(20_001).collect();
+        assert_eq!(times[0], start);
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "in time order");
+        let mean = (times[20_000] - start).as_secs_f64() / 20_000.0;
+        assert!((mean - 1e-3).abs() < 0.05e-3, "mean gap {mean}");
+        // Exponential gaps: about e^-1 of them exceed the mean, unlike even ones.
+        let long = times
+            .windows(2)
+            .filter(|w| (w[1] - w[0]).as_secs_f64() > 1e-3)
+            .count() as f64
+            / 20_000.0;
+        assert!((long - (-1.0f64).exp()).abs() < 0.02, "{long}");
+        let again: Vec<Instant> = poisson(1000.0, start, 9).take(20_001).collect();
+        assert_eq!(times, again);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod contender;
 mod format;
 pub mod load;
 mod measure;
+pub mod proxy;
 pub mod report;
 pub mod stats;
 mod svg;
@@ -25,7 +26,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use contender::{ContenderError, Cost, Kind, Launcher, Running};
-use load::{Connections, Errors, LoadSpec, Pace};
+use load::{Arrivals, Connections, Errors, LoadSpec, Pace};
 use measure::{measure, row, unavailable};
 use stats::{Capacity, Percentiles};
 
@@ -174,6 +175,8 @@ pub struct BenchConfig {
     pub heavy: (f64, u64),
     /// The longest a request may take before it counts as a timeout.
     pub timeout: Duration,
+    /// How open-loop requests on new connections arrive.
+    pub arrivals: Arrivals,
 }
 
 impl BenchConfig {
@@ -196,6 +199,7 @@ impl BenchConfig {
             work_us: 50,
             heavy: (2.0, 2500),
             timeout: Duration::from_secs(5),
+            arrivals: Arrivals::Even,
         }
     }
 
@@ -582,6 +586,8 @@ fn spec(
         duration,
         timeout: config.timeout,
         max_in_flight: 512,
+        arrivals: config.arrivals,
+        spans: false,
     }
 }
 

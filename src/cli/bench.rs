@@ -10,6 +10,8 @@ use anyhow::Context;
 use clap::Args;
 
 use super::parse::parse_duration;
+use crate::bench::load::Arrivals;
+use crate::bench::proxy::{self as proxy_bench, frontend, ProxyBenchConfig};
 use crate::bench::{self, contender, report, BenchConfig, Offered, Workload};
 use crate::demo;
 
@@ -62,6 +64,23 @@ pub struct BenchArgs {
     /// The heavy-tail workload: PCT percent of requests cost US microseconds [default: 2:2500].
     #[arg(long, value_name = "PCT:US", value_parser = demo::parse_heavy)]
     heavy: Option<(f64, Duration)>,
+    /// Compare proxies instead: `handoff proxy` (least-conn and round-robin), HAProxy
+    /// (leastconn) and nginx (least_conn) when installed, in front of the same --backends,
+    /// the first of them --slow times slower; a new connection per request, at the --load
+    /// fraction of the slowest capacity. --workers defaults to 2 here, --contenders names
+    /// frontends, --workloads does not apply.
+    #[arg(long, conflicts_with = "workloads")]
+    proxy: bool,
+    /// With --proxy: backends behind every frontend [default: 8].
+    #[arg(long, value_name = "N", requires = "proxy")]
+    backends: Option<usize>,
+    /// With --proxy: how many times slower per request the first backend is [default: 10].
+    #[arg(long, value_name = "FACTOR", requires = "proxy")]
+    slow: Option<u64>,
+    /// How open-loop requests on new connections arrive: at an even pace, or independently
+    /// (Poisson, from a fixed seed) [default: even; with --proxy: poisson].
+    #[arg(long, value_enum, value_name = "HOW")]
+    arrivals: Option<Arrivals>,
     /// Also write the report as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -69,6 +88,41 @@ pub struct BenchArgs {
     /// target/bench/<UTC time>/ under the current directory].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+}
+
+/// Frontend workers with --proxy unless --workers says otherwise.
+const PROXY_WORKERS: usize = 2;
+
+/// Every proxy frontend whose program is installed; a line on stderr for each left out.
+fn proxy_frontends() -> Vec<String> {
+    let mut names = Vec::new();
+    for name in frontend::ALL {
+        match frontend::Frontend::parse(name)
+            .ok()
+            .and_then(|f| f.missing())
+        {
+            Some(program) => {
+                eprintln!("handoff bench: {program} is not installed; leaving out {name}")
+            }
+            None => names.push(name.to_owned()),
+        }
+    }
+    names
+}
+
+fn proxy_config(args: &BenchArgs, bench: BenchConfig) -> anyhow::Result<ProxyBenchConfig> {
+    let backends = args.backends.unwrap_or(8);
+    anyhow::ensure!(
+        (1..=64).contains(&backends),
+        "--backends must be between 1 and 64"
+    );
+    let slow = args.slow.unwrap_or(10);
+    anyhow::ensure!(slow >= 1, "--slow must be at least 1");
+    Ok(ProxyBenchConfig {
+        bench,
+        backends,
+        slow,
+    })
 }
 
 fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
@@ -82,7 +136,22 @@ fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
         anyhow::ensure!(workers > 0, "--workers must be at least 1");
         config.workers = workers;
     }
-    if args.contenders.is_empty() {
+    config.arrivals = args.arrivals.unwrap_or(if args.proxy {
+        Arrivals::Poisson
+    } else {
+        Arrivals::Even
+    });
+    if args.proxy {
+        config.workers = args.workers.unwrap_or(PROXY_WORKERS);
+        config.contenders = if args.contenders.is_empty() {
+            proxy_frontends()
+        } else {
+            args.contenders
+                .iter()
+                .map(|c| c.trim().to_owned())
+                .collect()
+        };
+    } else if args.contenders.is_empty() {
         if contender::find_on_path("node").is_none() {
             eprintln!(
                 "handoff bench: node is not on PATH; leaving out node-rr, node-none and handoff-node"
@@ -154,7 +223,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let config = config(&args)?;
     let started = Instant::now();
     let terminal = std::io::stderr().is_terminal();
-    let mut progress = |p: &bench::Progress| {
+    let progress = move |p: &bench::Progress| {
         let line = format!(
             "[{}/{} {:>3.0}s] {}",
             p.step,
@@ -170,6 +239,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         let _ = stderr.flush();
     };
+    if args.proxy {
+        return run_proxy(&args, proxy_config(&args, config)?, started, progress);
+    }
+    let mut progress = progress;
     let result = bench::run(&config, &mut progress);
     if terminal {
         eprint!("\r\x1b[K");
@@ -195,6 +268,48 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!(
         "handoff bench: wrote {} in {}",
         report::FILES.join(", "),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// `--proxy`: runs the proxy comparison and writes its table and JSON (no picture yet).
+fn run_proxy(
+    args: &BenchArgs,
+    config: ProxyBenchConfig,
+    started: Instant,
+    mut progress: impl FnMut(&bench::Progress),
+) -> anyhow::Result<()> {
+    let result = proxy_bench::run(&config, &mut progress);
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[K");
+    }
+    let report = result.context("handoff bench --proxy")?;
+    eprintln!(
+        "handoff bench: done in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let table = proxy_bench::table(&report);
+    std::io::stdout()
+        .write_all(table.as_bytes())
+        .context("writing the table")?;
+    let json = serde_json::to_string_pretty(&report).context("encoding the report")? + "\n";
+    if let Some(path) = &args.json {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("handoff bench: wrote {}", path.display());
+    }
+    let dir = match &args.out {
+        Some(dir) => dir.clone(),
+        None => report::new_run_dir(Path::new(DEFAULT_OUT), SystemTime::now())
+            .context("creating the output folder (--out names another)")?,
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, text) in [("report.json", &json), ("table.txt", &table)] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    eprintln!(
+        "handoff bench: wrote report.json, table.txt in {}",
         dir.display()
     );
     Ok(())

@@ -271,9 +271,8 @@ fn shared_map(
         // worker's runtime serves; until the choice moves into `work`, a worker reaches
         // Redis with `SharedMap::redis(url, limits).await` itself.
         Choice::Redis(url) => {
-            let why = format!(
-                "{url}: Incoming::state() does not reach Redis yet; use SharedMap::redis"
-            );
+            let why =
+                format!("{url}: Incoming::state() does not reach Redis yet; use SharedMap::redis");
             tracing::error!(reason = %why, "shared state unavailable");
             (SharedMap::new(Arc::new(Unavailable::new(why))), None)
         }

@@ -350,3 +350,120 @@ fn unknown_names_are_refused_before_anything_starts() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown workload"));
 }
+
+/// `handoff bench --proxy` with every frontend: HAProxy and nginx must be installed (`.ci/run`
+/// installs them); a missing one fails here as an unavailable row, it is not skipped.
+#[test]
+fn the_proxy_bench_runs_every_frontend_error_free_and_least_conn_spares_the_slow_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("proxy.json");
+    let output = bench(
+        &[
+            "--proxy",
+            "--quick",
+            "--backends",
+            "4",
+            // 20 ms per request on the first backend, 50 µs on the others: often still busy
+            // when its turn comes again (Poisson arrivals, 150/s over 4 backends), yet not
+            // overloaded by round-robin (0.75 of its time).
+            "--slow",
+            "400",
+            "--contenders",
+            "handoff-proxy,handoff-proxy-rr,haproxy-leastconn,nginx-least-conn",
+            // A fixed rate: a fraction of a capacity measured on a busy machine may be so low
+            // that no backend ever has a connection in flight to be told apart by.
+            "--rate",
+            "150",
+            "--duration",
+            "3s",
+            "--json",
+            json.to_str().unwrap(),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+        ],
+        |_| {},
+    );
+    let context = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{context}");
+    let report = read_json(&json);
+    let backends = report["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 4, "{context}");
+    assert_eq!(
+        backends[0]["work_us"],
+        400 * backends[1]["work_us"].as_u64().unwrap()
+    );
+    let rows = report["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["contender"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "handoff-proxy",
+            "handoff-proxy-rr",
+            "haproxy-leastconn",
+            "nginx-least-conn"
+        ]
+    );
+    for row in rows {
+        let name = row["contender"].as_str().unwrap();
+        assert!(
+            row["unavailable"].is_null(),
+            "{name} unavailable: {}\n{context}",
+            row["unavailable"]
+        );
+        assert_eq!(
+            row["error_total"], 0,
+            "{name}: {}\n{context}",
+            row["errors"]
+        );
+        assert!(
+            row["capacity"].is_null(),
+            "{name}: no capacity runs at a fixed rate"
+        );
+        let requests = row["requests"].as_u64().unwrap();
+        assert!(requests > 0, "{name}: no requests\n{context}");
+        let per_backend: Vec<u64> = row["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["requests"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            per_backend.iter().sum::<u64>(),
+            requests,
+            "{name}: every answer is a backend's"
+        );
+        let spread = &row["in_flight"];
+        assert_eq!(spread["samples"], 3000, "{name}: {spread}");
+        let within = spread["within_one"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&within), "{name}: {spread}");
+    }
+    // Least connections: the backend 400× slower holds its connections longer, so it is
+    // picked less often than the others.
+    let shares: Vec<f64> = rows[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["share"].as_f64().unwrap())
+        .collect();
+    let others = shares[1..].iter().sum::<f64>() / 3.0;
+    assert!(
+        shares[0] < others,
+        "handoff-proxy shares {shares:?}\n{context}"
+    );
+    assert!(report["arrivals"] == "poisson", "{context}");
+    let table = std::fs::read_to_string(dir.path().join("out/table.txt")).unwrap();
+    assert_eq!(
+        table,
+        String::from_utf8_lossy(&output.stdout),
+        "table.txt is the printed table"
+    );
+    assert!(table.contains("without the zone"), "{table}");
+    assert!(dir.path().join("out/report.json").is_file());
+}
