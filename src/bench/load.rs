@@ -134,6 +134,22 @@ pub struct Errors {
     pub other: u64,
 }
 
+impl std::fmt::Display for Errors {
+    /// `N errors (connect .., timeout .., status .., reset .., other ..)`: a report's warning.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} errors (connect {}, timeout {}, status {}, reset {}, other {})",
+            self.total(),
+            self.connect,
+            self.timeout,
+            self.status,
+            self.reset,
+            self.other
+        )
+    }
+}
+
 impl Errors {
     /// Errors of every kind.
     pub fn total(&self) -> u64 {

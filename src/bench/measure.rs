@@ -153,15 +153,7 @@ fn warnings(m: &Measured, load: &Load) -> Vec<String> {
     let mut warnings = Vec::new();
     let errors = m.tally.errors;
     if errors.total() > 0 {
-        warnings.push(format!(
-            "{} errors (connect {}, timeout {}, status {}, reset {}, other {})",
-            errors.total(),
-            errors.connect,
-            errors.timeout,
-            errors.status,
-            errors.reset,
-            errors.other
-        ));
+        warnings.push(errors.to_string());
     }
     let achieved = load.achieved;
     if let Some(offered) = load.offered {

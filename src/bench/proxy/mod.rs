@@ -409,15 +409,7 @@ fn row(name: &str, m: &Measured, backends: &[Backend], offered: Option<f64>) -> 
     let achieved = m.tally.ok as f64 / seconds;
     let mut warnings = Vec::new();
     if errors.total() > 0 {
-        warnings.push(format!(
-            "{} errors (connect {}, timeout {}, status {}, reset {}, other {})",
-            errors.total(),
-            errors.connect,
-            errors.timeout,
-            errors.status,
-            errors.reset,
-            errors.other
-        ));
+        warnings.push(errors.to_string());
     }
     if offered.is_some_and(|o| achieved < 0.9 * o) {
         warnings.push(format!(
