@@ -126,6 +126,14 @@ impl Channel {
             }
         }
         let Ok(Frame::Connections(entries)) = frame::decode(bytes) else {
+            if !fds.is_empty() {
+                // A frame with an fd node has no word for (HANDBACK): an error, so the
+                // caller keeps the connection instead of counting it sent.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "node takes connections only in CONNECTIONS frames",
+                ));
+            }
             return Ok(());
         };
         let ([entry], [_]) = (&entries[..], fds) else {
@@ -331,6 +339,26 @@ mod tests {
             matches!(err, ChannelError::Frame(FrameError::TooLong)),
             "{err:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn node_refuses_a_frame_whose_fd_it_cannot_take_and_ignores_messages() {
+        let (master, _node) = crate::sys::socket::stream_pair().unwrap();
+        let channel = Channel::node(master).unwrap();
+        let mut bytes = Vec::new();
+        let header = ConnectionHeader {
+            id: 1,
+            listener: 0,
+            peer: Peer::Unix,
+        };
+        frame::encode_hand_back(&mut bytes, header, b"GET /");
+        let err = channel.try_send(&bytes, &[channel.as_fd()]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(channel.room(), 1, "nothing in flight");
+        bytes.clear();
+        encode_status(&mut bytes, Status::default());
+        channel.try_send(&bytes, &[]).unwrap();
+        assert_eq!(channel.room(), 1);
     }
 
     #[tokio::test]
