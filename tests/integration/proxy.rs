@@ -296,7 +296,14 @@ fn transfers_are_byte_exact_with_half_close() {
             .map(|b| b.accepted.load(Ordering::SeqCst))
             .sum();
         assert_eq!(served, transfers);
-        let to_backend = proxy.metric("proxy_bytes_total{direction=\"to_backend\"}");
+        // A worker counts a relay's bytes as it ends, which may be just after its client
+        // read the last byte: wait (bounded) for the count, which must be exact.
+        let key = "proxy_bytes_total{direction=\"to_backend\"}";
+        let mut to_backend = 0;
+        wait_until(PATIENCE, || {
+            to_backend = proxy.metric(key);
+            to_backend >= transfers << 20
+        });
         assert_eq!(to_backend, transfers << 20, "{relay}: every byte counted");
     }
 }
