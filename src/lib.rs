@@ -307,7 +307,11 @@ impl Server {
         }
         off_any_runtime(move || {
             if worker::is_worker() {
-                Ok(worker::run(serve, self.config.worker_threads)?)
+                Ok(worker::run(
+                    serve,
+                    self.config.worker_threads,
+                    self.config.state,
+                )?)
             } else {
                 let program = supervise::Program::CurrentExe;
                 Ok(master::run(self.config, program, self.handler)?)

@@ -50,11 +50,11 @@ impl MasterHandler {
     }
 
     /// Starts the handler on the master's thread, if there is one and it has not started.
-    pub fn start(&self, post: &Rc<Post>, state: SharedMap) {
+    pub fn start(&self, post: &Rc<Post>, state: impl FnOnce() -> SharedMap) {
         let start = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(start) = start {
             let inbox = post.attach_handler();
-            tokio::task::spawn_local(start(post.clone(), inbox, state));
+            tokio::task::spawn_local(start(post.clone(), inbox, state()));
         }
     }
 }

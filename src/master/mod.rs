@@ -258,6 +258,27 @@ fn fd_room(workers: usize) -> Result<usize, MasterError> {
     Ok(room)
 }
 
+/// The shared map the master's handler gets: the master's own, or the same Redis map the
+/// workers use (`--state redis://...`, or `HANDOFF_STATE` in the master's environment).
+fn handler_map(ctx: &Ctx, config: &Config) -> crate::state::SharedMap {
+    use crate::state::{Choice, SharedMap, Unavailable};
+    use std::sync::Arc;
+    let choice = match &config.state_url {
+        Some(url) => Choice::parse(Some(url)),
+        None => Choice::from_env(),
+    };
+    match choice {
+        Choice::Master => ctx.state.map(),
+        #[cfg(feature = "redis")]
+        Choice::Redis(url) => SharedMap::new(crate::state::redis::start_later(&url, config.state)),
+        #[cfg(not(feature = "redis"))]
+        Choice::Redis(url) => SharedMap::new(Arc::new(Unavailable::new(format!(
+            "{url}: this build has no Redis backend (cargo feature `redis`)"
+        )))),
+        Choice::Invalid(why) => SharedMap::new(Arc::new(Unavailable::new(why))),
+    }
+}
+
 async fn master(
     config: Config,
     launcher: Launcher,
@@ -272,17 +293,7 @@ async fn master(
     let (ctx, listeners) = prepare(&config, launcher, given.listeners)?;
     #[cfg(feature = "control")]
     let control = control_listener(&config, given.control)?;
-    let map = match crate::state::Choice::from_env() {
-        crate::state::Choice::Master => ctx.state.map(),
-        // The workers keep their map elsewhere: the master's would be another one.
-        _ => crate::state::SharedMap::new(std::sync::Arc::new(crate::state::Unavailable::new(
-            format!(
-                "the workers' shared map is not the master's ({})",
-                crate::state::ENV_STATE
-            ),
-        ))),
-    };
-    handler.start(&ctx.post, map);
+    handler.start(&ctx.post, || handler_map(&ctx, &config));
     #[cfg(feature = "prometheus")]
     let metrics_task = serve_metrics(&ctx, config.metrics, given.metrics)?;
     if !from_systemd && given.handshake.is_none() {

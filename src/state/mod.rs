@@ -300,7 +300,11 @@ impl Choice {
     pub fn parse(value: Option<&str>) -> Self {
         match value.map(str::trim) {
             None | Some("" | "master") => Choice::Master,
-            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            Some(url)
+                if ["redis://", "rediss://", "redis+unix://", "unix://"]
+                    .iter()
+                    .any(|scheme| url.starts_with(scheme)) =>
+            {
                 Choice::Redis(url.to_owned())
             }
             Some(other) => Choice::Invalid(format!(
@@ -449,6 +453,14 @@ mod tests {
             Choice::parse(Some("redis://127.0.0.1:6379")),
             Choice::Redis("redis://127.0.0.1:6379".into())
         );
+        // Every form `--state` accepts at startup reaches the workers as Redis.
+        for url in [
+            "rediss://h:1",
+            "redis+unix:///run/r.sock",
+            "unix:///run/r.sock",
+        ] {
+            assert_eq!(Choice::parse(Some(url)), Choice::Redis(url.into()));
+        }
         let Choice::Invalid(why) = Choice::parse(Some("memcached://x")) else {
             panic!()
         };

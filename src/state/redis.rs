@@ -128,6 +128,111 @@ pub(crate) async fn connect(
     }
 }
 
+/// The first connection's retry backoff, doubling from the first to the second, for a
+/// process that started while Redis was down.
+const FIRST_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// The backend `--state redis://...` gives a worker: connects once before it returns. If
+/// Redis cannot be reached then, the process still starts: its map is a [`Connecting`] that
+/// keeps trying in the background (the reason is logged once per change of reason).
+pub(crate) async fn start(url: &str, limits: StateLimits) -> Arc<dyn Backend> {
+    if let Err(e) = check_url(url) {
+        tracing::error!(reason = %e, "shared state unavailable");
+        return Arc::new(super::Unavailable::new(e.to_string()));
+    }
+    match connect(url, limits).await {
+        Ok(backend) => backend,
+        Err(e) => {
+            let waiting = Connecting::new(e.to_string());
+            tokio::spawn(
+                waiting
+                    .clone()
+                    .retry(url.to_owned(), limits, FIRST_BACKOFF.0),
+            );
+            waiting
+        }
+    }
+}
+
+/// A map whose first connection to Redis has not succeeded yet: reads see an empty
+/// replica marked stale and writes fail at once with [`StateError::Unavailable`] and the
+/// last reason; once connected, everything goes through the connected backend (and
+/// [`SharedMap::changed`] waiters wake up).
+#[derive(Debug)]
+pub(crate) struct Connecting {
+    waiting: Replica,
+    connected: std::sync::OnceLock<Arc<dyn Backend>>,
+    why: Mutex<String>,
+}
+
+impl Connecting {
+    pub fn new(why: String) -> Arc<Self> {
+        let waiting = Replica::default();
+        waiting.set_stale(true);
+        Arc::new(Connecting {
+            waiting,
+            connected: std::sync::OnceLock::new(),
+            why: Mutex::new(why),
+        })
+    }
+
+    /// Tries to connect until it does, first after `pause`, then with backoff.
+    pub async fn retry(self: Arc<Self>, url: String, limits: StateLimits, mut pause: Duration) {
+        let mut logged = String::new();
+        loop {
+            let why = self.why.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if why != logged {
+                tracing::warn!(reason = %why, "shared state: Redis not reachable yet, retrying");
+                logged = why;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).clamp(FIRST_BACKOFF.0, FIRST_BACKOFF.1);
+            match connect(&url, limits).await {
+                Ok(backend) => {
+                    let _ = self.connected.set(backend);
+                    tracing::info!(address = %redact(&url), "shared state: connected to Redis");
+                    // Waiters of `changed()` subscribed to the placeholder.
+                    self.waiting.replace_all([]);
+                    return;
+                }
+                Err(e) => *self.why.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string(),
+            }
+        }
+    }
+}
+
+/// The master's own handle on a Redis map (for its handler): never delays the master's
+/// start; connects in the background.
+pub(crate) fn start_later(url: &str, limits: StateLimits) -> Arc<dyn Backend> {
+    if let Err(e) = check_url(url) {
+        return Arc::new(super::Unavailable::new(e.to_string()));
+    }
+    let waiting = Connecting::new(format!("redis {}: connecting", redact(url)));
+    tokio::spawn(
+        waiting
+            .clone()
+            .retry(url.to_owned(), limits, Duration::ZERO),
+    );
+    waiting
+}
+
+impl Backend for Connecting {
+    fn replica(&self) -> &Replica {
+        match self.connected.get() {
+            Some(backend) => backend.replica(),
+            None => &self.waiting,
+        }
+    }
+
+    fn write(&self, write: Write) -> WriteFuture<'_> {
+        if let Some(backend) = self.connected.get() {
+            return backend.write(write);
+        }
+        let why = self.why.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Box::pin(async move { Err(StateError::Unavailable(why)) })
+    }
+}
+
 /// The Redis names the map uses.
 #[derive(Debug)]
 struct Names {

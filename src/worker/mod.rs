@@ -113,9 +113,12 @@ struct LoadWord {
 }
 
 impl Shared {
-    fn new(channel: Channel, counts: Counts, drain: watch::Sender<bool>) -> Self {
-        let channel = Arc::new(channel);
-        let (state, feed) = shared_map(&channel);
+    fn new(
+        channel: Arc<Channel>,
+        counts: Counts,
+        drain: watch::Sender<bool>,
+        (state, feed): (crate::state::SharedMap, Option<Arc<state::MasterBackend>>),
+    ) -> Self {
         Shared {
             state,
             feed,
@@ -258,8 +261,11 @@ impl Shared {
 }
 
 /// The shared map [`crate::state::ENV_STATE`] names, and its feed when the master holds it.
-fn shared_map(
+/// With Redis it connects first (bounded; if Redis is down the map keeps trying in the
+/// background, see `state::redis::start`).
+async fn shared_map(
     channel: &Arc<Channel>,
+    limits: crate::state::StateLimits,
 ) -> (crate::state::SharedMap, Option<Arc<state::MasterBackend>>) {
     use crate::state::{Choice, SharedMap, Unavailable};
     match Choice::from_env() {
@@ -267,12 +273,15 @@ fn shared_map(
             let feed = Arc::new(state::MasterBackend::new(channel.clone()));
             (SharedMap::new(feed.clone()), Some(feed))
         }
-        // Not joined yet: `state::redis::connect` is async and this runs before the
-        // worker's runtime serves; until the choice moves into `work`, a worker reaches
-        // Redis with `SharedMap::redis(url, limits).await` itself.
+        #[cfg(feature = "redis")]
+        Choice::Redis(url) => (
+            SharedMap::new(crate::state::redis::start(&url, limits).await),
+            None,
+        ),
+        #[cfg(not(feature = "redis"))]
         Choice::Redis(url) => {
-            let why =
-                format!("{url}: Incoming::state() does not reach Redis yet; use SharedMap::redis");
+            let _ = limits;
+            let why = format!("{url}: this build has no Redis backend (cargo feature `redis`)");
             tracing::error!(reason = %why, "shared state unavailable");
             (SharedMap::new(Arc::new(Unavailable::new(why))), None)
         }
@@ -539,8 +548,13 @@ fn env_duration(name: &str, default: Duration) -> Duration {
 /// Runs this process as a worker: `serve` gets the [`Incoming`] connections. When `serve`
 /// returns, or the worker drains, the runtime waits for live connections to finish (up to
 /// the master's drain timeout), sends a last report and returns. `threads` is the size of
-/// its tokio runtime: 1 is a current-thread runtime, more a multi-threaded one.
-pub fn run<F, Fut>(serve: F, threads: usize) -> Result<(), WorkerError>
+/// its tokio runtime: 1 is a current-thread runtime, more a multi-threaded one. `limits`
+/// bound the shared map when it lives on Redis (the master enforces its own otherwise).
+pub fn run<F, Fut>(
+    serve: F,
+    threads: usize,
+    limits: crate::state::StateLimits,
+) -> Result<(), WorkerError>
 where
     F: FnOnce(Incoming) -> Fut,
     Fut: Future<Output = Result<(), BoxError>>,
@@ -557,7 +571,7 @@ where
     let span = tracing::info_span!("worker", slot = %slot, pid = std::process::id());
     let runtime = runtime(threads, &span).map_err(WorkerError::Runtime)?;
     let _entered = span.enter();
-    runtime.block_on(work(fd, serve))
+    runtime.block_on(work(fd, serve, limits))
 }
 
 /// The worker's tokio runtime; every thread it starts logs inside `span`.
@@ -580,7 +594,11 @@ fn runtime(threads: usize, span: &tracing::Span) -> std::io::Result<tokio::runti
 }
 
 /// The worker's life on its runtime: take the channel, serve, drain, report last.
-async fn work<F, Fut>(fd: std::os::fd::RawFd, serve: F) -> Result<(), WorkerError>
+async fn work<F, Fut>(
+    fd: std::os::fd::RawFd,
+    serve: F,
+    limits: crate::state::StateLimits,
+) -> Result<(), WorkerError>
 where
     F: FnOnce(Incoming) -> Fut,
     Fut: Future<Output = Result<(), BoxError>>,
@@ -590,7 +608,9 @@ where
     let counts = Counts::share(&channel).await;
     let samples = recorder::install(&channel).await;
     let (drain_tx, drain_rx) = watch::channel(false);
-    let shared = Arc::new(Shared::new(channel, counts, drain_tx));
+    let channel = Arc::new(channel);
+    let map = shared_map(&channel, limits).await;
+    let shared = Arc::new(Shared::new(channel, counts, drain_tx, map));
     let sampler = samples.clone().map(|samples| {
         let channel = shared.channel.clone();
         tokio::spawn(async move {

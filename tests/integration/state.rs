@@ -11,7 +11,7 @@ use crate::library::{example, start, stop};
 use crate::util::{log_field, read_response, send_signal, wait_until, Master, Response, PATIENCE};
 
 /// One request with `Connection: close`.
-fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Response {
+pub(crate) fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Response {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
     let mut kept = Kept::new(stream);
     kept.request(method, path, body, false)
@@ -362,10 +362,17 @@ fn no_acknowledged_write_is_lost_across_twenty_sigkills_of_writing_workers() {
 
 #[test]
 fn a_token_is_accepted_by_every_worker_and_refused_by_every_worker_after_logout() {
-    const WORKERS: usize = 4;
     let mut cmd = example("tokens");
     cmd.args(["--listen", "127.0.0.1:0", "--workers", "4"]);
-    let (tokens, addr) = start(cmd, WORKERS);
+    let (tokens, addr) = start(cmd, 4);
+    token_everywhere(addr, 4, &tokens);
+    stop(tokens);
+}
+
+/// Logs in, then checks that every one of `workers` accepts the token, logs out and checks
+/// that every one refuses it, with the latencies printed: the tokens example's contract on
+/// either backend.
+pub(crate) fn token_everywhere(addr: SocketAddr, workers: usize, tokens: &crate::util::Spawned) {
     let login = http(addr, "POST", "/login", b"");
     assert_eq!(login.status, 200, "{}", login.body);
     let token = login.body.clone();
@@ -380,7 +387,7 @@ fn a_token_is_accepted_by_every_worker_and_refused_by_every_worker_after_logout(
         if response.status == 200 {
             accepted.entry(response.pid).or_insert(issued.elapsed());
         }
-        accepted.len() == WORKERS
+        accepted.len() == workers
     });
     assert!(everywhere, "accepted by {accepted:?}:\n{}", tokens.log());
     assert_eq!(accepted.get(&login.pid).copied().map(|_| ()), Some(()));
@@ -403,7 +410,7 @@ fn a_token_is_accepted_by_every_worker_and_refused_by_every_worker_after_logout(
             ),
             other => panic!("{other}: {}", response.body),
         }
-        refused.len() == WORKERS
+        refused.len() == workers
     });
     assert!(everywhere, "refused by {refused:?}:\n{}", tokens.log());
     assert_eq!(
@@ -412,12 +419,11 @@ fn a_token_is_accepted_by_every_worker_and_refused_by_every_worker_after_logout(
     );
     assert_eq!(http(addr, "GET", "/check?token=nonsense", b"").status, 401);
     eprintln!(
-        "token accepted by all {WORKERS} workers within {:?} of its login; refused by all \
+        "token accepted by all {workers} workers within {:?} of its login; refused by all \
          within {:?} of its logout (one HTTP request per probe)",
         accepted.values().max().unwrap(),
         refused.values().max().unwrap()
     );
-    stop(tokens);
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use handoff::state::{SharedMap, StateError, StateLimits};
 
+use crate::library::{example, start, stop};
 use crate::util::redis::RedisServer;
 use crate::util::{wait_until, Spawned, PATIENCE};
 
@@ -38,13 +39,12 @@ async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> b
     true
 }
 
-/// Clients, and increments each: 16 as the issue asks, but 1,000 each rather than 10,000:
-/// 16 × 10,000 takes about a minute in a debug build on two cores (each increment is one
-/// script run and 18 published copies, all decoded in this process), and hogs both cores
-/// while the suite's timing-sensitive tests run beside it. `examples/state_redis_bench.rs`
-/// runs the full 160,000 in release (docs/benchmarks.md).
+/// Clients, and increments each, as the issue asks: 160,000 increments of one key. About
+/// 45 s of both cores in a debug build (each increment is one script run and 16 published
+/// copies, all decoded in this process); `examples/state_redis_bench.rs` runs the same in
+/// release and times it (docs/benchmarks.md).
 const CLIENTS: usize = 16;
-const INCREMENTS: usize = 1_000;
+const INCREMENTS: usize = 10_000;
 
 #[test]
 fn concurrent_increments_from_sixteen_clients_add_up_exactly() {
@@ -93,7 +93,11 @@ fn concurrent_increments_from_sixteen_clients_add_up_exactly() {
     });
     assert_eq!(
         redis.command(b"GET handoff:state:k:hits\r\n").as_deref(),
-        Some(format!("$5\r\n{}\r\n", CLIENTS * INCREMENTS).as_str()),
+        Some({
+            let total = (CLIENTS * INCREMENTS).to_string();
+            format!("${}\r\n{total}\r\n", total.len())
+        })
+        .as_deref(),
         "the counter as redis-cli reads it"
     );
 }
@@ -401,4 +405,51 @@ fn run_state_hands_the_url_to_every_worker() {
         assert_eq!(given(slot).unwrap().trim(), url);
     }
     drop(master);
+}
+
+/// The tokens example on Redis (`--state redis+unix://...`): each worker's
+/// `incoming.state()` is a Redis map, so a token is accepted and then refused by every one.
+#[test]
+fn tokens_on_redis_are_accepted_and_refused_by_every_worker() {
+    let redis = RedisServer::start();
+    let mut cmd = example("tokens");
+    cmd.args(["--listen", "127.0.0.1:0", "--workers", "4", "--state"])
+        .arg(redis.url());
+    let (tokens, addr) = start(cmd, 4);
+    crate::state::token_everywhere(addr, 4, &tokens);
+    // The login and the logout went through Redis itself: its change counter moved.
+    let seq = redis
+        .command(b"HGET handoff:state:meta seq\r\n")
+        .unwrap_or_default();
+    let seq: u64 = seq.lines().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(seq >= 2, "Redis numbered {seq} changes");
+    stop(tokens);
+}
+
+/// Workers that start while Redis is down still start and serve: writes fail at once with
+/// the reason (503 from the example), and the map connects on its own once Redis is up.
+#[test]
+fn workers_started_while_redis_is_down_serve_and_connect_once_it_is_up() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let mut cmd = example("tokens");
+    cmd.args(["--listen", "127.0.0.1:0", "--workers", "2", "--state"])
+        .arg(redis.url());
+    let (tokens, addr) = start(cmd, 2);
+    let login = crate::state::http(addr, "POST", "/login", b"");
+    assert_eq!(login.status, 503, "{}", login.body);
+    assert!(login.body.contains("redis"), "{}", login.body);
+
+    redis.restart();
+    let mut pids = std::collections::HashSet::new();
+    let connected = wait_until(PATIENCE, || {
+        let login = crate::state::http(addr, "POST", "/login", b"");
+        if login.status == 200 {
+            pids.insert(login.pid);
+        }
+        pids.len() == 2
+    });
+    assert!(connected, "logins succeeded on {pids:?}:\n{}", tokens.log());
+    crate::state::token_everywhere(addr, 2, &tokens);
+    stop(tokens);
 }
