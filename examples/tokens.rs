@@ -72,22 +72,24 @@ async fn logout(State(map): State<SharedMap>, uri: Uri) -> Response {
 
 fn main() -> Result<(), handoff::Error> {
     let flags = common::setup();
-    Server::builder()
+    let mut builder = Server::builder()
         .listen(flags.listen)
         .workers(flags.workers)
         .worker_threads(flags.threads)
-        .state_limits(flags.state_limits)
-        .build()
-        .run(|incoming| async move {
-            let app = Router::new()
-                .route("/login", post(login))
-                .route("/check", get(check))
-                .route("/logout", post(logout))
-                .with_state(incoming.state());
-            let shutdown = incoming.shutdown_signal();
-            axum::serve(incoming, app)
-                .with_graceful_shutdown(shutdown)
-                .await?;
-            Ok(())
-        })
+        .state_limits(flags.state_limits);
+    if let Some(addr) = flags.metrics {
+        builder = builder.metrics(addr);
+    }
+    builder.build().run(|incoming| async move {
+        let app = Router::new()
+            .route("/login", post(login))
+            .route("/check", get(check))
+            .route("/logout", post(logout))
+            .with_state(incoming.state());
+        let shutdown = incoming.shutdown_signal();
+        axum::serve(incoming, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        Ok(())
+    })
 }

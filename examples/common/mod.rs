@@ -4,7 +4,8 @@
 /// The examples' flags: `--listen ADDR` (default 127.0.0.1:3000), `--workers N` (default 4)
 /// and `--threads N`, each worker's runtime threads (default 1); for the shared map,
 /// `--state master|redis://HOST:PORT` (passed to the workers as `HANDOFF_STATE`) and
-/// `--state-max-bytes N` (the map's total bound when the master holds it).
+/// `--state-max-bytes N` (the map's total bound when the master holds it); `--metrics ADDR`
+/// serves the master's Prometheus text there.
 #[derive(Debug)]
 pub struct Flags {
     pub listen: handoff::ListenAddr,
@@ -13,6 +14,8 @@ pub struct Flags {
     /// Only the examples with a shared map read it.
     #[allow(dead_code)]
     pub state_limits: handoff::state::StateLimits,
+    #[allow(dead_code)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Installs a text subscriber on stderr (`HANDOFF_LOG`-style filtering is the program's
@@ -25,6 +28,7 @@ pub fn setup() -> Flags {
     let mut listen = "127.0.0.1:3000".to_owned();
     let (mut workers, mut threads) = (4, 1);
     let mut state_limits = handoff::state::StateLimits::default();
+    let mut metrics = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -39,9 +43,10 @@ pub fn setup() -> Flags {
             "--state-max-bytes" => {
                 state_limits.max_total = value.parse().expect("--state-max-bytes N")
             }
+            "--metrics" => metrics = Some(value.parse().expect("--metrics ADDR")),
             other => panic!(
                 "unknown flag {other}: use --listen ADDR --workers N --threads N \
-                 --state URL --state-max-bytes N"
+                 --state URL --state-max-bytes N --metrics ADDR"
             ),
         }
     }
@@ -50,5 +55,6 @@ pub fn setup() -> Flags {
         workers,
         threads,
         state_limits,
+        metrics,
     }
 }

@@ -1,7 +1,7 @@
 //! `--metrics ADDR`: the master serves Prometheus text at `/metrics`, rendered by
 //! metrics-exporter-prometheus: the master's own figures (connections accepted, dispatched
 //! per worker, re-dispatched, pending, accept errors, replacements by reason, per-worker
-//! RSS and CPU, its own CPU, messages) and the workers' `metrics` added up across the
+//! RSS and CPU, its own CPU, messages, the shared map's writes and size) and the workers' `metrics` added up across the
 //! cluster ([`super::cluster`]). A scrape reads memory and `/proc` only: a stopped worker
 //! (SIGSTOP) cannot stall it; its figures are the last it wrote, and
 //! `handoff_worker_stale` says it has not been heard from for two heartbeats.
@@ -242,6 +242,20 @@ fn master_figures(ctx: &Ctx, exporter: &Exporter) {
     if let Some(cpu) = procfs::cpu_time(std::process::id()) {
         exporter.gauge("handoff_master_cpu_seconds", vec![], cpu.as_secs_f64());
     }
+    state_figures(ctx, exporter);
+}
+
+/// The shared map the master holds (all zero when the workers keep theirs on Redis).
+fn state_figures(ctx: &Ctx, exporter: &Exporter) {
+    let state = ctx.state.counters();
+    exporter.counter("handoff_state_writes_total", vec![], state.writes);
+    exporter.counter("handoff_state_writes_refused_total", vec![], state.refused);
+    exporter.counter("handoff_state_frames_dropped_total", vec![], state.dropped);
+    exporter.counter("handoff_state_snapshots_total", vec![], state.snapshots);
+    exporter.counter("handoff_state_resyncs_total", vec![], state.resyncs);
+    let (entries, bytes) = ctx.state.size();
+    exporter.gauge("handoff_state_entries", vec![], entries as f64);
+    exporter.gauge("handoff_state_bytes", vec![], bytes as f64);
 }
 
 fn worker_figures(ctx: &Ctx, exporter: &Exporter) {

@@ -143,7 +143,10 @@ impl Authority {
         refused
     }
 
-    #[cfg_attr(not(feature = "control"), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "control", feature = "prometheus")),
+        allow(dead_code)
+    )]
     pub fn counters(&self) -> StateCounters {
         self.counters.get()
     }
@@ -152,6 +155,13 @@ impl Authority {
         let mut counters = self.counters.get();
         change(&mut counters);
         self.counters.set(counters);
+    }
+
+    /// Entries in the map, and the bytes of every key and value together.
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    pub fn size(&self) -> (usize, usize) {
+        let store = self.store.borrow();
+        (store.len(), store.total())
     }
 
     /// Forgets process `pid`'s feed.

@@ -72,13 +72,13 @@ impl Store {
     }
 
     /// Bytes of every key and value held (expired entries until they are removed).
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg_attr(not(any(test, feature = "prometheus")), allow(dead_code))]
     pub fn total(&self) -> usize {
         self.total
     }
 
     /// Entries held, expired ones included until [`Store::expire`] removes them.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg_attr(not(any(test, feature = "prometheus")), allow(dead_code))]
     pub fn len(&self) -> usize {
         self.entries.len()
     }

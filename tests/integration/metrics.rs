@@ -7,16 +7,20 @@ use crate::util::{http_get_path, log_field, wait_until, Master, PATIENCE};
 
 /// The address the master serves metrics on (`--metrics 127.0.0.1:0`), from its log.
 pub(crate) fn metrics_addr(master: &Master) -> SocketAddr {
+    metrics_addr_in(|| master.log())
+}
+
+/// [`metrics_addr`] of any process whose log `log` reads.
+pub(crate) fn metrics_addr_in(log: impl Fn() -> String) -> SocketAddr {
     let mut addr = None;
     let found = wait_until(PATIENCE, || {
-        addr = master
-            .log()
+        addr = log()
             .lines()
             .find(|line| line.contains("serving metrics"))
             .and_then(|line| log_field(line, "address")?.parse().ok());
         addr.is_some()
     });
-    assert!(found, "no metrics address logged:\n{}", master.log());
+    assert!(found, "no metrics address logged:\n{}", log());
     addr.unwrap()
 }
 

@@ -364,8 +364,20 @@ fn no_acknowledged_write_is_lost_across_twenty_sigkills_of_writing_workers() {
 fn a_token_is_accepted_by_every_worker_and_refused_by_every_worker_after_logout() {
     let mut cmd = example("tokens");
     cmd.args(["--listen", "127.0.0.1:0", "--workers", "4"]);
+    cmd.args(["--metrics", "127.0.0.1:0"]);
     let (tokens, addr) = start(cmd, 4);
     token_everywhere(addr, 4, &tokens);
+    // The map's figures are on /metrics: the login, the logout and the second logout (of
+    // nothing) applied, nothing left.
+    let scrape = crate::metrics::scrape(crate::metrics::metrics_addr_in(|| tokens.log()));
+    let series = |name| crate::metrics::series(&scrape, name);
+    assert_eq!(series("handoff_state_writes_total"), Some(3.0), "{scrape}");
+    assert_eq!(series("handoff_state_entries"), Some(0.0), "{scrape}");
+    assert_eq!(series("handoff_state_writes_refused_total"), Some(0.0));
+    assert!(
+        series("handoff_state_snapshots_total") >= Some(4.0),
+        "{scrape}"
+    );
     stop(tokens);
 }
 
