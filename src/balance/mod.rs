@@ -34,6 +34,11 @@ pub enum Strategy {
     /// listener of the worker with the fewest active connections; the master accepts
     /// nothing. Needs CAP_BPF.
     KernelLeast,
+    /// Power of two choices made in the kernel, by the same means as `KernelLeast`: two
+    /// workers at random, the less loaded of the two. Needs CAP_BPF.
+    #[cfg_attr(feature = "cli", value(name = "kernel-p2c"))]
+    #[serde(rename = "kernel-p2c")]
+    KernelP2c,
 }
 
 impl Strategy {
@@ -43,7 +48,10 @@ impl Strategy {
             Strategy::RoundRobin => Some(Box::new(RoundRobin::default())),
             Strategy::LeastLoaded => Some(Box::new(LeastLoaded::default())),
             Strategy::TwoChoices => Some(Box::new(TwoChoices::default())),
-            Strategy::KernelShared | Strategy::KernelReuseport | Strategy::KernelLeast => None,
+            Strategy::KernelShared
+            | Strategy::KernelReuseport
+            | Strategy::KernelLeast
+            | Strategy::KernelP2c => None,
         }
     }
 
@@ -51,8 +59,29 @@ impl Strategy {
     pub fn is_kernel(self) -> bool {
         matches!(
             self,
-            Strategy::KernelShared | Strategy::KernelReuseport | Strategy::KernelLeast
+            Strategy::KernelShared
+                | Strategy::KernelReuseport
+                | Strategy::KernelLeast
+                | Strategy::KernelP2c
         )
+    }
+
+    /// Whether an eBPF program picks the worker (`kernel-least`, `kernel-p2c`).
+    pub fn is_steered(self) -> bool {
+        matches!(self, Strategy::KernelLeast | Strategy::KernelP2c)
+    }
+
+    /// The name `--strategy` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round-robin",
+            Strategy::LeastLoaded => "least-loaded",
+            Strategy::TwoChoices => "two-choices",
+            Strategy::KernelShared => "kernel-shared",
+            Strategy::KernelReuseport => "kernel-reuseport",
+            Strategy::KernelLeast => "kernel-least",
+            Strategy::KernelP2c => "kernel-p2c",
+        }
     }
 }
 

@@ -27,18 +27,27 @@ const STOP_PATIENCE: Duration = Duration::from_secs(5);
 /// Lines of a contender's stderr kept for error messages.
 const LOG_LINES: usize = 20;
 
-/// Every contender, in the default order.
-pub const ALL: [&str; 9] = [
+/// Every contender, in the default order (the default leaves out [`OPT_IN`]).
+pub const ALL: [&str; 10] = [
     "kernel-shared",
     "kernel-reuseport",
     "handoff-rr",
     "handoff-least",
     "handoff-p2c",
     "handoff-kernel-least",
+    "handoff-kernel-p2c",
     "node-rr",
     "node-none",
     "handoff-node",
 ];
+
+/// Contenders run only when named in `--contenders`.
+pub const OPT_IN: [&str; 1] = ["handoff-kernel-p2c"];
+
+/// The contenders a bench runs by default: [`ALL`] less [`OPT_IN`].
+pub fn defaults() -> impl Iterator<Item = &'static str> {
+    ALL.into_iter().filter(|c| !OPT_IN.contains(c))
+}
 
 /// Why a contender could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +129,9 @@ impl Kind {
             },
             "handoff-kernel-least" => Kind::Handoff {
                 strategy: "kernel-least",
+            },
+            "handoff-kernel-p2c" => Kind::Handoff {
+                strategy: "kernel-p2c",
             },
             "node-rr" => Kind::Node { policy: "rr" },
             "node-none" => Kind::Node { policy: "none" },

@@ -186,7 +186,7 @@ impl BenchConfig {
         BenchConfig {
             program,
             workers: 4,
-            contenders: contender::ALL.iter().map(|s| s.to_string()).collect(),
+            contenders: contender::defaults().map(str::to_owned).collect(),
             workloads: Workload::ALL.to_vec(),
             offered: Offered::Load(0.5),
             duration: Duration::from_secs(10),

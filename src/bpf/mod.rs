@@ -69,6 +69,15 @@ pub(crate) fn available() -> bool {
     sys::bpf::create_map(sys::bpf::MAP_ARRAY, 4, 8, 1, 0, "handoff_probe").is_ok()
 }
 
+/// Which program picks the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pick {
+    /// `kernel-least`: the present slot with the fewest active connections.
+    Least,
+    /// `kernel-p2c`: the less loaded of two present slots drawn at random.
+    TwoChoices,
+}
+
 /// One `--listen` address: its reuseport group.
 #[derive(Debug)]
 struct Group {
@@ -89,13 +98,19 @@ pub(crate) struct Steering {
     /// Which slots the socket arrays hold now.
     present: Vec<bool>,
     reconcile: Vec<Reconcile>,
+    pick: Pick,
 }
 
 impl Steering {
     /// Creates the maps and, for each address, the listeners of `slots` slots and the
     /// program attached to their group. Fails first (and with [`SteerError::Capability`])
     /// where bpf(2) is not allowed.
-    pub fn new(addrs: &[SocketAddr], backlog: i32, slots: usize) -> Result<Steering, SteerError> {
+    pub fn new(
+        addrs: &[SocketAddr],
+        backlog: i32,
+        slots: usize,
+        pick: Pick,
+    ) -> Result<Steering, SteerError> {
         let loads = sys::bpf::create_map(
             sys::bpf::MAP_ARRAY,
             4,
@@ -114,6 +129,7 @@ impl Steering {
             backlog,
             present: Vec::new(),
             reconcile: Vec::new(),
+            pick,
         };
         for &addr in addrs {
             let group = steering.group(addr)?;
@@ -136,7 +152,11 @@ impl Steering {
             "handoff_socks",
         )
         .map_err(step("creating the socket array"))?;
-        let insns = program::least_loaded(self.loads.as_raw_fd(), sockets.as_raw_fd());
+        let program = match self.pick {
+            Pick::Least => program::least_loaded,
+            Pick::TwoChoices => program::two_choices,
+        };
+        let insns = program(self.loads.as_raw_fd(), sockets.as_raw_fd());
         let program = sys::bpf::load_program(
             sys::bpf::PROG_SK_REUSEPORT,
             sys::bpf::ATTACH_SK_REUSEPORT_SELECT_OR_MIGRATE,
@@ -326,7 +346,11 @@ mod tests {
     use super::*;
 
     fn steering(slots: usize) -> Option<Steering> {
-        match Steering::new(&["127.0.0.1:0".parse().unwrap()], 64, slots) {
+        steering_by(slots, Pick::Least)
+    }
+
+    fn steering_by(slots: usize, pick: Pick) -> Option<Steering> {
+        match Steering::new(&["127.0.0.1:0".parse().unwrap()], 64, slots, pick) {
             Ok(s) => Some(s),
             Err(SteerError::Capability(e)) => {
                 eprintln!("skipped: kernel-least needs CAP_BPF ({e})");
@@ -381,6 +405,45 @@ mod tests {
             connect(&steering, &mut clients);
         }
         assert_eq!(queued(&steering), vec![0, 4, 4]);
+    }
+
+    #[test]
+    fn two_choices_never_picks_the_busier_of_a_pair_nor_an_absent_slot() {
+        let Some(mut steering) = steering_by(3, Pick::TwoChoices) else {
+            return;
+        };
+        let mut clients = Vec::new();
+        for slot in 0..3 {
+            steering.set_present(slot, true);
+        }
+        // Slot 0 is far busier than the others: whichever pair is drawn (two distinct
+        // slots), slot 0 loses it.
+        steering
+            .word(layout::load_word(0))
+            .store(1000, Ordering::SeqCst);
+        for _ in 0..40 {
+            connect(&steering, &mut clients);
+        }
+        let first = queued(&steering);
+        assert_eq!(first[0], 0, "{first:?}");
+        // A pair (1, 2) goes to the lesser, so both get some.
+        assert!(first[1] > 0 && first[2] > 0, "{first:?}");
+        assert_eq!(
+            steering.load(1) + steering.load(2),
+            40,
+            "each pick reserved"
+        );
+        // Slot 0 idle but absent: a pair with it goes to the other slot, never to it.
+        steering
+            .word(layout::load_word(0))
+            .store(0, Ordering::SeqCst);
+        steering.set_present(0, false);
+        for _ in 0..20 {
+            connect(&steering, &mut clients);
+        }
+        let then = queued(&steering);
+        assert_eq!(then[0], 0, "{then:?}");
+        assert_eq!(then[1] + then[2], 60, "{then:?}");
     }
 
     #[test]

@@ -118,6 +118,81 @@ fn scan_slot(asm: &mut Asm, slot: usize, done: super::asm::Label) {
         .alu_reg(Alu::Xor, R7, R0);
 }
 
+/// The `kernel-p2c` program, for the same maps: two distinct slots at random (one if there
+/// is one), the less loaded of the two present ones, reserved and selected as
+/// [`least_loaded`] does. Constant work per connection whatever the number of slots, and
+/// less herding than an exact least when many SYNs arrive at once on different CPUs (they
+/// all read the same loads before any reservation lands).
+pub(crate) fn two_choices(loads: i32, sockets: i32) -> Vec<[u8; 8]> {
+    let mut asm = Asm::default();
+    let pass = asm.label();
+    let select = asm.label();
+    let take_b = asm.label();
+    let b_if_present = asm.label();
+    let distinct = asm.label();
+    let stride = (layout::SLOT_WORDS * 8).trailing_zeros() as i32;
+    // r6 = ctx; two random u32 parked on the stack (calls clobber r1–r5).
+    asm.alu_reg(Alu::Mov, R6, R1)
+        .call(HELPER_GET_PRANDOM_U32)
+        .store_w(R10, -8, R0)
+        .call(HELPER_GET_PRANDOM_U32)
+        .store_w(R10, -12, R0)
+        // r9 = &loads[0], the one element.
+        .store_w_imm(R10, -4, 0)
+        .load_map_fd(R1, loads)
+        .alu_reg(Alu::Mov, R2, R10)
+        .alu_imm(Alu::Add, R2, -4)
+        .call(HELPER_MAP_LOOKUP_ELEM)
+        .jump_imm(Cond::Eq, R0, 0, pass)
+        .alu_reg(Alu::Mov, R9, R0)
+        // r5 = slots in use; r7 = a, r8 = b, both < r5, distinct where r5 > 1.
+        .load_dw(R5, R9, at(layout::SLOTS_WORD))
+        .jump_imm(Cond::Eq, R5, 0, pass)
+        .jump_imm(Cond::Ge, R5, MAX_SLOTS as i32 + 1, pass)
+        .load_w(R7, R10, -8)
+        .alu_reg(Alu::Mod, R7, R5)
+        .load_w(R8, R10, -12)
+        .alu_reg(Alu::Mod, R8, R5)
+        .alu_reg(Alu::Mov, R1, R8)
+        .alu_reg(Alu::Xor, R1, R7)
+        .jump_imm(Cond::Ne, R1, 0, distinct)
+        .alu_imm(Alu::Add, R8, 1)
+        .alu_reg(Alu::Mod, R8, R5);
+    // Bounds the verifier can see, then r3 = &slot a's words, r4 = &slot b's.
+    asm.place(distinct)
+        .jump_imm(Cond::Ge, R7, MAX_SLOTS as i32, pass)
+        .jump_imm(Cond::Ge, R8, MAX_SLOTS as i32, pass)
+        .alu_reg(Alu::Mov, R3, R7)
+        .alu_imm(Alu::Lsh, R3, stride)
+        .alu_reg(Alu::Add, R3, R9)
+        .alu_reg(Alu::Mov, R4, R8)
+        .alu_imm(Alu::Lsh, R4, stride)
+        .alu_reg(Alu::Add, R4, R9)
+        // a absent: b if present, else let the kernel hash.
+        .load_dw(R1, R3, at(layout::present_word(0)))
+        .jump_imm(Cond::Eq, R1, 0, b_if_present)
+        // b absent: a.
+        .load_dw(R2, R4, at(layout::present_word(0)))
+        .jump_imm(Cond::Eq, R2, 0, select)
+        // Both present: b if load(b) < load(a) (signed; loads are far from overflow).
+        .load_dw(R1, R3, at(layout::load_word(0)))
+        .load_dw(R2, R4, at(layout::load_word(0)))
+        .alu_reg(Alu::Sub, R2, R1)
+        .alu_imm(Alu::Rsh, R2, 63)
+        .jump_imm(Cond::Ne, R2, 0, take_b)
+        .jump_imm(Cond::Eq, R2, 0, select);
+    asm.place(b_if_present)
+        .load_dw(R2, R4, at(layout::present_word(0)))
+        .jump_imm(Cond::Eq, R2, 0, pass);
+    asm.place(take_b).alu_reg(Alu::Mov, R7, R8);
+    // r8 = the pick, then as least_loaded.
+    asm.place(select).alu_reg(Alu::Mov, R8, R7);
+    reserve_and_select(&mut asm, sockets, pass);
+    asm.place(pass).alu_imm(Alu::Mov, R0, SK_PASS).exit();
+    asm.finish()
+        .expect("every label of the program is placed and near")
+}
+
 /// Adds 1 to slot r8's load, selects its listener; on failure takes the 1 back.
 fn reserve_and_select(asm: &mut Asm, sockets: i32, pass: super::asm::Label) {
     let load = at(layout::load_word(0));
@@ -149,11 +224,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_program_fits_the_kernel_s_limits() {
-        let insns = least_loaded(3, 4);
-        // 4096 is the limit for unprivileged programs; this one needs CAP_BPF anyway.
-        assert!(insns.len() < 4096, "{} instructions", insns.len());
-        let last = insns.last().unwrap();
-        assert_eq!(last[0], 0x95, "ends with exit");
+    fn the_programs_fit_the_kernel_s_limits() {
+        for insns in [least_loaded(3, 4), two_choices(3, 4)] {
+            // 4096 is the limit for unprivileged programs; these need CAP_BPF anyway.
+            assert!(insns.len() < 4096, "{} instructions", insns.len());
+            let last = insns.last().unwrap();
+            assert_eq!(last[0], 0x95, "ends with exit");
+        }
     }
 }

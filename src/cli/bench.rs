@@ -29,7 +29,8 @@ pub struct BenchArgs {
     workers: Option<usize>,
     /// Contenders, comma-separated [default: kernel-shared, kernel-reuseport, handoff-rr,
     /// handoff-least, handoff-p2c, handoff-kernel-least where bpf(2) is allowed (CAP_BPF),
-    /// and node-rr, node-none, handoff-node when node is on PATH].
+    /// and node-rr, node-none, handoff-node when node is on PATH; handoff-kernel-p2c when
+    /// named].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     contenders: Vec<String>,
     /// Workloads, comma-separated: hello, keepalive, heavy-tail, long-lived [default: all;

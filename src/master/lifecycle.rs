@@ -418,7 +418,7 @@ pub(crate) fn scale_up(ctx: &Rc<Ctx>) -> bool {
         }
         let workers = table.workers + 1;
         let most = match table.config.strategy {
-            crate::balance::Strategy::KernelLeast => crate::bpf::MAX_SLOTS,
+            strategy if strategy.is_steered() => crate::bpf::MAX_SLOTS,
             _ => MAX_WORKERS,
         };
         if workers > most {

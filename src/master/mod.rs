@@ -98,7 +98,8 @@ pub enum MasterError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers failed")]
     Signals(#[source] io::Error),
-    /// `--strategy kernel-least` could not be set up (no CAP_BPF, or the kernel refused).
+    /// `--strategy kernel-least` (or `kernel-p2c`) could not be set up (no CAP_BPF, or the
+    /// kernel refused).
     #[error("{0}")]
     KernelLeast(String),
 }
@@ -326,7 +327,7 @@ async fn master(
         spawn_local(state::expire(ctx.clone())),
         spawn_local(state::local(ctx.clone())),
     ];
-    if config.strategy == Strategy::KernelLeast {
+    if config.strategy.is_steered() {
         tasks.push(spawn_local(steer(ctx.clone())));
     }
     let accepting: Vec<JoinHandle<()>> = listeners
@@ -446,13 +447,13 @@ fn prepare(
     mut launcher: Launcher,
     given: Vec<systemd::Activated>,
 ) -> Result<(Rc<Ctx>, Vec<Listener>), MasterError> {
-    let (handout, accept_fds, listening) = if config.strategy == Strategy::KernelLeast {
+    let (handout, accept_fds, listening) = if config.strategy.is_steered() {
         if !given.is_empty() {
-            return Err(MasterError::Config(
-                "kernel-least binds a socket per worker: it cannot use sockets passed to it \
-                 (LISTEN_FDS, an upgrade)"
-                    .into(),
-            ));
+            return Err(MasterError::Config(format!(
+                "{} binds a socket per worker: it cannot use sockets passed to it \
+                 (LISTEN_FDS, an upgrade)",
+                config.strategy.name()
+            )));
         }
         let steering = steering(config)?;
         let listening = steering.addrs().map(|a| a.to_string()).collect();
@@ -508,28 +509,34 @@ fn prepare(
     Ok((ctx, listeners))
 }
 
-/// `kernel-least`: the slot listeners, maps and program, for TCP addresses and at most
-/// [`crate::bpf::MAX_SLOTS`] workers; refused at start, in one line, without CAP_BPF.
+/// `kernel-least`, `kernel-p2c`: the slot listeners, maps and program, for TCP addresses
+/// and at most [`crate::bpf::MAX_SLOTS`] workers; refused at start, in one line, without
+/// CAP_BPF.
 fn steering(config: &Config) -> Result<crate::bpf::Steering, MasterError> {
+    let name = config.strategy.name();
     let addrs = config
         .listen
         .iter()
         .map(|addr| match addr {
             ListenAddr::Tcp(socket) => Ok(*socket),
-            ListenAddr::Unix(_) => Err(MasterError::Config(
-                "kernel-least needs TCP listen addresses".into(),
-            )),
+            ListenAddr::Unix(_) => Err(MasterError::Config(format!(
+                "{name} needs TCP listen addresses"
+            ))),
         })
         .collect::<Result<Vec<_>, _>>()?;
     if config.workers > crate::bpf::MAX_SLOTS {
         return Err(MasterError::Config(format!(
-            "kernel-least takes at most {} workers (got {})",
+            "{name} takes at most {} workers (got {})",
             crate::bpf::MAX_SLOTS,
             config.workers
         )));
     }
-    crate::bpf::Steering::new(&addrs, config.backlog, config.workers)
-        .map_err(|e| MasterError::KernelLeast(e.to_string()))
+    let pick = match config.strategy {
+        Strategy::KernelP2c => crate::bpf::Pick::TwoChoices,
+        _ => crate::bpf::Pick::Least,
+    };
+    crate::bpf::Steering::new(&addrs, config.backlog, config.workers, pick)
+        .map_err(|e| MasterError::KernelLeast(e.to_string().replace("kernel-least", name)))
 }
 
 /// `kernel-least`: keeps the socket arrays in step with the table and reconciles each

@@ -1,4 +1,4 @@
-//! `--strategy kernel-least`: the eBPF program spreads by load, a SIGKILLed worker's queued
+//! `--strategy kernel-least` (and `kernel-p2c`): the eBPF program spreads by load, a SIGKILLed worker's queued
 //! connections wait for its replacement on the listener the master holds, a rolling restart
 //! keeps serving, and without CAP_BPF the master refuses at start in one line. The tests
 //! that load the program need CAP_BPF (CI runs as root); elsewhere they say so and pass.
@@ -122,11 +122,20 @@ fn long_held_connections_land_evenly_and_concurrent_ones_nearly_so() {
 
 #[test]
 fn a_sigkilled_worker_under_load_loses_none_of_the_connections_queued_for_it() {
+    sigkilled_worker_loses_nothing("kernel-least");
+}
+
+#[test]
+fn kernel_p2c_too_loses_none_of_a_sigkilled_worker_s_queued_connections() {
+    sigkilled_worker_loses_nothing("kernel-p2c");
+}
+
+fn sigkilled_worker_loses_nothing(strategy: &str) {
     if skip() {
         return;
     }
     let _one = serial();
-    let master = Master::start(&["--workers", "2", "--strategy", "kernel-least"]);
+    let master = Master::start(&["--workers", "2", "--strategy", strategy]);
     let pids: Vec<u32> = master.worker_pids().into_iter().flatten().collect();
     // Both workers stop accepting: what the load sends now queues on their listeners.
     for pid in &pids {
@@ -293,6 +302,12 @@ fn scaling_down_and_up_under_load_keeps_serving() {
 
 #[test]
 fn without_cap_bpf_the_master_refuses_kernel_least_in_one_line() {
+    for strategy in ["kernel-least", "kernel-p2c"] {
+        refused_without_cap_bpf(strategy);
+    }
+}
+
+fn refused_without_cap_bpf(strategy: &str) {
     let mut cmd = if bpf_capable() {
         // Drop the capabilities for the master: setpriv from util-linux.
         if Command::new("setpriv").arg("--version").output().is_err() {
@@ -312,7 +327,7 @@ fn without_cap_bpf_the_master_refuses_kernel_least_in_one_line() {
         "--workers",
         "2",
         "--strategy",
-        "kernel-least",
+        strategy,
     ]);
     let mut master = Spawned::start(cmd);
     let status = master
@@ -323,5 +338,5 @@ fn without_cap_bpf_the_master_refuses_kernel_least_in_one_line() {
     let lines: Vec<&str> = log.lines().collect();
     assert_eq!(lines.len(), 1, "one line: {log}");
     assert!(lines[0].contains("CAP_BPF"), "{log}");
-    assert!(lines[0].contains("kernel-least"), "{log}");
+    assert!(lines[0].contains(strategy), "{log}");
 }
