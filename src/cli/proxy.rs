@@ -54,6 +54,11 @@ pub struct ProxyArgs {
     /// How often each backend gets a TCP health check (a connect).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     health_interval: Duration,
+    /// Close both sides of a relayed connection when neither sends a byte for this long
+    /// (half-closed ones too); 0 never closes an idle one. Like HAProxy's `timeout client`
+    /// and `timeout server`, nginx's `proxy_timeout`.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: Duration,
     /// Send a PROXY protocol header (v2) to the backend before the client's bytes.
     #[arg(long, value_name = "VERSION", value_parser = ["v2"])]
     proxy_protocol: Option<String>,
@@ -98,6 +103,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout,
         health_interval: args.health_interval,
         proxy_protocol: args.proxy_protocol.is_some(),
+        idle_timeout: Some(args.idle_timeout).filter(|t| !t.is_zero()),
         relay: args.relay,
         pipe_size: usize::try_from(args.pipe_size).unwrap_or(usize::MAX),
     };

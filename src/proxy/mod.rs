@@ -59,6 +59,9 @@ pub struct ProxyConfig {
     pub health_interval: Duration,
     /// Whether a PROXY protocol v2 header goes to the backend first.
     pub proxy_protocol: bool,
+    /// How long a relay may move no byte either way before both sides are closed (`None`:
+    /// forever).
+    pub idle_timeout: Option<Duration>,
     /// How bytes are moved.
     pub relay: Relay,
     /// Bytes of each splice pipe (0: the kernel's default, 64 KiB).

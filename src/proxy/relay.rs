@@ -3,14 +3,19 @@
 //! the socket buffers' pages, nothing is copied through this process), or, where splice is
 //! refused or not asked for, with `read`/`write` through a buffer. Half-close is kept: when
 //! one side ends its stream, the other side's write half is shut down (it sees FIN) and the
-//! other direction goes on until it ends too. An error in either direction ends both.
+//! other direction goes on until it ends too. An error in either direction ends both, and
+//! so does an idle timeout: no byte moved either way for that long (a half-closed
+//! connection's remaining direction keeps it alive while it moves bytes).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
 
 use crate::sys;
 use crate::sys::pipe::Pipe;
@@ -115,13 +120,95 @@ impl PipePool {
     }
 }
 
-/// Bytes relayed each way.
+/// Bytes relayed each way, and whether the relay ended for being idle.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Relayed {
     /// From the client to the backend.
     pub to_backend: u64,
     /// From the backend to the client.
     pub to_client: u64,
+    /// Neither side moved a byte for the idle timeout: the relay was cut there (the
+    /// caller closes both sockets).
+    pub idle_timeout: bool,
+}
+
+/// When a relay last moved a byte (read or written, either way), and the bytes moved so
+/// far, for its idle timeout. Both directions write it; they run in one task.
+#[derive(Debug)]
+struct Activity {
+    /// Whether anyone looks at `last` (no clock is read otherwise).
+    watched: bool,
+    start: Instant,
+    /// Nanoseconds from `start` to the last byte moved.
+    last: AtomicU64,
+    to_backend: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl Activity {
+    fn new(watched: bool) -> Activity {
+        Activity {
+            watched,
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+            to_backend: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+        }
+    }
+
+    /// A byte read or written: the relay is not idle now.
+    fn touch(&self) {
+        if self.watched {
+            let nanos = self.start.elapsed().as_nanos();
+            self.last
+                .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+
+    /// Returns once no byte has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let deadline = self.last() + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    fn relayed(&self, idle_timeout: bool) -> Relayed {
+        Relayed {
+            to_backend: self.to_backend.load(Ordering::Relaxed),
+            to_client: self.to_client.load(Ordering::Relaxed),
+            idle_timeout,
+        }
+    }
+}
+
+/// The direction a `one_way` moves bytes, as its count on [`Activity`].
+#[derive(Debug, Clone, Copy)]
+struct Way<'a> {
+    activity: &'a Activity,
+    moved: &'a AtomicU64,
+}
+
+impl Way<'_> {
+    fn read(&self) {
+        self.activity.touch();
+    }
+
+    fn wrote(&self, n: usize) {
+        self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        self.activity.touch();
+    }
+
+    fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
+    }
 }
 
 /// How one direction failed: reading its source (that end is gone: nothing more can reach
@@ -143,15 +230,43 @@ impl Failed {
 
 /// Relays between `client` and `backend` until both directions have ended (each end's
 /// stream finished and passed on as a FIN) or one failed: a failed read ends the relay at
-/// once, a failed write lets the other direction finish first.
+/// once, a failed write lets the other direction finish first. With `idle` set, a relay
+/// where no byte moved either way for that long ends there ([`Relayed::idle_timeout`]).
 pub async fn relay(
     client: Side<'_>,
     backend: Side<'_>,
     how: Relay,
     pipes: &PipePool,
+    idle: Option<Duration>,
 ) -> io::Result<Relayed> {
-    let to_backend = one_way(client, backend, how, pipes);
-    let to_client = one_way(backend, client, how, pipes);
+    let activity = Activity::new(idle.is_some());
+    let both = both_ways(client, backend, how, pipes, &activity);
+    let Some(limit) = idle else {
+        return both.await;
+    };
+    tokio::select! {
+        relayed = both => relayed,
+        () = activity.idle_for(limit) => Ok(activity.relayed(true)),
+    }
+}
+
+async fn both_ways(
+    client: Side<'_>,
+    backend: Side<'_>,
+    how: Relay,
+    pipes: &PipePool,
+    activity: &Activity,
+) -> io::Result<Relayed> {
+    let up = Way {
+        activity,
+        moved: &activity.to_backend,
+    };
+    let down = Way {
+        activity,
+        moved: &activity.to_client,
+    };
+    let to_backend = one_way(client, backend, how, pipes, up);
+    let to_client = one_way(backend, client, how, pipes, down);
     tokio::pin!(to_backend, to_client);
     let (first, backend_first) = tokio::select! {
         moved = &mut to_backend => (moved, true),
@@ -165,15 +280,10 @@ pub async fn relay(
     } else {
         (&mut to_backend).await
     };
-    let (to_backend, to_client) = if backend_first {
-        (first, second)
-    } else {
-        (second, first)
-    };
-    Ok(Relayed {
-        to_backend: to_backend.map_err(Failed::into_inner)?,
-        to_client: to_client.map_err(Failed::into_inner)?,
-    })
+    for ended in [first, second] {
+        ended.map_err(Failed::into_inner)?;
+    }
+    Ok(activity.relayed(false))
 }
 
 /// Moves bytes from `from` to `to` until `from` ends, then shuts `to`'s write half down.
@@ -182,16 +292,17 @@ async fn one_way(
     to: Side<'_>,
     how: Relay,
     pipes: &PipePool,
-) -> Result<u64, Failed> {
-    let moved = match how {
+    way: Way<'_>,
+) -> Result<(), Failed> {
+    match how {
         Relay::Splice => match pipes.take() {
-            Ok(pipe) => spliced(from, to, pipe, pipes).await?,
-            Err(_) => copied(from, to, 0).await?,
+            Ok(pipe) => spliced(from, to, pipe, pipes, way).await?,
+            Err(_) => copied(from, to, way).await?,
         },
-        Relay::Copy => copied(from, to, 0).await?,
+        Relay::Copy => copied(from, to, way).await?,
     };
     to.shutdown_write();
-    Ok(moved)
+    Ok(())
 }
 
 /// Moves bytes through `pipe`, zero copy; on the first splice the kernel refuses (EINVAL:
@@ -201,9 +312,9 @@ async fn spliced(
     to: Side<'_>,
     pipe: Pipe,
     pipes: &PipePool,
-) -> Result<u64, Failed> {
+    way: Way<'_>,
+) -> Result<(), Failed> {
     let chunk = pipe.capacity().unwrap_or(64 * 1024);
-    let mut moved = 0u64;
     loop {
         let filled = from
             .io(Interest::READABLE, || pipe.fill_from(from.fd(), chunk))
@@ -211,28 +322,29 @@ async fn spliced(
         let mut in_pipe = match filled {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) if moved == 0 && is_unsupported(&e) => return copied(from, to, 0).await,
+            Err(e) if way.moved() == 0 && is_unsupported(&e) => return copied(from, to, way).await,
             Err(e) => return Err(Failed::Read(e)),
         };
+        way.read();
         while in_pipe > 0 {
             let n = to
                 .io(Interest::WRITABLE, || pipe.drain_to(to.fd(), in_pipe))
                 .await
                 .map_err(Failed::Write)?;
             in_pipe -= n;
-            moved += n as u64;
+            way.wrote(n);
         }
     }
     pipes.give(pipe);
-    Ok(moved)
+    Ok(())
 }
 
 fn is_unsupported(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS))
 }
 
-/// Moves bytes through a buffer in this process; `moved` counts bytes already relayed.
-async fn copied(from: Side<'_>, to: Side<'_>, mut moved: u64) -> Result<u64, Failed> {
+/// Moves bytes through a buffer in this process.
+async fn copied(from: Side<'_>, to: Side<'_>, way: Way<'_>) -> Result<(), Failed> {
     let mut buffer = vec![0u8; COPY_BUFFER];
     loop {
         let n = from
@@ -242,10 +354,11 @@ async fn copied(from: Side<'_>, to: Side<'_>, mut moved: u64) -> Result<u64, Fai
             .await
             .map_err(Failed::Read)?;
         if n == 0 {
-            return Ok(moved);
+            return Ok(());
         }
+        way.read();
         to.write_all(&buffer[..n]).await.map_err(Failed::Write)?;
-        moved += n as u64;
+        way.wrote(n);
     }
 }
 
@@ -290,9 +403,73 @@ mod tests {
             Side::Tcp(&proxy_backend),
             how,
             &pipes,
+            None,
         );
         let ((), (), relayed) = tokio::join!(client_side, backend_side, proxy);
         relayed.unwrap()
+    }
+
+    /// Neither side sends: the relay ends at the idle timeout, counted as such.
+    #[tokio::test]
+    async fn a_silent_relay_ends_at_the_idle_timeout() {
+        let (_client, proxy_client) = pair().await;
+        let (proxy_backend, _backend) = pair().await;
+        let pipes = PipePool::new(4, 0);
+        let limit = Duration::from_millis(100);
+        let started = Instant::now();
+        let relay = relay(
+            Side::Tcp(&proxy_client),
+            Side::Tcp(&proxy_backend),
+            Relay::Splice,
+            &pipes,
+            Some(limit),
+        );
+        let relayed = tokio::time::timeout(Duration::from_secs(20), relay)
+            .await
+            .expect("the idle timeout never fired")
+            .unwrap();
+        assert!(relayed.idle_timeout);
+        assert!(started.elapsed() >= limit);
+    }
+
+    /// The client half-closes at once; the backend answers in small pieces, the whole
+    /// answer taking several idle timeouts but no gap as long as one: nothing is cut.
+    #[tokio::test]
+    async fn a_half_closed_relay_that_keeps_moving_is_not_cut() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_backend, mut backend) = pair().await;
+        let pipes = PipePool::new(4, 0);
+        let limit = Duration::from_millis(150);
+        let client_side = async move {
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let backend_side = async move {
+            let mut nothing = Vec::new();
+            backend.read_to_end(&mut nothing).await.unwrap();
+            for piece in 0..12u8 {
+                backend.write_all(&[piece; 10]).await.unwrap();
+                // Pacing the traffic, not waiting for an outcome.
+                tokio::time::sleep(limit / 3).await;
+            }
+        };
+        let proxy = relay(
+            Side::Tcp(&proxy_client),
+            Side::Tcp(&proxy_backend),
+            Relay::Splice,
+            &pipes,
+            Some(limit),
+        );
+        let all = async { tokio::join!(client_side, backend_side, proxy) };
+        let (got, (), relayed) = tokio::time::timeout(Duration::from_secs(20), all)
+            .await
+            .expect("the relay or a side hung");
+        let relayed = relayed.unwrap();
+        assert!(!relayed.idle_timeout, "cut while bytes still moved");
+        assert_eq!(relayed.to_client, 120);
+        assert_eq!(got.len(), 120);
     }
 
     fn bytes(len: usize, seed: u64) -> Vec<u8> {
@@ -361,6 +538,7 @@ mod tests {
                 Side::Tcp(&proxy_backend),
                 Relay::Splice,
                 &pipes,
+                None,
             )
             .await;
             drop((proxy_client, proxy_backend));

@@ -3,7 +3,8 @@
 //! connects within `--connect-timeout` (trying the other backends if one refuses, and
 //! marking it down until a health check finds it back), writes a PROXY v2 header if asked,
 //! and relays both ways until both ends are done. A client that cannot be served is closed
-//! (FIN) and counted by reason; nothing waits without a deadline.
+//! (FIN) and counted by reason; nothing waits without a deadline. A relay that moves no byte
+//! for `--idle-timeout` is closed both ways and counted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,6 +75,8 @@ struct Figures {
     refused: Vec<metrics::Counter>,
     to_backend: metrics::Counter,
     to_client: metrics::Counter,
+    /// Relays closed for moving no byte for `--idle-timeout`.
+    idle_timeouts: metrics::Counter,
     /// This worker's connections waiting in the queue (summed: the cluster's).
     queued: metrics::Gauge,
 }
@@ -99,6 +102,7 @@ impl Figures {
                 .collect(),
             to_backend: metrics::counter!("proxy_bytes_total", "direction" => "to_backend"),
             to_client: metrics::counter!("proxy_bytes_total", "direction" => "to_client"),
+            idle_timeouts: metrics::counter!("proxy_idle_timeouts_total"),
             queued: metrics::gauge!("proxy_queued"),
         }
     }
@@ -222,10 +226,23 @@ impl Worker {
                 return;
             }
         }
-        match relay::relay(client, server, self.config.relay, &self.pipes).await {
+        let config = &self.config;
+        match relay::relay(
+            client,
+            server,
+            config.relay,
+            &self.pipes,
+            config.idle_timeout,
+        )
+        .await
+        {
             Ok(relayed) => {
                 self.figures.to_backend.increment(relayed.to_backend);
                 self.figures.to_client.increment(relayed.to_client);
+                if relayed.idle_timeout {
+                    self.figures.idle_timeouts.increment(1);
+                    tracing::debug!("relay idle for --idle-timeout: closed");
+                }
             }
             Err(e) => tracing::debug!(error = %e, "relay ended with an error"),
         }

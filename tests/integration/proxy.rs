@@ -1,7 +1,8 @@
 //! `handoff proxy` end to end: the real binary in front of backends this test runs on
 //! 127.0.0.1 port 0 (threads of the test process, or `python3 -m http.server` for
 //! `--spawn`): byte-exact relaying with half-close, exact least-connections across workers,
-//! the queue and its timeout, every backend down, a backend coming back, PROXY v2.
+//! the queue and its timeout, every backend down, a backend coming back, the idle timeout,
+//! PROXY v2.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -509,6 +510,58 @@ fn a_full_queue_and_a_queue_timeout_close_the_client_and_are_counted() {
 }
 
 /// --proxy-protocol v2: the backend reads the client's address first.
+/// `--idle-timeout 300ms`: a client that sends nothing is closed (a clean end of stream)
+/// after the timeout and counted; a client whose transfer lasts four timeouts, a piece
+/// every 100 ms, gets every byte back and is not cut.
+#[test]
+fn an_idle_client_is_closed_and_an_active_transfer_is_not_cut() {
+    let timeout = Duration::from_millis(300);
+    let echo = Backend::start(Behaviour::Echo, None);
+    let backend = echo.addr.to_string();
+    let proxy = Proxy::start(1, &["--backend", &backend, "--idle-timeout", "300ms"]);
+
+    let mut idle = TcpStream::connect(proxy.addr).unwrap();
+    idle.set_read_timeout(Some(PATIENCE)).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let ended = idle.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(ended.is_ok(), "not a clean close: {ended:?}");
+    assert!(rest.is_empty());
+    assert!(waited >= timeout, "closed after {waited:?}");
+    assert!(waited < PATIENCE, "never closed");
+    assert!(
+        wait_until(PATIENCE, || proxy.metric("proxy_idle_timeouts_total") == 1),
+        "the idle close was not counted"
+    );
+
+    let mut active = TcpStream::connect(proxy.addr).unwrap();
+    active.set_read_timeout(Some(PATIENCE)).unwrap();
+    let started = Instant::now();
+    let mut back = Vec::new();
+    for piece in 0..12u8 {
+        active.write_all(&[piece; 100]).unwrap();
+        let mut echoed = [0u8; 100];
+        active.read_exact(&mut echoed).unwrap();
+        back.extend_from_slice(&echoed);
+        // Pacing the traffic (each gap a third of the timeout), not waiting for an outcome.
+        std::thread::sleep(timeout / 3);
+    }
+    active.shutdown(Shutdown::Write).unwrap();
+    active.read_to_end(&mut back).unwrap();
+    assert!(
+        started.elapsed() > timeout * 3,
+        "the transfer was too short to tell"
+    );
+    let sent: Vec<u8> = (0..12u8).flat_map(|p| [p; 100]).collect();
+    assert!(back == sent, "{} bytes came back", back.len());
+    assert_eq!(
+        proxy.metric("proxy_idle_timeouts_total"),
+        1,
+        "the active one was cut"
+    );
+}
+
 #[test]
 fn proxy_protocol_v2_tells_the_backend_the_client_address() {
     let backend = Backend::start(Behaviour::Header, None);
