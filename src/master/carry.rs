@@ -401,6 +401,44 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
+    #[tokio::test]
+    async fn the_previous_release_s_text_line_and_frames_are_told_apart_by_the_first_byte() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"ready 42\n").await.unwrap();
+        let mut reader = Reader::default();
+        assert_eq!(
+            reader.legacy_line(&b).await.unwrap().as_deref(),
+            Some("ready 42")
+        );
+
+        let (a, b) = UnixStream::pair().unwrap();
+        send(&a, tag::HELLO, &[], None, TIMEOUT).await.unwrap();
+        send(&a, tag::READY, &7u32.to_le_bytes(), None, TIMEOUT)
+            .await
+            .unwrap();
+        let mut reader = Reader::default();
+        assert_eq!(
+            reader.legacy_line(&b).await.unwrap(),
+            None,
+            "frames: nothing taken"
+        );
+        assert_eq!(reader.next(&b).await.unwrap().unwrap().tag, tag::HELLO);
+        assert_eq!(
+            reader.next(&b).await.unwrap().unwrap().body,
+            7u32.to_le_bytes()
+        );
+
+        // A line that never ends, or no byte at all, is an error.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[b'r'; 100]).await.unwrap();
+        let err = Reader::default().legacy_line(&b).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(a);
+        let err = Reader::default().legacy_line(&b).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
     #[test]
     fn growth_is_added_and_a_smaller_later_figure_subtracts_nothing() {
         let mut mine = Counters {

@@ -652,4 +652,112 @@ mod tests {
         two.extend_from_slice(&sync);
         assert!(decode_answer(&two).is_err(), "one change per answer");
     }
+
+    fn incr() -> Write {
+        Write::Increment {
+            key: "n".into(),
+            by: 1,
+            ttl: None,
+        }
+    }
+
+    /// The next frame on a link: (tag, body).
+    async fn next(frames: &mut LinkFrames) -> (u8, Vec<u8>) {
+        let bytes = frames.recv().await.unwrap();
+        (bytes[0], bytes[5..].to_vec())
+    }
+
+    fn local(authority: &Authority) -> oneshot::Receiver<Result<Outcome, StateError>> {
+        let (tx, rx) = oneshot::channel();
+        authority.submit(incr(), Waiter::Local(tx));
+        rx
+    }
+
+    #[tokio::test]
+    async fn forwarded_writes_apply_in_the_new_master_s_order_and_show_in_the_old_copy() {
+        let (old, new) = (
+            Authority::new(crate::state::StateLimits::default()),
+            Authority::new(crate::state::StateLimits::default()),
+        );
+        local(&old).await.unwrap().unwrap();
+        let (to_new, mut at_new) = Link::new();
+        assert_eq!(old.hand_over(to_new), Ok(1));
+        assert!(!old.is_authority());
+        let (tag, map) = next(&mut at_new).await;
+        assert_eq!(tag, tag::MAP);
+        assert_eq!(new.restore_part(&map).unwrap(), (1, 0, true));
+        let (to_old, mut at_old) = Link::new();
+        new.serve_predecessor(to_old);
+        // The old master's write goes over; a write of the new master's own meanwhile.
+        let mut answered = local(&old);
+        let (tag, write) = next(&mut at_new).await;
+        assert_eq!(tag, tag::WRITE);
+        local(&new).await.unwrap().unwrap();
+        let (id, write) = decode_write(&write).unwrap();
+        new.submit(write, Waiter::Predecessor { id });
+        assert!(
+            answered.try_recv().is_err(),
+            "not answered before the new master's"
+        );
+        for _ in 0..2 {
+            let (tag, body) = next(&mut at_old).await;
+            old.on_successor_frame(tag, &body).unwrap();
+        }
+        assert_eq!(answered.await.unwrap(), Ok(Outcome::Counter(3)));
+        assert_eq!(old.map().get("n"), Some(Bytes::from_static(b"3")));
+        assert_eq!(new.map().get("n"), Some(Bytes::from_static(b"3")));
+        // An answer to nothing waiting is an error, not a guess.
+        let stray = encode_answer(
+            Answer {
+                id: 99,
+                seq: 1,
+                result: Ok(Outcome::Stored),
+            },
+            None,
+        );
+        assert!(matches!(
+            old.on_successor_frame(tag::ANSWER, &stray),
+            Err(HandoverError::Unknown(99))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_failed_upgrade_applies_the_unanswered_writes_once_and_the_answered_ones_never_again()
+    {
+        let (old, new) = (
+            Authority::new(crate::state::StateLimits::default()),
+            Authority::new(crate::state::StateLimits::default()),
+        );
+        let (to_new, mut at_new) = Link::new();
+        old.hand_over(to_new).unwrap();
+        let (_, map) = next(&mut at_new).await;
+        new.restore_part(&map).unwrap();
+        let (to_old, mut at_old) = Link::new();
+        new.serve_predecessor(to_old);
+        let (first, second) = (local(&old), local(&old));
+        // The new master applies and answers the first, then is gone before the second.
+        let (_, write) = next(&mut at_new).await;
+        let (id, write) = decode_write(&write).unwrap();
+        new.submit(write, Waiter::Predecessor { id });
+        let (tag, body) = next(&mut at_old).await;
+        old.on_successor_frame(tag, &body).unwrap();
+        assert_eq!(first.await.unwrap(), Ok(Outcome::Counter(1)));
+        old.take_back();
+        assert!(old.is_authority());
+        assert_eq!(second.await.unwrap(), Ok(Outcome::Counter(2)));
+        assert_eq!(local(&old).await.unwrap(), Ok(Outcome::Counter(3)));
+        // After READY, a new master that goes fails what waits, and what comes later.
+        let (to_next, _at_next) = Link::new();
+        old.hand_over(to_next).unwrap();
+        let waiting = local(&old);
+        old.successor_lost("gone");
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Err(StateError::Unavailable(_))
+        ));
+        assert!(matches!(
+            local(&old).await.unwrap(),
+            Err(StateError::Unavailable(_))
+        ));
+    }
 }
