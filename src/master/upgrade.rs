@@ -2,11 +2,13 @@
 //! its path (a deploy has put a new one there) or from `--binary`, with the same arguments,
 //! and hands it the listening sockets and the control socket: fds 4, 5, ... after a
 //! handshake socket at fd 3, described by `HANDOFF_UPGRADE`. The new master takes them
-//! instead of binding, starts its workers and, once every one is ready, writes `ready PID`
-//! on the handshake. Only then does the old master stop accepting (the new one accepts on
-//! the very same sockets, so no client is refused at any moment) and drain its workers.
-//! If the new master exits or is not ready in time, it is killed and the old master keeps
-//! serving; the caller gets the reason.
+//! instead of binding, takes the old master's shared map (see `handover`), starts its
+//! workers and, once every one is ready, says READY on the handshake (the previous release
+//! wrote the line `ready PID`; see `carry` for both). Only then does the old master stop
+//! accepting (the new one accepts on the very same sockets, so no client is refused at any
+//! moment) and drain its workers. If the new master exits or is not ready in time, it is
+//! killed and the old master keeps serving, the map's writes its own again; the caller
+//! gets the reason.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
