@@ -16,6 +16,8 @@
 //! Load it from inside, with environment variables:
 //! - `SHARED_STATE_INCREMENTS=N`: each worker increments `hits` N times as soon as it
 //!   serves (8 increments in flight at a time), then increments `done`;
+//! - `SHARED_STATE_HANG_IF=PATH`: a worker started while PATH exists never gets ready (it
+//!   exits after a minute): how the tests make an upgrade fail while writes go on;
 //! - `SHARED_STATE_WRITER=1`: each worker writes `w:PID:0`, `w:PID:1`, ... one after the
 //!   other for as long as it runs, and logs `acked w:PID:N` every 20th write the map
 //!   acknowledged;
@@ -286,6 +288,13 @@ async fn bench_master(mut master: Master<Bench>) {
 }
 
 fn main() -> Result<(), handoff::Error> {
+    if let Some(path) = std::env::var_os("SHARED_STATE_HANG_IF") {
+        let worker = std::env::var_os("HANDOFF_WORKER").is_some();
+        if worker && std::path::Path::new(&path).exists() {
+            std::thread::sleep(Duration::from_secs(60));
+            std::process::exit(1);
+        }
+    }
     let flags = common::setup();
     Server::builder()
         .listen(flags.listen)

@@ -1,18 +1,32 @@
 //! What lives on across a live upgrade besides the sockets: the totals a new master counts
 //! on from, so `handoff_connections_accepted_total` and the workers' counters go on rising
-//! instead of starting again at 0.
+//! instead of starting again at 0; the connections draining workers hand back; and the
+//! shared map (see `handover`, which has its frames).
 //!
 //! They travel on the upgrade's handshake socket as frames of a tag, a u32 length
-//! (little-endian) and a body (postcard), an fd beside the frames that carry one:
+//! (little-endian) and a body (postcard for totals), an fd beside the frames that carry
+//! one, both ways:
 //!
 //! ```text
 //! old master                                    new master
 //!   | START totals (at its start) ---------------->  counts on from them
-//!   | <---------------------------- ready PID\n      (every worker ready)
+//!   | <--------------------------------------- HELLO
+//!   | MAP (the shared map) ----------------------->  restores it, starts its workers
+//!   | WRITE / <-- ANSWER, CHANGES (see handover) ->
+//!   | <--------------------------------------- READY (every worker ready)
 //!   |   stops accepting, drains its workers
 //!   | CONNECTION + fd (handed back by a worker) -->  gives it to one of its workers
 //!   | FINAL totals (its last worker reaped) ------>  adds what grew since START
 //! ```
+//!
+//! Compatibility with the previous release, which wrote one text line `ready PID\n` where
+//! this one writes frames new → old: an old master of this release sets [`ENV_MAP`] for the
+//! new one, and only a new master that sees it answers in frames (HELLO first). An old
+//! master tells the two apart by the first byte: no tag is `r`. So a new master of the
+//! previous release (no HELLO, a text line) is upgraded to as before, without the map
+//! (the old master keeps applying writes until it exits), and a new master of this release
+//! started by an old master of the previous one (no [`ENV_MAP`]) writes the text line and
+//! starts with an empty map, as before.
 //!
 //! Until FINAL arrives the new master's totals lack only what the old one counted after
 //! START; they never go down, and once FINAL is in they are exact. A master that dies
@@ -36,6 +50,10 @@ use crate::sys::scm;
 /// Set (to `1`) in a new master's environment by an old master that sends the totals on
 /// the handshake; a master without it (an older binary upgrading) expects none.
 pub(crate) const ENV_CARRY: &str = "HANDOFF_UPGRADE_CARRY";
+/// Set (to `1`) in a new master's environment by an old master that reads the new one's
+/// frames (HELLO ... READY) and hands its shared map over; without it, the new master
+/// writes the text line `ready PID\n` of the previous release.
+pub(crate) const ENV_MAP: &str = "HANDOFF_UPGRADE_MAP";
 /// The largest frame a master reads: far above any real totals, small enough that a
 /// broken peer cannot make it allocate without bound.
 const MAX_FRAME: usize = 64 << 20;
@@ -83,6 +101,18 @@ pub(crate) mod tag {
     /// workers handed back after the hand-over. The body: the listener's index (u16) and the
     /// bytes the worker had read from it.
     pub const CONNECTION: u8 = b'C';
+    /// Old → new: part of the old master's shared map (a SYNC frame of a snapshot).
+    pub const MAP: u8 = b'M';
+    /// Old → new: a write the old master forwards (a STATE frame).
+    pub const WRITE: u8 = b'W';
+    /// New → old: the new master takes the map (empty body).
+    pub const HELLO: u8 = b'H';
+    /// New → old: what a forwarded write did (an ANSWER frame), and its change (a SYNC).
+    pub const ANSWER: u8 = b'A';
+    /// New → old: a change the new master applied (a SYNC frame).
+    pub const CHANGES: u8 = b'S';
+    /// New → old: every worker of the new master is ready (its pid, u32).
+    pub const READY: u8 = b'R';
 }
 
 /// One frame read from the handshake.
@@ -99,6 +129,16 @@ fn carries_fd(tag: u8) -> bool {
     tag == tag::CONNECTION
 }
 
+/// One frame: the tag, the body's length (u32), the body (at most [`MAX_FRAME`]).
+pub(crate) fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    debug_assert!(body.len() <= MAX_FRAME);
+    let mut frame = Vec::with_capacity(5 + body.len());
+    frame.push(tag);
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(body);
+    frame
+}
+
 /// Writes one frame (a tag, a u32 length, the body); `fd` goes with its first byte.
 pub(crate) async fn send(
     stream: &UnixStream,
@@ -107,11 +147,20 @@ pub(crate) async fn send(
     fd: Option<BorrowedFd<'_>>,
     timeout: Duration,
 ) -> io::Result<()> {
-    let len = u32::try_from(body.len()).map_err(io::Error::other)?;
-    let mut frame = Vec::with_capacity(5 + body.len());
-    frame.push(tag);
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(body);
+    if body.len() > MAX_FRAME {
+        return Err(invalid(format!("a frame of {} bytes", body.len())));
+    }
+    send_raw(stream, &frame(tag, body), fd, timeout).await
+}
+
+/// Writes `frame` whole (bytes already framed, or the previous release's text line);
+/// `fd` goes with its first byte.
+pub(crate) async fn send_raw(
+    stream: &UnixStream,
+    frame: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+    timeout: Duration,
+) -> io::Result<()> {
     let write = async {
         let mut fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
         let mut sent = 0;
@@ -156,11 +205,51 @@ pub(crate) struct Reader {
 impl Reader {
     /// The next frame; `None` when the stream ends between frames.
     pub async fn next(&mut self, stream: &UnixStream) -> io::Result<Option<Frame>> {
-        let mut chunk = vec![0u8; 64 * 1024];
         loop {
             if let Some(frame) = self.parse()? {
                 return Ok(Some(frame));
             }
+            if !self.fill(stream).await? {
+                return match self.buf.is_empty() {
+                    true => Ok(None),
+                    false => Err(io::ErrorKind::UnexpectedEof.into()),
+                };
+            }
+        }
+    }
+
+    /// In the old master, first: whether the new master wrote the previous release's text
+    /// line (`Some(line)`, without its newline) or frames follow (`None`, nothing taken).
+    /// No tag is `r`: a first byte `r` is the line's. An end before any byte is an error.
+    pub async fn legacy_line(&mut self, stream: &UnixStream) -> io::Result<Option<String>> {
+        loop {
+            match self.buf.first() {
+                Some(b'r') => {
+                    if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                        let line = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                        self.buf.drain(..=end);
+                        return Ok(Some(line));
+                    }
+                    if self.buf.len() > 64 {
+                        return Err(invalid("a line of over 64 bytes".into()));
+                    }
+                }
+                Some(_) => return Ok(None),
+                None => {}
+            }
+            if !self.fill(stream).await? {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the handshake ended",
+                ));
+            }
+        }
+    }
+
+    /// Reads what is there (bytes and fds); false at the end of the stream.
+    async fn fill(&mut self, stream: &UnixStream) -> io::Result<bool> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
             stream.readable().await?;
             let received = match stream.try_io(Interest::READABLE, || {
                 scm::recv_with_fds(stream, &mut chunk)
@@ -170,13 +259,11 @@ impl Reader {
                 Err(e) => return Err(e),
             };
             if received.len == 0 && received.fds.is_empty() {
-                return match self.buf.is_empty() {
-                    true => Ok(None),
-                    false => Err(io::ErrorKind::UnexpectedEof.into()),
-                };
+                return Ok(false);
             }
             self.buf.extend_from_slice(&chunk[..received.len]);
             self.fds.extend(received.fds);
+            return Ok(true);
         }
     }
 
@@ -312,6 +399,44 @@ mod tests {
             .unwrap();
         let err = Reader::default().next(&b).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn the_previous_release_s_text_line_and_frames_are_told_apart_by_the_first_byte() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"ready 42\n").await.unwrap();
+        let mut reader = Reader::default();
+        assert_eq!(
+            reader.legacy_line(&b).await.unwrap().as_deref(),
+            Some("ready 42")
+        );
+
+        let (a, b) = UnixStream::pair().unwrap();
+        send(&a, tag::HELLO, &[], None, TIMEOUT).await.unwrap();
+        send(&a, tag::READY, &7u32.to_le_bytes(), None, TIMEOUT)
+            .await
+            .unwrap();
+        let mut reader = Reader::default();
+        assert_eq!(
+            reader.legacy_line(&b).await.unwrap(),
+            None,
+            "frames: nothing taken"
+        );
+        assert_eq!(reader.next(&b).await.unwrap().unwrap().tag, tag::HELLO);
+        assert_eq!(
+            reader.next(&b).await.unwrap().unwrap().body,
+            7u32.to_le_bytes()
+        );
+
+        // A line that never ends, or no byte at all, is an error.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[b'r'; 100]).await.unwrap();
+        let err = Reader::default().legacy_line(&b).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(a);
+        let err = Reader::default().legacy_line(&b).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod cluster;
 mod control;
 mod ctx;
 mod handler;
+mod handover;
 #[cfg(feature = "cli")]
 pub(crate) mod harness;
 mod kernel;
@@ -318,8 +319,8 @@ async fn master(
     for index in 0..config.workers {
         workers::start_worker(&ctx, index);
     }
-    if let Some(handshake) = handshake {
-        spawn_local(upgrade::announce_ready(ctx.clone(), handshake));
+    if let Some(predecessor) = handshake {
+        spawn_local(upgrade::follow_predecessor(ctx.clone(), predecessor));
     }
     let mut tasks = vec![
         spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals)),

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ctx::Ctx;
+use super::handover::{self, Link, Role, Waiter};
 use super::post::LogBudget;
 use crate::ipc::state::{self as wire, Answer, Request, StateFault};
 use crate::ipc::Channel;
@@ -82,7 +83,7 @@ struct Feed {
 /// The master's shared map and the feeds of its replicas.
 #[derive(Debug)]
 pub(crate) struct Authority {
-    store: RefCell<Store>,
+    pub(super) store: RefCell<Store>,
     feeds: RefCell<HashMap<u32, Feed>>,
     /// The last frozen copy and the change it was taken at, shared by the snapshots that
     /// start at that change.
@@ -91,6 +92,12 @@ pub(crate) struct Authority {
     log_budget: LogBudget,
     /// The master's own replica, for the handler's [`SharedMap`] (see [`local`]).
     local: Arc<Local>,
+    /// Whether this master applies the writes or hands them to the master that replaces
+    /// it (see `handover`).
+    pub(super) role: RefCell<Role>,
+    /// In a master that took the map over in an upgrade: the master it replaces, which
+    /// gets every change.
+    pub(super) predecessor: RefCell<Option<Link>>,
 }
 
 impl Authority {
@@ -108,12 +115,13 @@ impl Authority {
             counters: Cell::new(StateCounters::default()),
             log_budget: LogBudget::default(),
             local: Arc::new(Local::new()),
+            role: RefCell::new(Role::Authority),
+            predecessor: RefCell::new(None),
         }
     }
 
     /// Every live entry with its remaining time to live: what a live upgrade hands to the
     /// next master, which takes it with [`Authority::restore`].
-    #[allow(dead_code)] // The upgrade hand-over (master/upgrade.rs) joins it.
     pub fn snapshot(&self) -> Vec<(String, bytes::Bytes, Option<Duration>)> {
         self.store.borrow().snapshot()
     }
@@ -121,7 +129,6 @@ impl Authority {
     /// Loads what the previous master's [`Authority::snapshot`] gave, under this master's
     /// limits, as changes (the master's own replica and any subscriber get them); answers
     /// the entries refused, with the reason.
-    #[allow(dead_code)] // The upgrade hand-over (master/upgrade.rs) joins it.
     pub fn restore(
         &self,
         snapshot: impl IntoIterator<Item = (String, bytes::Bytes, Option<Duration>)>,
@@ -136,8 +143,9 @@ impl Authority {
                 value,
                 ttl,
             };
-            if let Err(e) = self.apply_local(write) {
-                refused.push((key, e));
+            match self.apply_here(write) {
+                (Err(e), _) => refused.push((key, e)),
+                (Ok(_), change) => change.iter().for_each(|c| self.publish(c)),
             }
         }
         refused
@@ -177,8 +185,17 @@ impl Authority {
         }
     }
 
-    /// Removes the entries expired at `now` and tells every replica.
+    /// The number of the last change applied.
+    pub fn seq(&self) -> u64 {
+        self.store.borrow().seq()
+    }
+
+    /// Removes the entries expired at `now` and tells every replica; nothing while the
+    /// map is handed over (the master that holds it tells this one what expired).
     pub fn expire(&self, now: Instant) {
+        if !self.is_authority() {
+            return;
+        }
         let changes = self.store.borrow_mut().expire(now);
         for change in &changes {
             self.publish(change);
@@ -186,8 +203,17 @@ impl Authority {
     }
 
     /// Queues `change` for every subscribed worker (and applies it to the master's own
-    /// replica).
+    /// replica), and for the master this one replaces, if any.
     fn publish(&self, change: &Change) {
+        self.publish_to(change, true);
+    }
+
+    /// [`Authority::publish`], the master this one replaces left out unless
+    /// `to_predecessor`.
+    pub(super) fn publish_to(&self, change: &Change, to_predecessor: bool) {
+        if to_predecessor && self.predecessor.borrow().is_some() {
+            self.to_predecessor(super::carry::tag::CHANGES, &handover::encode_change(change));
+        }
         match &change.value {
             Some((value, ttl)) => {
                 self.local
@@ -409,35 +435,39 @@ pub(crate) fn receive(ctx: &Ctx, index: usize, pid: u32, request: Result<Request
     }
 }
 
-/// Applies one write and answers its writer.
+/// Applies (or forwards, during an upgrade) one write of a worker; it gets the answer.
 fn apply(authority: &Authority, index: usize, pid: u32, id: u64, write: Write) {
-    let result = authority.store.borrow_mut().apply(write, Instant::now());
-    let result = match result {
-        Ok((outcome, change)) => {
-            authority.count(|c| c.writes += 1);
-            if let Some(change) = change {
-                authority.publish(&change);
-            }
-            Ok(outcome)
-        }
-        Err(e) => {
-            authority.count(|c| c.refused += 1);
-            Err(e)
-        }
+    let waiter = Waiter::Worker {
+        slot: index,
+        pid,
+        id,
     };
-    let seq = authority.store.borrow().seq();
-    let mut bytes = Vec::new();
-    wire::encode_answer(&mut bytes, &Answer { id, seq, result });
-    let mut feeds = authority.feeds.borrow_mut();
-    let Some(feed) = feeds.get_mut(&pid) else {
-        return;
-    };
-    if feed.answers.len() >= MAX_QUEUED_ANSWERS {
-        drop(feeds);
-        return authority.drop_one(index, pid, &"the worker's answer queue is full");
+    authority.submit(write, waiter);
+}
+
+impl Authority {
+    /// Queues the answer to write `id` of process `pid`, as of the last change applied.
+    pub(super) fn answer_worker(
+        &self,
+        slot: usize,
+        pid: u32,
+        id: u64,
+        result: Result<Outcome, StateError>,
+    ) {
+        let seq = self.seq();
+        let mut bytes = Vec::new();
+        wire::encode_answer(&mut bytes, &Answer { id, seq, result });
+        let mut feeds = self.feeds.borrow_mut();
+        let Some(feed) = feeds.get_mut(&pid) else {
+            return;
+        };
+        if feed.answers.len() >= MAX_QUEUED_ANSWERS {
+            drop(feeds);
+            return self.drop_one(slot, pid, &"the worker's answer queue is full");
+        }
+        feed.answers.push_back(bytes);
+        feed.writer.notify_one();
     }
-    feed.answers.push_back(bytes);
-    feed.writer.notify_one();
 }
 
 /// Writes of the master's own [`SharedMap`] waiting for the master's thread, at most.
@@ -489,22 +519,30 @@ impl Authority {
         SharedMap::new(self.local.clone())
     }
 
-    /// Applies a write of the master's own.
-    fn apply_local(&self, write: Write) -> Result<Outcome, StateError> {
+    /// Applies a write to this master's store: what it did and the change it made (not
+    /// published yet).
+    pub(super) fn apply_here(&self, write: Write) -> (Result<Outcome, StateError>, Option<Change>) {
         let result = self.store.borrow_mut().apply(write, Instant::now());
         match result {
             Ok((outcome, change)) => {
                 self.count(|c| c.writes += 1);
-                if let Some(change) = change {
-                    self.publish(&change);
-                }
-                Ok(outcome)
+                (Ok(outcome), change)
             }
             Err(e) => {
                 self.count(|c| c.refused += 1);
-                Err(e)
+                (Err(e), None)
             }
         }
+    }
+
+    /// Applies a write of the master's own, and publishes its change.
+    #[cfg(test)]
+    fn apply_local(&self, write: Write) -> Result<Outcome, StateError> {
+        let (result, change) = self.apply_here(write);
+        if let Some(change) = change {
+            self.publish(&change);
+        }
+        result
     }
 }
 
@@ -521,7 +559,7 @@ pub(crate) async fn local(ctx: Rc<Ctx>) {
         return;
     };
     while let Some((write, answer)) = pending.recv().await {
-        let _ = answer.send(ctx.state.apply_local(write));
+        ctx.state.submit(write, Waiter::Local(answer));
     }
 }
 

@@ -2,11 +2,13 @@
 //! its path (a deploy has put a new one there) or from `--binary`, with the same arguments,
 //! and hands it the listening sockets and the control socket: fds 4, 5, ... after a
 //! handshake socket at fd 3, described by `HANDOFF_UPGRADE`. The new master takes them
-//! instead of binding, starts its workers and, once every one is ready, writes `ready PID`
-//! on the handshake. Only then does the old master stop accepting (the new one accepts on
-//! the very same sockets, so no client is refused at any moment) and drain its workers.
-//! If the new master exits or is not ready in time, it is killed and the old master keeps
-//! serving; the caller gets the reason.
+//! instead of binding, takes the old master's shared map (see `handover`), starts its
+//! workers and, once every one is ready, says READY on the handshake (the previous release
+//! wrote the line `ready PID`; see `carry` for both). Only then does the old master stop
+//! accepting (the new one accepts on the very same sockets, so no client is refused at any
+//! moment) and drain its workers. If the new master exits or is not ready in time, it is
+//! killed and the old master keeps serving, the map's writes its own again; the caller
+//! gets the reason.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -15,10 +17,11 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
 
 use super::carry::{self, Carried};
 use super::ctx::{Ctx, Handshake};
+use super::handover::{self, Link, LinkFrames, Waiter};
 use super::systemd::{describe, Activated};
 use crate::sys;
 
@@ -81,55 +84,111 @@ pub(crate) fn inherited() -> io::Result<Option<Inherited>> {
     }))
 }
 
-/// In the new master: the handshake as a stream, and the totals the old master counted up
-/// to its start (see `carry`), already added to this master's. `None` for the totals when
-/// the old master sends none (an older binary) or they fail to arrive.
-pub(crate) async fn take_over(
-    ctx: &Ctx,
-    handshake: OwnedFd,
-) -> io::Result<(Handshake, carry::Reader, Carried)> {
-    let stream = UnixStream::from(handshake);
-    stream.set_nonblocking(true)?;
-    let stream = Handshake::from_std(stream)?;
-    let mut reader = carry::Reader::default();
-    if std::env::var_os(carry::ENV_CARRY).is_none() {
-        return Ok((stream, reader, Carried::default()));
-    }
-    let start = match tokio::time::timeout(carry::TIMEOUT, reader.totals(&stream)).await {
-        Ok(Ok(Some(start))) => start,
-        Ok(Ok(None)) => Carried::default(),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "upgrade: the totals of the master being replaced are unreadable; counting from 0");
-            Carried::default()
-        }
-        Err(_) => {
-            tracing::warn!("upgrade: no totals from the master being replaced; counting from 0");
-            Carried::default()
-        }
-    };
-    start.add_growth_since(&Carried::default(), ctx);
-    Ok((stream, reader, start))
+/// In the new master: what it keeps of the master it replaces.
+#[derive(Debug)]
+pub(crate) struct Predecessor {
+    stream: Rc<Handshake>,
+    reader: carry::Reader,
+    /// The totals the old master sent at START.
+    start: Carried,
+    /// It reads frames and handed the map over (see `carry`, compatibility): where READY
+    /// goes. `None`: the previous release's text line.
+    link: Option<Link>,
 }
 
-/// In the new master: once every worker is ready, tells the old one (`ready PID`); then
-/// takes the connections it forwards and its FINAL totals, adding what it counted after
-/// START.
-pub(crate) async fn announce_ready(
-    ctx: Rc<Ctx>,
-    (mut stream, mut reader, start): (Handshake, carry::Reader, Carried),
-) {
+/// In the new master, before its workers start: the handshake as a stream; the totals the
+/// old master counted up to its start (see `carry`), added to this master's (none when
+/// the old master sends none, an older binary, or they fail to arrive); and the old
+/// master's shared map, restored into this master's, which holds the map's order of
+/// writes from then on. A map that fails to arrive is an error: this master must not
+/// serve a map the old one goes on changing.
+pub(crate) async fn take_over(ctx: &Ctx, handshake: OwnedFd) -> io::Result<Predecessor> {
+    let stream = UnixStream::from(handshake);
+    stream.set_nonblocking(true)?;
+    let stream = Rc::new(Handshake::from_std(stream)?);
+    let mut reader = carry::Reader::default();
+    let mut start = Carried::default();
+    if std::env::var_os(carry::ENV_CARRY).is_some() {
+        start = match tokio::time::timeout(carry::TIMEOUT, reader.totals(&stream)).await {
+            Ok(Ok(Some(start))) => start,
+            Ok(Ok(None)) => Carried::default(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "upgrade: the totals of the master being replaced are unreadable; counting from 0");
+                Carried::default()
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "upgrade: no totals from the master being replaced; counting from 0"
+                );
+                Carried::default()
+            }
+        };
+        start.add_growth_since(&Carried::default(), ctx);
+    }
+    let mut link = None;
+    if std::env::var_os(carry::ENV_MAP).is_some() {
+        let map = tokio::time::timeout(carry::TIMEOUT, take_map(ctx, &stream, &mut reader));
+        let taken = map.await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the shared map of the master being replaced did not arrive",
+            ))
+        })?;
+        ctx.state.serve_predecessor(taken.clone());
+        link = Some(taken);
+    }
+    Ok(Predecessor {
+        stream,
+        reader,
+        start,
+        link,
+    })
+}
+
+/// Says HELLO and restores the MAP frames that answer it; the link for what goes back.
+async fn take_map(
+    ctx: &Ctx,
+    stream: &Rc<Handshake>,
+    reader: &mut carry::Reader,
+) -> io::Result<Link> {
+    carry::send(stream, carry::tag::HELLO, &[], None, carry::TIMEOUT).await?;
+    let (mut entries, mut refused) = (0, 0);
     loop {
-        if ctx.table.borrow().all_ready() {
+        let frame = reader
+            .next(stream)
+            .await?
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        if frame.tag != carry::tag::MAP {
+            let what = format!(
+                "a frame of tag {:?} for the shared map",
+                char::from(frame.tag)
+            );
+            return Err(io::Error::new(io::ErrorKind::InvalidData, what));
+        }
+        let (these, left_out, last) = ctx.state.restore_part(&frame.body)?;
+        entries += these;
+        refused += left_out;
+        if last {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let word = format!("ready {}\n", std::process::id());
-    match tokio::time::timeout(carry::TIMEOUT, stream.write_all(word.as_bytes())).await {
-        Ok(Ok(())) => tracing::info!("every worker is ready: told the master being replaced"),
-        Ok(Err(e)) => return tracing::warn!(error = %e, "telling the master being replaced failed"),
-        Err(_) => return tracing::warn!("telling the master being replaced timed out"),
-    }
+    tracing::info!(entries, refused, "upgrade: the shared map of the master being replaced is restored; this master applies its writes from now on");
+    let (link, frames) = Link::new();
+    tokio::task::spawn_local(handover::write_link(stream.clone(), frames));
+    Ok(link)
+}
+
+/// In the new master, from its start: reads what the old master sends (its forwarded
+/// writes, the connections its draining workers hand back, its FINAL totals, adding what
+/// it counted after START), and tells it once every worker is ready.
+pub(crate) async fn follow_predecessor(ctx: Rc<Ctx>, predecessor: Predecessor) {
+    let Predecessor {
+        stream,
+        mut reader,
+        start,
+        link,
+    } = predecessor;
+    tokio::task::spawn_local(announce_ready(ctx.clone(), stream.clone(), link));
     let mut last = None;
     loop {
         let frame = match reader.next(&stream).await {
@@ -148,12 +207,21 @@ pub(crate) async fn announce_ready(
                     tracing::warn!(error = %e, "the replaced master's final totals are unreadable")
                 }
             },
+            (carry::tag::WRITE, _) => match handover::decode_write(&frame.body) {
+                Ok((id, write)) => ctx.state.submit(write, Waiter::Predecessor { id }),
+                Err(e) => {
+                    tracing::error!(error = %e, "a forwarded write is malformed: dropping the link to the replaced master");
+                    break;
+                }
+            },
             (other, _) => {
                 tracing::warn!(tag = other, "an unknown frame from the replaced master");
                 break;
             }
         }
     }
+    // Nothing more goes to it (and the link's end tells it, if it is still there).
+    ctx.state.drop_predecessor();
     match last {
         Some(last) => {
             last.add_growth_since(&start, &ctx);
@@ -163,6 +231,30 @@ pub(crate) async fn announce_ready(
             );
         }
         None => tracing::warn!("the replaced master ended without its final totals"),
+    }
+}
+
+/// In the new master: once every worker is ready, tells the old one: READY on `link`, or
+/// the previous release's text line `ready PID`.
+async fn announce_ready(ctx: Rc<Ctx>, stream: Rc<Handshake>, link: Option<Link>) {
+    loop {
+        if ctx.table.borrow().all_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = std::process::id();
+    if let Some(link) = link {
+        match link.send(carry::tag::READY, &pid.to_le_bytes()) {
+            true => tracing::info!("every worker is ready: told the master being replaced"),
+            false => tracing::warn!("telling the master being replaced failed: its link is gone"),
+        }
+        return;
+    }
+    let word = format!("ready {pid}\n");
+    match carry::send_raw(&stream, word.as_bytes(), None, carry::TIMEOUT).await {
+        Ok(()) => tracing::info!("every worker is ready: told the master being replaced"),
+        Err(e) => tracing::warn!(error = %e, "telling the master being replaced failed"),
     }
 }
 
@@ -178,11 +270,35 @@ pub(crate) enum Onward {
 /// Connections handed back that may wait to go on to the new master, at most.
 const ONWARD_QUEUE: usize = 1024;
 
-/// In the old master, after the hand-over: writes what goes on to the new master, in order.
-async fn feed_successor(stream: Handshake, mut queue: tokio::sync::mpsc::Receiver<Onward>) {
-    while let Some(onward) = queue.recv().await {
+/// In the old master, from the new master's HELLO: writes what goes on to it. The shared
+/// map's frames (MAP, then forwarded writes) first, in order; after the hand-over, the
+/// connections handed back, then the final totals.
+async fn feed_successor(
+    stream: Rc<Handshake>,
+    mut map: LinkFrames,
+    mut queue: tokio::sync::mpsc::Receiver<Onward>,
+) {
+    let mut map_open = true;
+    loop {
+        let onward = tokio::select! {
+            biased;
+            frame = map.recv(), if map_open => {
+                match frame {
+                    Some(bytes) => {
+                        if let Err(e) = carry::send_raw(&stream, &bytes, None, carry::TIMEOUT).await {
+                            tracing::warn!(error = %e, "writing the shared map's frames to the new master failed");
+                            return;
+                        }
+                    }
+                    None => map_open = false,
+                }
+                continue;
+            }
+            onward = queue.recv() => onward,
+        };
         match onward {
-            Onward::Connection(conn) => {
+            None => return,
+            Some(Onward::Connection(conn)) => {
                 let mut body = conn.listener.to_le_bytes().to_vec();
                 body.extend_from_slice(&conn.prefix);
                 let sent = carry::send(
@@ -196,7 +312,7 @@ async fn feed_successor(stream: Handshake, mut queue: tokio::sync::mpsc::Receive
                     tracing::warn!(error = %e, "passing a handed-back connection to the new master failed");
                 }
             }
-            Onward::Final(last, written) => {
+            Some(Onward::Final(last, written)) => {
                 match carry::send_totals(&stream, &last, carry::TIMEOUT).await {
                     Ok(()) => {
                         tracing::info!(accepted = last.table.accepted, "final totals handed over")
@@ -284,6 +400,7 @@ async fn start_and_wait(ctx: &Rc<Ctx>, binary: Option<PathBuf>) -> Result<u32, S
     cmd.args(std::env::args_os().skip(1))
         .env(ENV_UPGRADE, spec)
         .env(carry::ENV_CARRY, "1")
+        .env(carry::ENV_MAP, "1")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES");
@@ -296,35 +413,151 @@ async fn start_and_wait(ctx: &Rc<Ctx>, binary: Option<PathBuf>) -> Result<u32, S
     let pid = child.id();
     tracing::info!(pid, binary = %binary.display(), "upgrade: new master started");
     let timeout = ctx.table.borrow().config.worker_timeout + Duration::from_secs(5);
-    let word = async {
-        ours.set_nonblocking(true)?;
-        let mut ours = Handshake::from_std(ours)?;
-        carry::send_totals(&ours, &Carried::collect(ctx), timeout).await?;
-        let word = read_word(&mut ours).await?;
-        io::Result::Ok((ours, word))
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = ours
+        .set_nonblocking(true)
+        .and_then(|()| Handshake::from_std(ours))
+        .map(Rc::new);
+    let (result, tasks) = match stream {
+        Ok(stream) => wait_ready(ctx, stream, deadline).await,
+        Err(e) => (Err(e), None),
     };
-    let failure = match tokio::time::timeout(timeout, word).await {
-        Ok(Ok((ours, word))) if word.starts_with("ready") => {
-            let (queue, taken) = tokio::sync::mpsc::channel(ONWARD_QUEUE);
+    let failure = match result {
+        Ok(()) => {
+            let (queue, _writer) = tasks.expect("the tasks of a ready upgrade");
             *ctx.successor.borrow_mut() = Some(queue);
             ctx.table.borrow_mut().onward = true;
-            tokio::task::spawn_local(feed_successor(ours, taken));
             return Ok(pid);
+        }
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            format!("the new master was not ready within {timeout:?}")
         }
         // The handshake ends as the new master exits: give its exit status a moment to
         // be there, for the reason.
-        Ok(result) => match (exit_status(&mut child).await, result) {
-            (Some(status), _) => format!("the new master exited ({status}) before it was ready"),
-            (None, Ok(_)) => "the new master closed the handshake before it was ready".into(),
-            (None, Err(e)) => {
-                format!("the new master broke the handshake before it was ready ({e})")
+        Err(e) => match exit_status(&mut child).await {
+            Some(status) => format!("the new master exited ({status}) before it was ready"),
+            None if e.kind() == io::ErrorKind::UnexpectedEof => {
+                "the new master closed the handshake before it was ready".into()
             }
+            None => format!("the new master broke the handshake before it was ready ({e})"),
         },
-        Err(_) => format!("the new master was not ready within {timeout:?}"),
     };
     let _ = child.kill();
+    if let Some((_, (mut follower, writer))) = tasks {
+        // What the new master sent before it went is applied (it ends as the handshake
+        // does); then this master holds the shared map's order again.
+        let _ = tokio::time::timeout(carry::TIMEOUT, &mut follower).await;
+        follower.abort();
+        writer.abort();
+    }
+    ctx.state.take_back();
     tokio::task::spawn_blocking(move || child.wait());
     Err(failure)
+}
+
+/// The tasks of an upgrade under way in the old master: where connections go once it is
+/// ready, and the task that follows the new master with the one that writes to it.
+type Tasks = (
+    tokio::sync::mpsc::Sender<Onward>,
+    (JoinHandle<()>, JoinHandle<()>),
+);
+
+/// In the old master: sends START, then follows the new master until it is READY (`Ok`),
+/// fails, or `deadline` passes (`TimedOut`).
+async fn wait_ready(
+    ctx: &Rc<Ctx>,
+    stream: Rc<Handshake>,
+    deadline: tokio::time::Instant,
+) -> (io::Result<()>, Option<Tasks>) {
+    let totals = Carried::collect(ctx);
+    let start = carry::send_totals(&stream, &totals, carry::TIMEOUT);
+    match tokio::time::timeout_at(deadline, start).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return (Err(e), None),
+        Err(_) => return (Err(io::ErrorKind::TimedOut.into()), None),
+    }
+    let (link, map) = Link::new();
+    let (queue, taken) = tokio::sync::mpsc::channel(ONWARD_QUEUE);
+    let writer = tokio::task::spawn_local(feed_successor(stream.clone(), map, taken));
+    let (ready, is_ready) = tokio::sync::oneshot::channel();
+    let follower = tokio::task::spawn_local(follow_successor(ctx.clone(), stream, link, ready));
+    let result = match tokio::time::timeout_at(deadline, is_ready).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(io::ErrorKind::UnexpectedEof.into()),
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    };
+    (result, Some((queue, (follower, writer))))
+}
+
+/// In the old master: reads what the new master sends for as long as it runs. HELLO
+/// hands it the shared map; ANSWER and CHANGES go into this master's copy; READY (or the
+/// previous release's text line) is told on `ready`, and so is a failure before it.
+async fn follow_successor(
+    ctx: Rc<Ctx>,
+    stream: Rc<Handshake>,
+    link: Link,
+    ready: tokio::sync::oneshot::Sender<io::Result<()>>,
+) {
+    let mut reader = carry::Reader::default();
+    match reader.legacy_line(&stream).await {
+        Ok(Some(line)) if line.starts_with("ready") => {
+            tracing::info!(
+                "the new master is of an earlier release: the shared map is not handed over"
+            );
+            let _ = ready.send(Ok(()));
+            return;
+        }
+        Ok(Some(line)) => {
+            let e = io::Error::new(io::ErrorKind::InvalidData, format!("it said {line:?}"));
+            let _ = ready.send(Err(e));
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    }
+    let (mut ready, mut link) = (Some(ready), Some(link));
+    let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let end = loop {
+        let frame = match reader.next(&stream).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break io::Error::new(io::ErrorKind::UnexpectedEof, "the handshake ended"),
+            Err(e) => break e,
+        };
+        match frame.tag {
+            carry::tag::HELLO => {
+                let Some(link) = link.take() else {
+                    break invalid("a second HELLO".into());
+                };
+                match ctx.state.hand_over(link) {
+                    Ok(entries) => tracing::info!(entries, "upgrade: the shared map is handed over; this master forwards its writes to the new one"),
+                    Err(why) => break invalid(why.into()),
+                }
+            }
+            carry::tag::ANSWER | carry::tag::CHANGES => {
+                if let Err(e) = ctx.state.on_successor_frame(frame.tag, &frame.body) {
+                    break e.into();
+                }
+            }
+            carry::tag::READY => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(Ok(()));
+                }
+            }
+            other => break invalid(format!("a frame of tag {:?}", char::from(other))),
+        }
+    };
+    match ready.take() {
+        Some(ready) => {
+            let _ = ready.send(Err(end));
+        }
+        None => {
+            tracing::warn!(error = %end, "the new master's side of the handshake ended: writes forwarded from now on fail");
+            ctx.state.successor_lost(&end.to_string());
+        }
+    }
 }
 
 /// The child's exit status, if it exits within half a second.
@@ -336,18 +569,4 @@ async fn exit_status(child: &mut std::process::Child) -> Option<std::process::Ex
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     None
-}
-
-/// Reads the new master's one line; empty at end of stream.
-async fn read_word(stream: &mut Handshake) -> io::Result<String> {
-    let mut word = String::new();
-    let mut byte = [0u8; 1];
-    while word.len() < 64 {
-        match stream.read(&mut byte).await? {
-            0 => break,
-            _ if byte[0] == b'\n' => break,
-            _ => word.push(char::from(byte[0])),
-        }
-    }
-    Ok(word)
 }

@@ -185,6 +185,18 @@ impl Store {
                 limit: self.limits.max_total,
             });
         }
+        Ok(self.insert(key, value, ttl, now, total))
+    }
+
+    /// Stores `value` under `key`, `total` being the bytes held after it; no limit checked.
+    fn insert(
+        &mut self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        now: Instant,
+        total: usize,
+    ) -> Change {
         let key: Arc<str> = match self.entries.get_key_value(key) {
             Some((held, _)) => held.clone(),
             None => Arc::from(key),
@@ -197,11 +209,34 @@ impl Store {
         self.entries.insert(key.clone(), stored);
         self.total = total;
         self.seq += 1;
-        Ok(Change {
+        Change {
             seq: self.seq,
             key,
             value: Some((value, expires.map(|at| at - now))),
-        })
+        }
+    }
+
+    /// Applies, as this store's next change, what another store decided: the master that
+    /// holds the map's order of writes while this one hands it over in an upgrade. No limit
+    /// is checked (that store checked its own); removing a key not here changes nothing.
+    pub fn mirror(
+        &mut self,
+        key: &str,
+        value: Option<(Bytes, Option<Duration>)>,
+        now: Instant,
+    ) -> Option<Change> {
+        match value {
+            Some((value, ttl)) => {
+                let old = self
+                    .entries
+                    .get(key)
+                    .map_or(0, |s| key.len() + s.value.len());
+                let total = self.total - old + key.len() + value.len();
+                Some(self.insert(key, value, ttl, now, total))
+            }
+            None if self.entries.contains_key(key) => Some(self.remove(key)),
+            None => None,
+        }
     }
 
     /// Removes `key` (it is there) as a change.

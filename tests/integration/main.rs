@@ -19,6 +19,7 @@ mod python_worker;
 mod state;
 #[cfg(feature = "redis")]
 mod state_redis;
+mod state_upgrade;
 mod systemd;
 mod upgrade;
 mod util;
