@@ -264,8 +264,16 @@ pub(crate) fn inherit(ctx: &Ctx, fd: OwnedFd, body: &[u8]) {
         }
         _ => Err("a frame shorter than its listener".to_owned()),
     };
+    let result = match result {
+        Ok(Some(onward)) => super::upgrade::pass_on(ctx, onward)
+            .map(|()| false)
+            .map_err(str::to_owned),
+        Ok(None) => Ok(true),
+        Err(why) => Err(why),
+    };
     match result {
-        Ok(()) => flush(ctx),
+        Ok(false) => {}
+        Ok(true) => flush(ctx),
         Err(why) => {
             tracing::warn!(reason = %why, "closing a connection the replaced master passed on")
         }

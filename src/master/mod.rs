@@ -319,9 +319,8 @@ async fn master(
     for index in 0..config.workers {
         workers::start_worker(&ctx, index);
     }
-    if let Some(predecessor) = handshake {
-        spawn_local(upgrade::follow_predecessor(ctx.clone(), predecessor));
-    }
+    let following = handshake
+        .map(|predecessor| spawn_local(upgrade::follow_predecessor(ctx.clone(), predecessor)));
     let mut tasks = vec![
         spawn_local(lifecycle::run(ctx.clone(), lifecycle_signals)),
         spawn_local(systemd::run(ctx.clone())),
@@ -370,6 +369,14 @@ async fn master(
         second = stop_signals.recv() => kill_all(&ctx, &format!("second stop signal ({second})")),
     }
     wait_all_exited(&ctx, Duration::from_secs(5)).await;
+    if let Some(following) = following.filter(|_| ctx.handed_over.get()) {
+        // Upgraded again while the master before this one still drains: what it passes
+        // on goes on to the newest master, so stay until it is done (bounded by its drain).
+        let bound = config.drain_timeout + upgrade::FOLLOW_GRACE;
+        if tokio::time::timeout(bound, following).await.is_err() {
+            tracing::warn!("the replaced master before this one is still draining; leaving it");
+        }
+    }
     upgrade::hand_final_totals(&ctx).await;
     tasks.iter().for_each(JoinHandle::abort);
     // Handed over, the sockets are the new master's; systemd's listeners are systemd's.

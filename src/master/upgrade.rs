@@ -267,6 +267,10 @@ pub(crate) enum Onward {
     Final(Carried, tokio::sync::oneshot::Sender<()>),
 }
 
+/// How much longer than its own drain timeout a master that was upgraded waits for the
+/// master it replaced to finish passing connections on.
+pub(crate) const FOLLOW_GRACE: Duration = Duration::from_secs(5);
+
 /// Connections handed back that may wait to go on to the new master, at most.
 const ONWARD_QUEUE: usize = 1024;
 

@@ -106,9 +106,19 @@ impl Table {
         fd: OwnedFd,
         (listener, peer): (u16, Peer),
         prefix: Vec<u8>,
-    ) -> Result<(), HandBackRefused> {
+    ) -> Result<Option<Onward>, HandBackRefused> {
         if self.balancer.is_none() {
             return Err(HandBackRefused::KernelMode);
+        }
+        if self.onward {
+            // Handed over in turn while the master before still drains (upgrades in
+            // quick succession): it goes on to the newest master.
+            self.counters.handed_back += 1;
+            return Ok(Some(Onward {
+                fd,
+                listener,
+                prefix,
+            }));
         }
         if self.stopping {
             return Err(HandBackRefused::Stopping);
@@ -128,7 +138,7 @@ impl Table {
             _held: self.held.token(),
         });
         self.redispatch();
-        Ok(())
+        Ok(None)
     }
 
     /// Counts a connection process `pid` of slot `index` handed back as refused (closed).

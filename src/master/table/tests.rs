@@ -785,8 +785,10 @@ async fn after_a_hand_over_handbacks_go_on_to_the_new_master_even_while_stopping
 async fn a_connection_passed_on_by_the_replaced_master_is_assigned_with_its_bytes() {
     let mut t = draining_with(1);
     let peer = Peer::Unix;
-    t.inherited(connection(), (0, peer), b"GET /".to_vec())
-        .unwrap();
+    assert!(t
+        .inherited(connection(), (0, peer), b"GET /".to_vec())
+        .unwrap()
+        .is_none());
     let new = t.find_mut(0, 2000).unwrap();
     assert_eq!(new.pending(), 1);
     assert!(matches!(new.outgoing(253), Outgoing::HandBack(c) if &*c.prefix == b"GET /"));
@@ -795,6 +797,13 @@ async fn a_connection_passed_on_by_the_replaced_master_is_assigned_with_its_byte
         t.inherited(connection(), (0, peer), Vec::new()).err(),
         Some(HandBackRefused::Stopping)
     );
+    // Handed over in turn: it goes on to the newest master, bytes and all.
+    t.onward = true;
+    let onward = t
+        .inherited(connection(), (0, peer), b"GET /x".to_vec())
+        .unwrap()
+        .expect("passed on");
+    assert_eq!((onward.listener, &onward.prefix[..]), (0, &b"GET /x"[..]));
 }
 
 #[tokio::test]
