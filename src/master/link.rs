@@ -97,7 +97,11 @@ pub(crate) fn flush(ctx: &Ctx) {
     loop {
         let broken = send_all(ctx);
         if broken.is_empty() {
-            ctx.handout.steer(&ctx.table.borrow());
+            let table = ctx.table.borrow();
+            ctx.handout.steer(&table);
+            if table.awaiting_shared_acks() {
+                table.release.notify_one();
+            }
             return;
         }
         for (index, pid, error) in broken {
@@ -299,6 +303,32 @@ pub(crate) fn sync(ctx: &Ctx) {
     let broken = ctx.table.borrow_mut().sync();
     for (index, pid, lost) in broken {
         give_up(ctx, index, pid, lost);
+    }
+}
+
+/// How long after sending the master reads the counters of workers that acknowledge in
+/// memory, if nothing (an accept batch) read them before: shorter than a worker's linger
+/// of a finished fd (`worker::linger`), so the master's copy is closed before the worker's
+/// and the master does not pay the connection's teardown, and short against the ack
+/// stall, so a worker is not taken for stalled by acknowledgements nobody read.
+const RELEASE_AFTER: Duration = Duration::from_millis(5);
+
+/// Releases the copies of connections that workers acknowledged in memory: woken by a
+/// flush that left some, it reads the counters [`RELEASE_AFTER`] later, and again while
+/// some remain. At a high rate the accept batches read them first; at a low one this
+/// closes each copy within a few ms instead of at the next connection or health tick.
+pub(crate) async fn release(ctx: Rc<Ctx>) {
+    let release = ctx.table.borrow().release.clone();
+    loop {
+        release.notified().await;
+        loop {
+            tokio::time::sleep(RELEASE_AFTER).await;
+            sync(&ctx);
+            flush(&ctx);
+            if !ctx.table.borrow().awaiting_shared_acks() {
+                break;
+            }
+        }
     }
 }
 

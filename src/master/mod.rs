@@ -326,6 +326,7 @@ async fn master(
         spawn_local(systemd::run(ctx.clone())),
         spawn_local(state::expire(ctx.clone())),
         spawn_local(state::local(ctx.clone())),
+        spawn_local(link::release(ctx.clone())),
     ];
     if config.strategy.is_steered() {
         tasks.push(spawn_local(steer(ctx.clone())));

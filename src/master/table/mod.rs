@@ -220,6 +220,9 @@ pub(crate) struct Table {
     pub all_exited: Rc<Notify>,
     /// Wakes the lifecycle task: a replacement is wanted or one became ready.
     pub wake: Rc<Notify>,
+    /// Wakes the task that releases copies acknowledged in memory
+    /// ([`Table::awaiting_shared_acks`]).
+    pub release: Rc<Notify>,
     /// A rolling restart's queue: (slot, pid) still to replace.
     pub restart: VecDeque<(usize, u32)>,
     pub restart_batch: usize,
@@ -259,6 +262,7 @@ impl Table {
             capacity: Rc::new(Notify::new()),
             all_exited: Rc::new(Notify::new()),
             wake: Rc::new(Notify::new()),
+            release: Rc::new(Notify::new()),
             restart: VecDeque::new(),
             restart_batch: 1,
             restarting: false,
@@ -446,6 +450,16 @@ impl Table {
             return Ok(());
         };
         self.on_frame(index, pid, Frame::Status(status)).map(drop)
+    }
+
+    /// Whether some process acknowledges in memory connections the master still holds a
+    /// copy of: no frame comes for those, so the master reads the counters a little later
+    /// (`link::release`) rather than at its next accept, which may be far off.
+    pub fn awaiting_shared_acks(&self) -> bool {
+        self.slots
+            .iter()
+            .flat_map(Slot::processes)
+            .any(Process::awaits_shared_ack)
     }
 
     /// Asks every process that shares its totals in memory and owes acknowledgements for a

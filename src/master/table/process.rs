@@ -296,6 +296,12 @@ impl Process {
         self.counters = Some(counters);
     }
 
+    /// Whether the master keeps copies of connections it sent that the worker acknowledges
+    /// in memory: nothing wakes the master for those, so it reads the counters after a while.
+    pub fn awaits_shared_ack(&self) -> bool {
+        self.counters.is_some() && !self.unacked.is_empty()
+    }
+
     /// Whether it shares its totals in memory.
     pub fn shares_counters(&self) -> bool {
         self.counters.is_some()

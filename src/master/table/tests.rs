@@ -601,6 +601,42 @@ fn totals_shared_in_memory_release_copies_and_loads_without_a_frame() {
 }
 
 #[test]
+fn copies_acknowledged_in_memory_are_awaited_until_the_counters_are_read() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut t = table(2, 100);
+    let worker = share_counters(&mut t, 1000);
+    assert!(!t.awaiting_shared_acks(), "nothing sent");
+    for _ in 0..4 {
+        t.accepted(connection(), 0, Peer::Unix);
+    }
+    assert!(!t.awaiting_shared_acks(), "nothing sent yet");
+    deliver(&mut t);
+    assert!(
+        t.awaiting_shared_acks(),
+        "slot 0's copies wait for its counters"
+    );
+    // Received in the channel's order: 1 of slot 0's 2 so far.
+    worker.region().received.fetch_add(1, SeqCst);
+    assert!(t.sync().is_empty());
+    assert!(t.awaiting_shared_acks(), "one copy left");
+    worker.region().received.fetch_add(1, SeqCst);
+    assert!(t.sync().is_empty());
+    assert!(
+        !t.awaiting_shared_acks(),
+        "slot 1 acknowledges by frames: its copies wake the master themselves"
+    );
+    assert_eq!(t.held(), 2, "slot 1's copies are still held");
+    // A worker that dies before receiving loses nothing: its copies go to another worker.
+    t.accepted(connection(), 0, Peer::Unix);
+    t.accepted(connection(), 0, Peer::Unix);
+    deliver(&mut t);
+    assert!(t.awaiting_shared_acks());
+    t.lose(0, 1000, &Lost::Exited);
+    assert!(!t.awaiting_shared_acks());
+    assert_eq!(t.counters.redispatched, 1, "the one it never took");
+}
+
+#[test]
 fn a_refusal_in_memory_waits_for_its_refused_frame() {
     use std::sync::atomic::Ordering::SeqCst;
     let mut t = table(1, 100);
