@@ -2,7 +2,8 @@
 //! `x-worker-pid` header, keep-alive aware, written against the public API with hyper 1.x as
 //! a user would. Draining, it hands each keep-alive connection back to the master at its next
 //! request boundary ([`crate::http1::serve`]), so no client finds its connection closed
-//! under its next request. Its per-request CPU cost makes it a benchmark workload; its memory leak
+//! under its next request. Its per-request CPU cost (and, for the proxy benchmark's backends, a
+//! blocking wait) makes it a benchmark workload; its memory leak
 //! knob (tests only) exercises `--max-rss`.
 
 use std::convert::Infallible;
@@ -26,6 +27,11 @@ pub struct Cost {
     pub work: Duration,
     /// `(percent, work)`: this percentage of requests burns `work` instead.
     pub heavy: Option<(f64, Duration)>,
+    /// Every request also blocks its thread this long without using CPU: a synchronous call
+    /// (a database, another service) in a worker that serves nothing else meanwhile, so
+    /// requests queue behind it. A benchmark knob for backends slower than the CPU they
+    /// get on a small shared machine; 0 in any real use.
+    pub wait: Duration,
     /// A test knob: bytes each request leaks on purpose (touched, so they count in the
     /// resident set), to exercise memory-based recycling. 0 in any real use.
     pub leak_per_request: usize,
@@ -99,6 +105,10 @@ async fn connection(conn: Connection, cost: Cost, pid: Bytes, figures: Figures, 
     let service = service_fn(move |_request: Request<hyper::body::Incoming>| {
         let start = std::time::Instant::now();
         burn(cost.pick(&mut fastrand::Rng::new()));
+        if !cost.wait.is_zero() {
+            // Blocking on purpose: the stand-in for a synchronous call (see `Cost::wait`).
+            std::thread::sleep(cost.wait);
+        }
         leak(cost.leak_per_request);
         figures.requests.increment(1);
         figures.duration.record(start.elapsed().as_secs_f64());
@@ -136,6 +146,7 @@ mod tests {
         let cost = Cost {
             work: Duration::ZERO,
             heavy: Some((10.0, Duration::from_micros(7))),
+            wait: Duration::ZERO,
             leak_per_request: 0,
         };
         let mut rng = fastrand::Rng::with_seed(3);

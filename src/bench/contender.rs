@@ -148,6 +148,9 @@ pub struct Cost {
     pub work_us: u64,
     /// `(percent, microseconds)`: this share of requests costs this much instead.
     pub heavy: Option<(f64, u64)>,
+    /// Microseconds each request blocks its worker thread without CPU (`handoff run`'s demo
+    /// only: the proxy benchmark's backends).
+    pub wait_us: u64,
 }
 
 impl Cost {
@@ -156,6 +159,9 @@ impl Cost {
         cmd.arg("--work-us").arg(self.work_us.to_string());
         if let Some((pct, us)) = self.heavy {
             cmd.arg("--heavy").arg(format!("{pct}:{us}"));
+        }
+        if self.wait_us > 0 {
+            cmd.arg("--wait-us").arg(self.wait_us.to_string());
         }
     }
 }

@@ -110,6 +110,7 @@ impl Workload {
         Cost {
             work_us: config.work_us,
             heavy: (self == Workload::HeavyTail).then_some(config.heavy),
+            wait_us: 0,
         }
     }
 

@@ -75,9 +75,15 @@ pub struct BenchArgs {
     /// With --proxy: backends behind every frontend [default: 8].
     #[arg(long, value_name = "N", requires = "proxy")]
     backends: Option<usize>,
-    /// With --proxy: how many times slower per request the first backend is [default: 10].
+    /// With --proxy: how many times slower per request the first backend is, its CPU and its
+    /// wait [default: 10].
     #[arg(long, value_name = "FACTOR", requires = "proxy")]
     slow: Option<u64>,
+    /// With --proxy: microseconds each request blocks its backend without CPU, besides
+    /// --work-us of CPU; each backend serves one request at a time, so the slow one queues
+    /// under round-robin at a medium load [default: 1000].
+    #[arg(long, value_name = "N", requires = "proxy")]
+    wait_us: Option<u64>,
     /// How open-loop requests on new connections arrive: at an even pace, or independently
     /// (Poisson, from a fixed seed) [default: even; with --proxy: poisson].
     #[arg(long, value_enum, value_name = "HOW")]
@@ -122,6 +128,7 @@ fn proxy_config(args: &BenchArgs, bench: BenchConfig) -> anyhow::Result<ProxyBen
     Ok(ProxyBenchConfig {
         bench,
         backends,
+        wait_us: args.wait_us.unwrap_or(proxy_bench::DEFAULT_WAIT_US),
         slow,
     })
 }

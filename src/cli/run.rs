@@ -80,6 +80,10 @@ pub struct RunArgs {
     /// Demo worker: CPU microseconds burned per request.
     #[arg(long, value_name = "N", default_value_t = 0)]
     work_us: u64,
+    /// Demo worker: microseconds each request blocks its worker thread without CPU (a
+    /// synchronous call; requests queue behind it). For benchmarks.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    wait_us: u64,
     /// Demo worker: PCT percent of requests burn US microseconds instead (e.g. 2:2500).
     #[arg(long, value_name = "PCT:US", value_parser = demo::parse_heavy)]
     heavy: Option<(f64, Duration)>,
@@ -101,6 +105,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cost = Cost {
         work: Duration::from_micros(args.work_us),
         heavy: args.heavy,
+        wait: Duration::from_micros(args.wait_us),
         leak_per_request: args.leak_kb_per_request * 1024,
     };
     let command = args.command.clone();

@@ -363,11 +363,14 @@ fn the_proxy_bench_runs_every_frontend_error_free_and_least_conn_spares_the_slow
             "--quick",
             "--backends",
             "4",
-            // 20 ms per request on the first backend, 50 µs on the others: often still busy
-            // when its turn comes again (Poisson arrivals, 150/s over 4 backends), yet not
-            // overloaded by round-robin (0.75 of its time).
+            // 20.5 ms per request on the first backend (500 µs CPU, the rest a wait),
+            // 2.05 ms on the others: often still busy when its turn comes again (Poisson
+            // arrivals, 150/s over 4 backends), yet not overloaded by round-robin (0.77 of
+            // its time).
+            "--wait-us",
+            "2000",
             "--slow",
-            "400",
+            "10",
             "--contenders",
             "handoff-proxy,handoff-proxy-rr,haproxy-leastconn,nginx-least-conn",
             // A fixed rate: a fraction of a capacity measured on a busy machine may be so low
@@ -392,10 +395,14 @@ fn the_proxy_bench_runs_every_frontend_error_free_and_least_conn_spares_the_slow
     let report = read_json(&json);
     let backends = report["backends"].as_array().unwrap();
     assert_eq!(backends.len(), 4, "{context}");
-    assert_eq!(
-        backends[0]["work_us"],
-        400 * backends[1]["work_us"].as_u64().unwrap()
-    );
+    for cost in ["work_us", "wait_us"] {
+        assert_eq!(
+            backends[0][cost],
+            10 * backends[1][cost].as_u64().unwrap(),
+            "{cost}"
+        );
+    }
+    assert_eq!(backends[1]["wait_us"], 2000);
     let rows = report["rows"].as_array().unwrap();
     let names: Vec<&str> = rows
         .iter()
@@ -444,7 +451,7 @@ fn the_proxy_bench_runs_every_frontend_error_free_and_least_conn_spares_the_slow
         let within = spread["within_one"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&within), "{name}: {spread}");
     }
-    // Least connections: the backend 400× slower holds its connections longer, so it is
+    // Least connections: the backend 10× slower holds its connections longer, so it is
     // picked less often than the others.
     let shares: Vec<f64> = rows[0]["backends"]
         .as_array()

@@ -226,12 +226,15 @@ fn wait_for_listener(
     }
 }
 
-/// The backends: `count` single-worker `handoff run` demo servers (the worker accepts for
-/// itself, so no master hop), the first `slow` times slower per request than the others.
+/// The backends: `count` single-worker, single-thread `handoff run` demo servers (the worker
+/// accepts for itself, so no master hop; one request at a time, the next queued behind it),
+/// each request costing `work_us` of CPU and `wait_us` of blocking wait, the first backend's
+/// `slow` times both.
 pub fn start_backends(
     program: &Path,
     count: usize,
     work_us: u64,
+    wait_us: u64,
     slow: u64,
 ) -> Result<Vec<Running>, ContenderError> {
     let launcher = contender::Launcher {
@@ -240,9 +243,11 @@ pub fn start_backends(
     };
     (0..count)
         .map(|i| {
+            let factor = if i == 0 { slow } else { 1 };
             let cost = contender::Cost {
-                work_us: if i == 0 { work_us * slow } else { work_us },
+                work_us: work_us * factor,
                 heavy: None,
+                wait_us: wait_us * factor,
             };
             launcher.start("kernel-shared", cost)
         })

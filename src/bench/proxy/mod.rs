@@ -31,6 +31,15 @@ use crate::procfs;
 use frontend::Frontend;
 use inflight::{Interval, Spread};
 
+/// Microseconds each request blocks a (fast) backend without CPU, unless told otherwise.
+/// With the CPU kept small, it is what makes a backend's time matter on a small shared
+/// machine: 8 backends at 50 µs of CPU each are idle 95% of the time at half the frontends'
+/// capacity (bounded there by the cost of a new connection through a proxy), so the slow
+/// one is seldom busy when a connection arrives and every strategy sends it about 1/8 of
+/// them. With 1 ms (10 ms on the slow one), round-robin's capacity is bounded by the slow
+/// backend, and at half of it the slow one is busy half the time under round-robin.
+pub const DEFAULT_WAIT_US: u64 = 1_000;
+
 /// How often the connections in flight are sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(1);
 
@@ -43,7 +52,10 @@ pub struct ProxyBenchConfig {
     pub bench: BenchConfig,
     /// Backends behind every frontend.
     pub backends: usize,
-    /// How many times slower per request the first backend is.
+    /// Microseconds each request blocks its backend without CPU (besides
+    /// `bench.work_us` of CPU): what makes a backend slow without taking the shared cores.
+    pub wait_us: u64,
+    /// How many times slower per request the first backend is (its CPU and its wait).
     pub slow: u64,
 }
 
@@ -56,6 +68,8 @@ pub struct Backend {
     pub pid: u32,
     /// CPU microseconds per request.
     pub work_us: u64,
+    /// Microseconds each request blocks the backend without CPU.
+    pub wait_us: u64,
 }
 
 /// One backend's part of a row.
@@ -160,8 +174,13 @@ pub fn run(
         step += 1;
         progress(&Progress { step, steps, what });
     };
-    let running =
-        frontend::start_backends(&bench.program, config.backends, bench.work_us, config.slow)?;
+    let running = frontend::start_backends(
+        &bench.program,
+        config.backends,
+        bench.work_us,
+        config.wait_us,
+        config.slow,
+    )?;
     let backends: Vec<Backend> = running
         .iter()
         .enumerate()
@@ -169,6 +188,7 @@ pub fn run(
             addr: b.addr,
             pid: b.workers.first().copied().unwrap_or(b.master),
             work_us: bench.work_us * if i == 0 { config.slow } else { 1 },
+            wait_us: config.wait_us * if i == 0 { config.slow } else { 1 },
         })
         .collect();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -482,7 +502,7 @@ fn verdict(rows: &[ProxyRow], backends: &[Backend]) -> Vec<String> {
         let mean_other = others.iter().map(|b| b.share).sum::<f64>() / others.len().max(1) as f64;
         lines.push(format!(
             "handoff-proxy: the slow backend ({} µs per request) took {:.1}% of the requests, the others {:.1}% each on average",
-            work.work_us,
+            work.work_us + work.wait_us,
             slow.share * 100.0,
             mean_other * 100.0
         ));

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::{ProxyReport, ProxyRow};
+use super::{Backend, ProxyReport, ProxyRow};
 use crate::bench::format::{latency, pad, seconds, wrap};
 use crate::bench::load::Arrivals;
 use crate::bench::report::TABLE_WIDTH;
@@ -60,6 +60,15 @@ fn cells(row: &ProxyRow) -> Vec<String> {
     ]
 }
 
+/// What a request costs a backend, e.g. `50 µs CPU + 1.0 ms wait`.
+fn cost(backend: &Backend) -> String {
+    let work = format!("{} µs CPU", backend.work_us);
+    if backend.wait_us == 0 {
+        return work;
+    }
+    format!("{work} + {} wait", latency(backend.wait_us))
+}
+
 /// The report as text: a header, one line per frontend with its shares per backend, the
 /// warnings, the verdict and the notes.
 pub fn table(report: &ProxyReport) -> String {
@@ -68,10 +77,10 @@ pub fn table(report: &ProxyReport) -> String {
     let fast = report.backends.get(1);
     let _ = writeln!(
         out,
-        "handoff bench --proxy: {} backends (b0: {} µs per request, the others {} µs), {} workers per frontend, a new connection per request",
+        "handoff bench --proxy: {} backends, one request at a time each (b0: {}, the others {}), {} workers per frontend, a new connection per request",
         report.backends.len(),
-        slow.map_or(0, |b| b.work_us),
-        fast.map_or(0, |b| b.work_us),
+        slow.map_or_else(String::new, cost),
+        fast.map_or_else(String::new, cost),
         report.workers,
     );
     let _ = writeln!(
