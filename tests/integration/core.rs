@@ -352,13 +352,19 @@ fn a_worker_command_that_exits_at_once_backs_off_and_the_master_stays_up() {
         "{}",
         master.log()
     );
-    let log = master.log();
-    for delay in [
+    // The status counts a failure before its log line is read back: wait for the lines.
+    let delays = [
         "next_start_ms=100",
         "next_start_ms=200",
         "next_start_ms=400",
         "next_start_ms=800",
-    ] {
+    ];
+    wait_until(PATIENCE, || {
+        let log = master.log();
+        delays.iter().all(|delay| log.contains(delay))
+    });
+    let log = master.log();
+    for delay in delays {
         assert!(log.contains(delay), "backoff {delay} missing:\n{log}");
     }
     assert!(log.contains("code=3"), "exit codes are logged");
