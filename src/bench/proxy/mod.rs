@@ -40,6 +40,10 @@ use inflight::{Interval, Spread};
 /// backend, and at half of it the slow one is busy half the time under round-robin.
 pub const DEFAULT_WAIT_US: u64 = 1_000;
 
+/// The generator's p99 lag behind its schedule (µs) above which a row is flagged: its
+/// latencies and in-flight spans then hold the generator's own delay.
+const LATE_GENERATOR_US: u64 = 2_000;
+
 /// How often the connections in flight are sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(1);
 
@@ -438,9 +442,9 @@ fn row(name: &str, m: &Measured, backends: &[Backend], offered: Option<f64>) -> 
         ));
     }
     let generator_lag = (!lag.is_empty()).then(|| lag.value_at_quantile(0.99));
-    if let Some(p99) = generator_lag.filter(|p99| *p99 > 2_000) {
+    if let Some(p99) = generator_lag.filter(|p99| *p99 > LATE_GENERATOR_US) {
         warnings.push(format!(
-            "the load generator sent late (p99 {p99} µs behind its schedule); latencies include it"
+            "the load generator sent late (p99 {p99} µs behind its schedule); latencies include it, and so do the in-flight spans (an answer read late stays in flight)"
         ));
     }
     let strangers = m
@@ -507,6 +511,21 @@ fn verdict(rows: &[ProxyRow], backends: &[Backend]) -> Vec<String> {
             mean_other * 100.0
         ));
     }
+    let late: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let lag = r
+                .generator_lag_p99_us
+                .filter(|&p99| p99 > LATE_GENERATOR_US)?;
+            Some(format!("{} {}", r.contender, super::format::latency(lag)))
+        })
+        .collect();
+    if !late.is_empty() {
+        lines.push(format!(
+            "the load generator sent late (p99 behind its schedule: {}): those rows' p99 and in-flight spread measure the machine as much as the frontend; rerun on a quieter machine before reading them",
+            late.join(", ")
+        ));
+    }
     for other in ["handoff-proxy-rr", "haproxy-leastconn"] {
         if let Some(o) = ran(other) {
             let (a, b) = (least.latency_us.p99, o.latency_us.p99);
@@ -523,4 +542,49 @@ fn verdict(rows: &[ProxyRow], backends: &[Backend]) -> Vec<String> {
         }
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ran(name: &str, p99: u64, lag: Option<u64>) -> ProxyRow {
+        let mut row = unavailable(name, String::new());
+        row.unavailable = None;
+        row.requests = 100;
+        row.latency_us.p99 = p99;
+        row.generator_lag_p99_us = lag;
+        row
+    }
+
+    #[test]
+    fn the_verdict_compares_p99_and_flags_rows_the_generator_sent_late() {
+        let quiet = [
+            ran("handoff-proxy", 11_000, Some(300)),
+            ran("handoff-proxy-rr", 14_000, Some(400)),
+        ];
+        let lines = verdict(&quiet, &[]);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("handoff-proxy-rr") && l.contains("lower")),
+            "{lines:?}"
+        );
+        assert!(!lines.iter().any(|l| l.contains("sent late")), "{lines:?}");
+        let busy = [
+            ran("handoff-proxy", 11_000, Some(300)),
+            ran("haproxy-leastconn", 9_000, Some(50_000)),
+        ];
+        let lines = verdict(&busy, &[]);
+        let late: Vec<&String> = lines.iter().filter(|l| l.contains("sent late")).collect();
+        assert_eq!(late.len(), 1, "{lines:?}");
+        assert!(late[0].contains("haproxy-leastconn 50"), "{lines:?}");
+        assert!(!late[0].contains("handoff-proxy "), "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("haproxy-leastconn") && l.contains("higher")),
+            "{lines:?}"
+        );
+    }
 }
