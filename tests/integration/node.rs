@@ -133,7 +133,9 @@ fn a_worker_breaking_node_s_protocol_is_replaced_and_the_app_s_own_messages_are_
                 .is_some_and(|n| n >= 1)
         });
         assert!(replaced, "{how}: {}\n{}", master.status(), master.log());
-        assert!(master.log().contains(reason), "{how}: {}", master.log());
+        // The status counts the error before its log line is read back: wait for it.
+        let logged = wait_until(PATIENCE, || master.log().contains(reason));
+        assert!(logged, "{how}: {}", master.log());
     }
     let master = Master::start(&[
         "--workers",
