@@ -76,10 +76,16 @@ impl Pacer {
         }
     }
 
+    /// A batch of `accepted` connections ended with the queue not yet drained
+    /// (it hit its limit): they count toward the rate.
+    pub fn count(&mut self, accepted: usize) {
+        self.accepted += accepted as u64;
+    }
+
     /// A batch of `accepted` connections ended at `now` with the kernel queue empty: how
     /// long to gather before the next batch, or `None` to wait for the listener.
     pub fn after_batch(&mut self, accepted: usize, now: Instant) -> Option<Duration> {
-        self.accepted += accepted as u64;
+        self.count(accepted);
         let elapsed = now.saturating_duration_since(self.window);
         if elapsed >= RATE_WINDOW {
             let per_second = self.accepted as u128 * 1_000_000 / elapsed.as_micros().max(1);
@@ -130,6 +136,7 @@ pub(crate) async fn run(ctx: Rc<Ctx>, listener: Rc<AsyncFd<OwnedFd>>, index: u16
                 None => guard.clear_ready(),
             },
             Outcome::Yield => {
+                pacer.count(accepted);
                 drop(guard);
                 tokio::task::yield_now().await;
             }
@@ -247,8 +254,12 @@ mod tests {
         // A look that finds nothing waits for the listener, still in a fast window.
         assert_eq!(pacer.after_batch(0, at(32)), None);
         assert_eq!(pacer.after_batch(2, at(33)), Some(GATHER));
+        // Batches cut at their limit count toward the rate too.
+        pacer.count(300);
+        assert_eq!(pacer.after_batch(0, at(40)), None);
+        assert_eq!(pacer.after_batch(1, at(41)), Some(GATHER));
         // The rate falls: the next window ends the pacing.
-        assert_eq!(pacer.after_batch(1, at(45)), None);
-        assert_eq!(pacer.after_batch(1, at(46)), None);
+        assert_eq!(pacer.after_batch(1, at(55)), None);
+        assert_eq!(pacer.after_batch(1, at(56)), None);
     }
 }
