@@ -27,8 +27,10 @@
 //! before it went, then holds the order again: the writes it forwarded and got no answer
 //! for are applied by it, in the order they were sent. An answered write's change is in
 //! its copy already, an unanswered one's is not (the answer and the change travel in one
-//! frame), so no write is lost and none is applied twice. After READY, a new master that
-//! goes leaves the old one's waiting writes failed (`Unavailable`), not applied.
+//! frame), so no write is lost and none is applied twice. A write that comes while the
+//! link is already broken but the failure not yet handled is held back with them (not
+//! failed) and applied then too. After READY, a new master that goes leaves the old one's
+//! waiting writes failed (`Unavailable`), not applied.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -113,20 +115,32 @@ pub(crate) enum Role {
 /// The old master's side of a hand-over.
 #[derive(Debug)]
 pub(crate) struct Forward {
-    /// `None` once the new master is gone.
+    /// `None` once the link to the new master is gone.
     link: Option<Link>,
+    /// The new master said READY: it serves the map for good, and a write that cannot
+    /// reach it fails. Before, such a write waits here for the upgrade's outcome.
+    ready: bool,
     next: u64,
-    /// Forwarded, not answered yet, by number (the order they were sent).
-    waiting: BTreeMap<u64, (Write, Waiter)>,
+    /// Forwarded (or, the link gone before READY, held back), not answered yet, by number
+    /// (the order they came in).
+    waiting: BTreeMap<u64, Waiting>,
+}
+
+/// A write waiting in the old master for the new master's answer.
+#[derive(Debug)]
+struct Waiting {
+    write: Write,
+    waiter: Waiter,
+    /// Whether it went onto the link (else it was held back: the link was gone before READY).
+    sent: bool,
 }
 
 impl Forward {
-    /// Forwards `write`; gives the waiter back with the reason when it cannot.
+    /// Forwards `write`; gives the waiter back with the reason when it cannot. Until READY
+    /// a write that cannot go (the link is gone: the upgrade is failing) is held back, to
+    /// be applied here once the upgrade has failed (see [`Authority::take_back`]).
     fn forward(&mut self, write: Write, waiter: Waiter) -> Result<(), (Waiter, StateError)> {
         let gone = |why: &str| StateError::Unavailable(why.into());
-        let Some(link) = &self.link else {
-            return Err((waiter, gone("the master that took the map over is gone")));
-        };
         if self.waiting.len() >= MAX_FORWARDED {
             return Err((
                 waiter,
@@ -137,13 +151,42 @@ impl Forward {
             Ok(body) => body,
             Err(e) => return Err((waiter, e)),
         };
-        if !link.send(tag::WRITE, &body) {
+        let sent = self
+            .link
+            .as_ref()
+            .is_some_and(|link| link.send(tag::WRITE, &body));
+        if !sent {
             self.link = None;
-            return Err((waiter, gone("the link to the new master is gone")));
+            if self.ready {
+                return Err((waiter, gone("the master that took the map over is gone")));
+            }
         }
-        self.waiting.insert(self.next, (write, waiter));
+        let waiting = Waiting {
+            write,
+            waiter,
+            sent,
+        };
+        self.waiting.insert(self.next, waiting);
         self.next += 1;
         Ok(())
+    }
+
+    /// The new master said READY: the writes held back (never sent, the link gone) are
+    /// given back to fail, and later ones that cannot go fail at once; those sent wait for
+    /// their answers.
+    fn ready(&mut self) -> Vec<Waiter> {
+        self.ready = true;
+        let unsent: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| !w.sent)
+            .map(|(id, _)| *id)
+            .collect();
+        unsent
+            .into_iter()
+            .filter_map(|id| self.waiting.remove(&id))
+            .map(|w| w.waiter)
+            .collect()
     }
 }
 
@@ -297,6 +340,7 @@ impl Authority {
         }
         *role = Role::Forwarding(Forward {
             link: Some(link),
+            ready: false,
             next: 1,
             waiting: BTreeMap::new(),
         });
@@ -314,11 +358,16 @@ impl Authority {
             }
             tag::ANSWER => {
                 let (answer, entry) = decode_answer(body)?;
+                // Only a write that went over can be answered (one held back stays, to
+                // be applied here if the upgrade fails).
                 let waiting = match &mut *self.role.borrow_mut() {
-                    Role::Forwarding(forward) => forward.waiting.remove(&answer.id),
+                    Role::Forwarding(forward) => match forward.waiting.get(&answer.id) {
+                        Some(waiting) if waiting.sent => forward.waiting.remove(&answer.id),
+                        _ => None,
+                    },
                     Role::Authority => None,
                 };
-                let (_, waiter) = waiting.ok_or(HandoverError::Unknown(answer.id))?;
+                let waiter = waiting.ok_or(HandoverError::Unknown(answer.id))?.waiter;
                 let with_answer = matches!(waiter, Waiter::Predecessor { .. });
                 let change = entry.and_then(|entry| self.mirror(entry, !with_answer));
                 self.answer(waiter, answer.result, change.as_ref());
@@ -347,7 +396,7 @@ impl Authority {
             return;
         };
         let applied = forward.waiting.len();
-        for (_, (write, waiter)) in forward.waiting {
+        for (_, Waiting { write, waiter, .. }) in forward.waiting {
             let (result, change) = self.apply_here(write);
             self.settle(waiter, result, change);
         }
@@ -357,17 +406,32 @@ impl Authority {
         );
     }
 
+    /// In the old master, as the new master says READY: it serves the map from now on, so
+    /// the writes held back because the link to it broke before (none, unless its
+    /// handshake is failing) fail rather than wait for an answer that cannot come.
+    pub fn successor_ready(&self) {
+        let unsent = match &mut *self.role.borrow_mut() {
+            Role::Forwarding(forward) => forward.ready(),
+            Role::Authority => return,
+        };
+        for waiter in unsent {
+            let e = StateError::Unavailable("the link to the new master broke".into());
+            self.answer(waiter, Err(e), None);
+        }
+    }
+
     /// In the old master, once the new master (ready) is gone: the writes waiting for it
     /// fail, and so do later ones.
     pub fn successor_lost(&self, why: &str) {
         let waiting = match &mut *self.role.borrow_mut() {
             Role::Forwarding(forward) => {
                 forward.link = None;
+                forward.ready = true;
                 std::mem::take(&mut forward.waiting)
             }
             Role::Authority => return,
         };
-        for (_, (_, waiter)) in waiting {
+        for (_, Waiting { waiter, .. }) in waiting {
             let e = StateError::Unavailable(format!("the new master is gone ({why})"));
             self.answer(waiter, Err(e), None);
         }
@@ -759,5 +823,36 @@ mod tests {
             local(&old).await.unwrap(),
             Err(StateError::Unavailable(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_write_that_cannot_reach_the_new_master_before_ready_waits_then_is_applied_once() {
+        let old = Authority::new(crate::state::StateLimits::default());
+        let (to_new, at_new) = Link::new();
+        old.hand_over(to_new).unwrap();
+        // The link's writer is gone (the handshake broke): the write is held back, not
+        // failed, and applied here once the upgrade has failed.
+        drop(at_new);
+        let mut held = local(&old);
+        assert!(held.try_recv().is_err(), "held back, not failed");
+        old.take_back();
+        assert_eq!(held.await.unwrap(), Ok(Outcome::Counter(1)));
+        assert_eq!(old.map().get("n"), Some(Bytes::from_static(b"1")));
+        // READY with the link broken: the new master serves the map, so a write held back
+        // fails (it went nowhere), and so does a later one; nothing changes here.
+        let (to_next, at_next) = Link::new();
+        old.hand_over(to_next).unwrap();
+        drop(at_next);
+        let held = local(&old);
+        old.successor_ready();
+        assert!(matches!(
+            held.await.unwrap(),
+            Err(StateError::Unavailable(_))
+        ));
+        assert!(matches!(
+            local(&old).await.unwrap(),
+            Err(StateError::Unavailable(_))
+        ));
+        assert_eq!(old.map().get("n"), Some(Bytes::from_static(b"1")));
     }
 }

@@ -546,6 +546,7 @@ async fn follow_successor(
                 }
             }
             carry::tag::READY => {
+                ctx.state.successor_ready();
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(Ok(()));
                 }
