@@ -246,7 +246,11 @@ fn a_second_master_took_over_a_live_unix_listen_path() {
     let mut second = Spawned::run(&["--listen", &listen, "--workers", "1"]);
     let exit = second.wait_exit(PATIENCE).expect("the second master exits");
     assert!(!exit.success(), "{exit:?}");
-    assert!(second.log().contains("in use"), "{}", second.log());
+    assert!(
+        wait_until(PATIENCE, || second.log().contains("in use")),
+        "{}",
+        second.log()
+    );
     assert_eq!(
         unix_get(&path).unwrap(),
         200,
@@ -269,7 +273,11 @@ fn a_second_master_took_over_a_live_control_path() {
     ]);
     let exit = second.wait_exit(PATIENCE).expect("the second master exits");
     assert!(!exit.success(), "{exit:?}");
-    assert!(second.log().contains("in use"), "{}", second.log());
+    assert!(
+        wait_until(PATIENCE, || second.log().contains("in use")),
+        "{}",
+        second.log()
+    );
     assert_eq!(
         master.status()["pid"],
         master.pid(),
@@ -487,7 +495,9 @@ fn ctl_stop_returns_once_the_master_is_gone() {
     assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
     assert!(!master.control.exists(), "the control socket is removed");
     assert!(
-        master.log().contains("handoff ctl stop: stopping"),
+        wait_until(PATIENCE, || master
+            .log()
+            .contains("handoff ctl stop: stopping")),
         "{}",
         master.log()
     );

@@ -123,7 +123,9 @@ fn a_killed_worker_s_pending_connections_are_served_by_others_and_it_is_respawne
         "{status}"
     );
     assert!(
-        master.log().contains("worker killed by signal"),
+        wait_until(PATIENCE, || master
+            .log()
+            .contains("worker killed by signal")),
         "the exit is logged"
     );
 }
@@ -314,7 +316,9 @@ fn sigterm_under_load_finishes_in_flight_requests_and_exits_cleanly_with_no_orph
     for pid in workers {
         assert!(!process_exists(pid), "worker {pid} outlived the master");
     }
-    assert!(master.log().contains("master stopped"));
+    assert!(wait_until(PATIENCE, || master
+        .log()
+        .contains("master stopped")));
 }
 
 #[test]

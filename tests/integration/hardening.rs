@@ -154,7 +154,9 @@ fn a_worker_that_heartbeats_but_never_acknowledges_is_replaced_and_every_client_
         wait_until(PATIENCE, || !crate::util::process_exists(stuck)),
         "the stuck worker was not killed"
     );
-    assert!(master.log().contains("acknowledged no connection for"));
+    assert!(wait_until(PATIENCE, || master
+        .log()
+        .contains("acknowledged no connection for")));
 }
 
 /// Regression: a worker whose runtime was busy with CPU-heavy requests acknowledged late and
@@ -252,7 +254,9 @@ fn signals_sent_by_habit_leave_the_master_and_its_workers_serving() {
     assert_ne!(state, "T", "the worker was stopped");
     assert_eq!(master.wait_all_ready(), pids, "every worker still runs");
     assert_eq!(master.get().status, 200);
-    assert!(master.log().contains("no log file to reopen"));
+    assert!(wait_until(PATIENCE, || master
+        .log()
+        .contains("no log file to reopen")));
     // SIGQUIT is nginx's graceful stop: the master drains and exits 0.
     master.signal("QUIT");
     let exit = master.wait_exit(PATIENCE);

@@ -365,7 +365,9 @@ fn chaos_sigkill_random_workers_under_load_fails_only_connections_they_owned() {
         "every slot refilled: {}",
         master.status()
     );
-    assert!(master.log().contains("worker killed by signal"));
+    assert!(wait_until(PATIENCE, || master
+        .log()
+        .contains("worker killed by signal")));
 }
 
 #[test]

@@ -252,6 +252,10 @@ fn the_fd_store_keeps_the_listener_across_a_sigkilled_master_and_queued_clients_
         "{answer}\n{}",
         second.log()
     );
-    assert!(second.log().contains("LISTEN_FDS"), "{}", second.log());
+    assert!(
+        wait_until(PATIENCE, || second.log().contains("LISTEN_FDS")),
+        "{}",
+        second.log()
+    );
     drop(listener);
 }

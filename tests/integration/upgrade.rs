@@ -65,7 +65,9 @@ fn three_upgrades_under_load_refuse_no_connection_and_fail_no_request() {
     // the new masters write to it too.)
     let gone = wait_until(PATIENCE, || !crate::util::process_exists(first));
     assert!(gone, "{}", master.log());
-    assert!(master.log().contains("upgraded: stopping"));
+    assert!(wait_until(PATIENCE, || master
+        .log()
+        .contains("upgraded: stopping")));
 }
 
 /// The acceptance: 50 upgrades in a row under about 2,000 requests per second mixing
