@@ -90,6 +90,18 @@ fn last_new_master(log: &str) -> Option<u32> {
         .and_then(|pid| pid.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
 }
 
+/// On drop, a failed test's included, stops the newest master an upgrade started: it is
+/// not the test's child (the example is), so nothing else would.
+struct StopNewest<'a>(&'a crate::util::Spawned);
+
+impl Drop for StopNewest<'_> {
+    fn drop(&mut self) {
+        if let Some(pid) = last_new_master(&self.0.log()).filter(|&pid| process_exists(pid)) {
+            send_signal(pid, "TERM");
+        }
+    }
+}
+
 /// Upgrades the master `pid` (SIGUSR2) and waits until it is gone; the new master's pid.
 fn upgrade(log: impl Fn() -> String, pid: u32, round: usize) -> u32 {
     send_signal(pid, "USR2");
@@ -165,6 +177,7 @@ fn writes_across_three_upgrades_are_each_applied_once_in_one_order() {
     let mut cmd = example("shared_state");
     cmd.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
     let (example, addr) = start(cmd, 2);
+    let _stop = StopNewest(&example);
     let log = || example.log();
     let writers = Writers::start(addr, 3);
     let mut master = example.pid();
@@ -191,6 +204,7 @@ fn the_new_master_s_workers_start_with_the_map_and_its_ttls_still_expire() {
     let mut cmd = example("shared_state");
     cmd.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
     let (example, addr) = start(cmd, 2);
+    let _stop = StopNewest(&example);
     let log = || example.log();
     assert_eq!(http(addr, "PUT", "/set/kept", b"k").unwrap().0, 204);
     assert_eq!(
@@ -222,6 +236,7 @@ fn an_upgrade_that_fails_while_writes_are_forwarded_loses_none_and_the_old_maste
     cmd.args(["--listen", "127.0.0.1:0", "--workers", "2"])
         .env("SHARED_STATE_HANG_IF", &hang);
     let (example, addr) = start(cmd, 2);
+    let stop_newest = StopNewest(&example);
     let log = || example.log();
     let writers = Writers::start(addr, 3);
     let hits = || {
@@ -261,5 +276,6 @@ fn an_upgrade_that_fails_while_writes_are_forwarded_loses_none_and_the_old_maste
         "a failed upgrade under write load: {acked} increments acknowledged, all counted once"
     );
     assert!(process_exists(example.pid()));
+    drop(stop_newest);
     crate::library::stop(example);
 }
