@@ -172,6 +172,12 @@ impl Asm {
         self.push(encode(JMP | K | cond as u8, dst, R0, 0, imm))
     }
 
+    /// `goto label`.
+    pub fn goto(&mut self, to: Label) -> &mut Self {
+        self.jumps.push((self.insns.len(), to));
+        self.push(encode(JMP, R0, R0, 0, 0))
+    }
+
     /// The instructions, every jump patched. Fails on a label never placed or a jump out of
     /// the 16-bit range.
     pub fn finish(mut self) -> Result<Vec<[u8; 8]>, String> {
@@ -219,13 +225,16 @@ mod tests {
             .jump_imm(Cond::Eq, R0, 0, ahead)
             .alu_imm(Alu::Add, R0, 1)
             .jump_imm(Cond::Ge, R0, 9, back)
+            .goto(ahead)
             .place(ahead)
             .exit();
         let insns = asm.finish().unwrap();
-        assert_eq!(i16::from_le_bytes([insns[0][2], insns[0][3]]), 2);
+        assert_eq!(i16::from_le_bytes([insns[0][2], insns[0][3]]), 3);
         assert_eq!(i16::from_le_bytes([insns[2][2], insns[2][3]]), -3);
+        assert_eq!(i16::from_le_bytes([insns[3][2], insns[3][3]]), 0);
         assert_eq!(insns[0][0], 0x15); // jeq imm
         assert_eq!(insns[2][0], 0x35); // jge imm
+        assert_eq!(insns[3][0], 0x05); // ja
     }
 
     #[test]

@@ -22,6 +22,9 @@ const SK_PASS: i32 = 1;
 const INDEX_BITS: i32 = 8;
 const _: () = assert!(MAX_SLOTS <= 1 << INDEX_BITS && MAX_SLOTS.is_power_of_two());
 
+/// log2 of a slot's bytes in the load array: slot i's words start at i << SLOT_SHIFT.
+const SLOT_SHIFT: i32 = (layout::SLOT_WORDS * 8).trailing_zeros() as i32;
+
 /// Byte offset of a word of the load array.
 fn at(word: usize) -> i16 {
     (word * 8) as i16
@@ -33,22 +36,9 @@ pub(crate) fn least_loaded(loads: i32, sockets: i32) -> Vec<[u8; 8]> {
     let mut asm = Asm::default();
     let pass = asm.label();
     let done = asm.label();
-    // r6 = ctx; a random u32 parked on the stack (calls clobber r1–r5).
-    asm.alu_reg(Alu::Mov, R6, R1)
-        .call(HELPER_GET_PRANDOM_U32)
-        .store_w(R10, -8, R0)
-        // r9 = &loads[0], the one element.
-        .store_w_imm(R10, -4, 0)
-        .load_map_fd(R1, loads)
-        .alu_reg(Alu::Mov, R2, R10)
-        .alu_imm(Alu::Add, R2, -4)
-        .call(HELPER_MAP_LOOKUP_ELEM)
-        .jump_imm(Cond::Eq, R0, 0, pass)
-        .alu_reg(Alu::Mov, R9, R0)
-        // r5 = slots in use; r4 = the random starting slot, r4 < r5.
-        .load_dw(R5, R9, at(layout::SLOTS_WORD))
-        .jump_imm(Cond::Eq, R5, 0, pass)
-        .load_w(R4, R10, -8)
+    prologue(&mut asm, loads, &[-8], pass);
+    // r4 = the random starting slot, r4 < r5.
+    asm.load_w(R4, R10, -8)
         .alu_reg(Alu::Mod, R4, R5)
         // r7 = the best key so far: none.
         .alu_imm(Alu::Mov, R7, -1)
@@ -130,26 +120,9 @@ pub(crate) fn two_choices(loads: i32, sockets: i32) -> Vec<[u8; 8]> {
     let take_b = asm.label();
     let b_if_present = asm.label();
     let distinct = asm.label();
-    let stride = (layout::SLOT_WORDS * 8).trailing_zeros() as i32;
-    // r6 = ctx; two random u32 parked on the stack (calls clobber r1–r5).
-    asm.alu_reg(Alu::Mov, R6, R1)
-        .call(HELPER_GET_PRANDOM_U32)
-        .store_w(R10, -8, R0)
-        .call(HELPER_GET_PRANDOM_U32)
-        .store_w(R10, -12, R0)
-        // r9 = &loads[0], the one element.
-        .store_w_imm(R10, -4, 0)
-        .load_map_fd(R1, loads)
-        .alu_reg(Alu::Mov, R2, R10)
-        .alu_imm(Alu::Add, R2, -4)
-        .call(HELPER_MAP_LOOKUP_ELEM)
-        .jump_imm(Cond::Eq, R0, 0, pass)
-        .alu_reg(Alu::Mov, R9, R0)
-        // r5 = slots in use; r7 = a, r8 = b, both < r5, distinct where r5 > 1.
-        .load_dw(R5, R9, at(layout::SLOTS_WORD))
-        .jump_imm(Cond::Eq, R5, 0, pass)
-        .jump_imm(Cond::Ge, R5, MAX_SLOTS as i32 + 1, pass)
-        .load_w(R7, R10, -8)
+    prologue(&mut asm, loads, &[-8, -12], pass);
+    // r7 = a, r8 = b, both < r5, distinct where r5 > 1.
+    asm.load_w(R7, R10, -8)
         .alu_reg(Alu::Mod, R7, R5)
         .load_w(R8, R10, -12)
         .alu_reg(Alu::Mod, R8, R5)
@@ -161,15 +134,11 @@ pub(crate) fn two_choices(loads: i32, sockets: i32) -> Vec<[u8; 8]> {
     // Bounds the verifier can see, then r3 = &slot a's words, r4 = &slot b's.
     asm.place(distinct)
         .jump_imm(Cond::Ge, R7, MAX_SLOTS as i32, pass)
-        .jump_imm(Cond::Ge, R8, MAX_SLOTS as i32, pass)
-        .alu_reg(Alu::Mov, R3, R7)
-        .alu_imm(Alu::Lsh, R3, stride)
-        .alu_reg(Alu::Add, R3, R9)
-        .alu_reg(Alu::Mov, R4, R8)
-        .alu_imm(Alu::Lsh, R4, stride)
-        .alu_reg(Alu::Add, R4, R9)
-        // a absent: b if present, else let the kernel hash.
-        .load_dw(R1, R3, at(layout::present_word(0)))
+        .jump_imm(Cond::Ge, R8, MAX_SLOTS as i32, pass);
+    slot_address(&mut asm, R3, R7);
+    slot_address(&mut asm, R4, R8);
+    // a absent: b if present, else let the kernel hash.
+    asm.load_dw(R1, R3, at(layout::present_word(0)))
         .jump_imm(Cond::Eq, R1, 0, b_if_present)
         // b absent: a.
         .load_dw(R2, R4, at(layout::present_word(0)))
@@ -180,7 +149,7 @@ pub(crate) fn two_choices(loads: i32, sockets: i32) -> Vec<[u8; 8]> {
         .alu_reg(Alu::Sub, R2, R1)
         .alu_imm(Alu::Rsh, R2, 63)
         .jump_imm(Cond::Ne, R2, 0, take_b)
-        .jump_imm(Cond::Eq, R2, 0, select);
+        .goto(select);
     asm.place(b_if_present)
         .load_dw(R2, R4, at(layout::present_word(0)))
         .jump_imm(Cond::Eq, R2, 0, pass);
@@ -193,15 +162,39 @@ pub(crate) fn two_choices(loads: i32, sockets: i32) -> Vec<[u8; 8]> {
         .expect("every label of the program is placed and near")
 }
 
+/// What both programs start with: r6 = ctx; a random u32 parked at each of `randoms` (stack
+/// offsets: calls clobber r1–r5); r9 = &loads[0], the one element; r5 = the slots in use,
+/// at most [`MAX_SLOTS`]. With no element or no slot, on to `pass`.
+fn prologue(asm: &mut Asm, loads: i32, randoms: &[i16], pass: super::asm::Label) {
+    asm.alu_reg(Alu::Mov, R6, R1);
+    for &offset in randoms {
+        asm.call(HELPER_GET_PRANDOM_U32).store_w(R10, offset, R0);
+    }
+    asm.store_w_imm(R10, -4, 0)
+        .load_map_fd(R1, loads)
+        .alu_reg(Alu::Mov, R2, R10)
+        .alu_imm(Alu::Add, R2, -4)
+        .call(HELPER_MAP_LOOKUP_ELEM)
+        .jump_imm(Cond::Eq, R0, 0, pass)
+        .alu_reg(Alu::Mov, R9, R0)
+        .load_dw(R5, R9, at(layout::SLOTS_WORD))
+        .jump_imm(Cond::Eq, R5, 0, pass)
+        .jump_imm(Cond::Ge, R5, MAX_SLOTS as i32 + 1, pass);
+}
+
+/// `dst` = the address of slot `index`'s words (`index` checked below [`MAX_SLOTS`]).
+fn slot_address(asm: &mut Asm, dst: super::asm::Reg, index: super::asm::Reg) {
+    asm.alu_reg(Alu::Mov, dst, index)
+        .alu_imm(Alu::Lsh, dst, SLOT_SHIFT)
+        .alu_reg(Alu::Add, dst, R9);
+}
+
 /// Adds 1 to slot r8's load, selects its listener; on failure takes the 1 back.
 fn reserve_and_select(asm: &mut Asm, sockets: i32, pass: super::asm::Label) {
     let load = at(layout::load_word(0));
-    let stride = (layout::SLOT_WORDS * 8).trailing_zeros() as i32;
-    asm.jump_imm(Cond::Ge, R8, MAX_SLOTS as i32, pass)
-        .alu_reg(Alu::Mov, R1, R8)
-        .alu_imm(Alu::Lsh, R1, stride)
-        .alu_reg(Alu::Add, R1, R9)
-        .alu_imm(Alu::Mov, R2, 1)
+    asm.jump_imm(Cond::Ge, R8, MAX_SLOTS as i32, pass);
+    slot_address(asm, R1, R8);
+    asm.alu_imm(Alu::Mov, R2, 1)
         .atomic_add_dw(R1, load, R2)
         .store_w(R10, -4, R8)
         .alu_reg(Alu::Mov, R1, R6)
@@ -211,12 +204,9 @@ fn reserve_and_select(asm: &mut Asm, sockets: i32, pass: super::asm::Label) {
         .alu_imm(Alu::Mov, R4, 0)
         .call(HELPER_SK_SELECT_REUSEPORT)
         .jump_imm(Cond::Eq, R0, 0, pass)
-        .jump_imm(Cond::Ge, R8, MAX_SLOTS as i32, pass)
-        .alu_reg(Alu::Mov, R1, R8)
-        .alu_imm(Alu::Lsh, R1, stride)
-        .alu_reg(Alu::Add, R1, R9)
-        .alu_imm(Alu::Mov, R2, -1)
-        .atomic_add_dw(R1, load, R2);
+        .jump_imm(Cond::Ge, R8, MAX_SLOTS as i32, pass);
+    slot_address(asm, R1, R8);
+    asm.alu_imm(Alu::Mov, R2, -1).atomic_add_dw(R1, load, R2);
 }
 
 #[cfg(test)]
