@@ -99,7 +99,9 @@ pub(crate) fn flush(ctx: &Ctx) {
         if broken.is_empty() {
             let table = ctx.table.borrow();
             ctx.handout.steer(&table);
-            if table.awaiting_shared_acks() {
+            // Once armed, the release task looks again itself: no scan per batch.
+            if !table.release_armed.get() && table.awaiting_shared_acks() {
+                table.release_armed.set(true);
                 table.release.notify_one();
             }
             return;
@@ -329,6 +331,7 @@ pub(crate) async fn release(ctx: Rc<Ctx>) {
                 break;
             }
         }
+        ctx.table.borrow().release_armed.set(false);
     }
 }
 

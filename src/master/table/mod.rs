@@ -223,6 +223,8 @@ pub(crate) struct Table {
     /// Wakes the task that releases copies acknowledged in memory
     /// ([`Table::awaiting_shared_acks`]).
     pub release: Rc<Notify>,
+    /// `release` was woken and has not found every copy released yet.
+    pub release_armed: std::cell::Cell<bool>,
     /// A rolling restart's queue: (slot, pid) still to replace.
     pub restart: VecDeque<(usize, u32)>,
     pub restart_batch: usize,
@@ -263,6 +265,7 @@ impl Table {
             all_exited: Rc::new(Notify::new()),
             wake: Rc::new(Notify::new()),
             release: Rc::new(Notify::new()),
+            release_armed: std::cell::Cell::new(false),
             restart: VecDeque::new(),
             restart_batch: 1,
             restarting: false,
