@@ -111,3 +111,31 @@ pub(crate) fn candidates(loads: &[Option<u64>]) -> Vec<Candidate> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Strategy;
+
+    #[test]
+    fn a_strategy_s_name_is_the_one_status_and_the_flag_use() {
+        for strategy in [
+            Strategy::RoundRobin,
+            Strategy::LeastLoaded,
+            Strategy::TwoChoices,
+            Strategy::KernelShared,
+            Strategy::KernelReuseport,
+            Strategy::KernelLeast,
+            Strategy::KernelP2c,
+        ] {
+            let serialized = serde_json::to_value(strategy).unwrap();
+            assert_eq!(serialized, strategy.name(), "{strategy:?}");
+            #[cfg(feature = "cli")]
+            assert_eq!(
+                clap::ValueEnum::to_possible_value(&strategy)
+                    .unwrap()
+                    .get_name(),
+                strategy.name()
+            );
+        }
+    }
+}
