@@ -26,18 +26,16 @@ use crate::sys::bpf::MappedArray;
 
 pub(crate) use layout::MAX_SLOTS;
 
-/// Why `kernel-least` could not be set up.
+/// Why `kernel-least` or `kernel-p2c` could not be set up (the master's error names the
+/// strategy in front).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SteerError {
     /// The kernel refused bpf(2): the process lacks CAP_BPF.
-    #[error(
-        "--strategy kernel-least needs CAP_BPF (run as root or grant the capability): \
-         bpf(2) refused with: {0}"
-    )]
+    #[error("needs CAP_BPF (run as root or grant the capability): bpf(2) refused with: {0}")]
     Capability(io::Error),
     /// The verifier refused the program.
-    #[error("the kernel refused the kernel-least program ({error}); verifier log:\n{log}")]
+    #[error("the kernel refused the program ({error}); verifier log:\n{log}")]
     Verifier {
         /// The OS error.
         error: io::Error,
@@ -45,7 +43,7 @@ pub enum SteerError {
         log: String,
     },
     /// A step of the setup failed.
-    #[error("kernel-least: {step} failed")]
+    #[error("{step} failed: {source}")]
     Io {
         /// The step.
         step: &'static str,
@@ -196,7 +194,7 @@ impl Steering {
         if slot >= MAX_SLOTS {
             return Err(SteerError::Io {
                 step: "adding a slot",
-                source: io::Error::other(format!("kernel-least takes at most {MAX_SLOTS} workers")),
+                source: io::Error::other(format!("at most {MAX_SLOTS} workers")),
             });
         }
         for group in &mut self.groups {

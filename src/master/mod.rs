@@ -545,7 +545,7 @@ fn steering(config: &Config) -> Result<crate::bpf::Steering, MasterError> {
         _ => crate::bpf::Pick::Least,
     };
     crate::bpf::Steering::new(&addrs, config.backlog, config.workers, pick)
-        .map_err(|e| MasterError::KernelLeast(e.to_string().replace("kernel-least", name)))
+        .map_err(|e| MasterError::KernelLeast(format!("--strategy {name}: {e}")))
 }
 
 /// `kernel-least`: keeps the socket arrays in step with the table and reconciles each
