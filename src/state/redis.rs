@@ -136,22 +136,13 @@ const FIRST_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duratio
 /// Redis cannot be reached then, the process still starts: its map is a [`Connecting`] that
 /// keeps trying in the background (the reason is logged once per change of reason).
 pub(crate) async fn start(url: &str, limits: StateLimits) -> Arc<dyn Backend> {
-    if let Err(e) = check_url(url) {
-        tracing::error!(reason = %e, "shared state unavailable");
-        return Arc::new(super::Unavailable::new(e.to_string()));
-    }
-    match connect(url, limits).await {
-        Ok(backend) => backend,
-        Err(e) => {
-            let waiting = Connecting::new(e.to_string());
-            tokio::spawn(
-                waiting
-                    .clone()
-                    .retry(url.to_owned(), limits, FIRST_BACKOFF.0),
-            );
-            waiting
+    if check_url(url).is_ok() {
+        match connect(url, limits).await {
+            Ok(backend) => return backend,
+            Err(e) => return retrying(url, limits, e.to_string(), FIRST_BACKOFF.0),
         }
     }
+    start_later(url, limits)
 }
 
 /// A map whose first connection to Redis has not succeeded yet: reads see an empty
@@ -205,14 +196,18 @@ impl Connecting {
 /// start; connects in the background.
 pub(crate) fn start_later(url: &str, limits: StateLimits) -> Arc<dyn Backend> {
     if let Err(e) = check_url(url) {
+        tracing::error!(reason = %e, "shared state unavailable");
         return Arc::new(super::Unavailable::new(e.to_string()));
     }
-    let waiting = Connecting::new(format!("redis {}: connecting", redact(url)));
-    tokio::spawn(
-        waiting
-            .clone()
-            .retry(url.to_owned(), limits, Duration::ZERO),
-    );
+    let why = format!("redis {}: connecting", redact(url));
+    retrying(url, limits, why, Duration::ZERO)
+}
+
+/// A [`Connecting`] map (`why` its reason until then) with its retries started, the first
+/// after `pause`.
+fn retrying(url: &str, limits: StateLimits, why: String, pause: Duration) -> Arc<dyn Backend> {
+    let waiting = Connecting::new(why);
+    tokio::spawn(waiting.clone().retry(url.to_owned(), limits, pause));
     waiting
 }
 
